@@ -1,0 +1,8 @@
+"""t5x_lite: pre-training and fine-tuning transformer language models with JAX, Flax and SeqIO.
+
+Importing the package registers the bundled seqio tasks and the gin configurables of the
+model families.
+"""
+
+from t5x_lite.data import tasks  # noqa: F401
+from t5x_lite.models import encoder_decoder  # noqa: F401

@@ -1,0 +1,100 @@
+"""gin + absl glue shared by the entry points: flags, search paths, friendly errors.
+
+`--gin.KEY=VALUE` (T5X's spelling) is rewritten to `--gin_bindings=KEY=VALUE` before absl
+parses the command line. Errors a user can fix are raised as `UserError` and printed as
+one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import gin
+from absl import app, flags
+
+GIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
+
+# Macros every training run must set (gin_configs/runs/*.gin leave them %gin.REQUIRED).
+REQUIRED_MACROS = {
+    "MODEL_DIR": "--gin.MODEL_DIR=\"'runs/my_run'\"",
+    "MIXTURE_OR_TASK_NAME": "--gin.MIXTURE_OR_TASK_NAME=\"'bundled_span_corruption'\"",
+    "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\"",
+    "TRAIN_STEPS": "--gin.TRAIN_STEPS=1000",
+    "BATCH_SIZE": "--gin.BATCH_SIZE=32",
+    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's command, config or data, reported without a traceback."""
+
+
+def define_gin_flags() -> None:
+    """The gin flags every entry point takes."""
+    flags.DEFINE_multi_string("gin_file", [], "gin files to parse, in order (repeatable).")
+    flags.DEFINE_multi_string("gin_bindings", [], "gin bindings; also spelled --gin.KEY=VALUE.")
+    flags.DEFINE_list(
+        "gin_search_paths", [], "Folders to look for gin files and includes in (besides . and gin_configs/)."
+    )
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """Turns `--gin.KEY=VALUE` into `--gin_bindings=KEY=VALUE`."""
+    return [f"--gin_bindings={arg[len('--gin.'):]}" if arg.startswith("--gin.") else arg for arg in argv]
+
+
+def search_paths(extra: Sequence[str] = ()) -> list[Path]:
+    """Where gin files and `include`s are looked up: extra paths, the cwd, the repo's gin_configs."""
+    return [Path(p) for p in extra] + [Path.cwd(), GIN_CONFIGS_DIR]
+
+
+def resolve_gin_file(name: str, paths: Sequence[Path]) -> Path:
+    """Finds a gin file as given or under a search path; a missing one is a `UserError`."""
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate
+    for folder in paths:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(
+        f"gin file {name!r} not found (looked in: {', '.join(str(p) for p in paths)}). "
+        "Check the path, or add its folder with --gin_search_paths."
+    )
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths: Sequence[str] = ()) -> None:
+    """Parses files then bindings; unknown names, bad syntax and missing files become `UserError`s."""
+    paths = search_paths(extra_search_paths)
+    for path in paths:
+        gin.add_config_file_search_path(str(path))
+    files = [str(resolve_gin_file(f, paths)) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    except (ValueError, SyntaxError, IOError, ImportError) as e:
+        raise UserError(f"invalid gin config: {e}") from e
+
+
+def require_macros(macros: dict[str, str] = REQUIRED_MACROS) -> None:
+    """Every required macro is bound to a value; a missing one names the macro and a flag."""
+    for name, example in macros.items():
+        try:
+            value = gin.query_parameter(f"{name}/macro.value")
+        except ValueError:
+            value = gin.REQUIRED
+        if value is gin.REQUIRED or str(value) == "%gin.REQUIRED":
+            raise UserError(f"gin macro {name} is not set; set it in a gin file or pass e.g. {example}")
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """absl's `app.run` with `--gin.KEY=VALUE` support and one-line `UserError` reports."""
+
+    def guarded(argv: Sequence[str]) -> None:
+        try:
+            main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded, argv=rewrite_gin_args(sys.argv))

@@ -1,0 +1,92 @@
+"""Registered seqio tasks for span-corruption pre-training, and a helper for your own text.
+
+Importing this module (or `t5x_lite`) registers:
+  * `bundled_span_corruption`: the corpus shipped in `t5x_lite/data/bundled` (offline).
+  * `c4_span_corruption`: TFDS `c4/en`, when the user has prepared it (`--tfds_data_dir`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from t5x_lite.data import objectives, vocab
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+C4_TFDS_NAME = "c4/en:3.1.0"
+
+
+def span_corruption_output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+    """`inputs`/`targets` features over the (default: bundled) SentencePiece vocabulary."""
+    vocabulary = vocabulary or vocab.get_vocabulary()
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=False),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+    }
+
+
+def register_span_corruption_task(
+    name: str,
+    split_to_filepattern: Mapping[str, str | Sequence[str]],
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a span-corruption task over plain-text files (one document per line).
+
+    Example: `register_span_corruption_task("my_corpus", {"train": "/data/train*.txt",
+    "validation": "/data/valid.txt"})`, then train with `--gin.MIXTURE_OR_TASK_NAME="'my_corpus'"`.
+    """
+    for split, pattern in split_to_filepattern.items():
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        if not any(tf.io.gfile.glob(p) for p in patterns):
+            raise FileNotFoundError(f"Task {name!r}: no file matches {pattern!r} for split {split!r}.")
+    if overwrite:
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        preprocessors=objectives.span_corruption_preprocessors(),
+        output_features=span_corruption_output_features(vocabulary),
+        metric_fns=[],
+    )
+
+
+class PreparedTfdsDataSource(seqio.TfdsDataSource):
+    """A TFDS source that fails at once, offline, when the data was never prepared.
+
+    TFDS would otherwise try to download (and hang without network) at first read.
+    """
+
+    def get_dataset(self, *args, **kwargs):
+        data_dir = self.tfds_dataset.data_dir
+        builder = tfds.builder(self.tfds_dataset.name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {self.tfds_dataset.name!r} is not prepared in {builder.data_dir!r}. "
+                "Prepare it once (`tfds build` or `tfds.builder(...).download_and_prepare()` on a "
+                "machine with internet), then pass its location with --tfds_data_dir=/path/to/tensorflow_datasets."
+            )
+        return super().get_dataset(*args, **kwargs)
+
+
+def _register_defaults() -> None:
+    if "bundled_span_corruption" not in seqio.TaskRegistry.names():
+        register_span_corruption_task(
+            "bundled_span_corruption",
+            {"train": str(BUNDLED_DIR / "train.txt"), "validation": str(BUNDLED_DIR / "validation.txt")},
+        )
+    if "c4_span_corruption" not in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.add(
+            "c4_span_corruption",
+            source=PreparedTfdsDataSource(tfds_name=C4_TFDS_NAME, splits=("train", "validation")),
+            preprocessors=objectives.span_corruption_preprocessors(),
+            output_features=span_corruption_output_features(),
+            metric_fns=[],
+        )
+
+
+_register_defaults()

@@ -1,0 +1,63 @@
+"""The contract between the trainer and a model family: build a network, score a batch.
+
+A family subclass says which seqio feature converter shapes its batches, how to build
+its NNX network, and which batch features feed it (`network_logits`). The loss, the
+metrics and everything the trainer needs are shared here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+import jax
+import seqio
+from flax import nnx
+
+from t5x_lite.training import losses
+
+
+class BaseModel(abc.ABC):
+    """A model family: network construction plus the loss over a feature-converted batch."""
+
+    feature_converter_cls: type[seqio.FeatureConverter]
+    targets_key = "decoder_target_tokens"
+    weights_key = "decoder_loss_weights"
+
+    def __init__(self, label_smoothing: float = 0.0, z_loss: float = 0.0):
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+
+    @abc.abstractmethod
+    def build_network(self, rngs: nnx.Rngs) -> nnx.Module:
+        """Creates the network with freshly initialised parameters."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """The number of rows of the output projection (>= the vocabulary's size)."""
+
+    @property
+    @abc.abstractmethod
+    def dropout_rate(self) -> float:
+        """Dropout probability used in training (0 disables the dropout RNG)."""
+
+    @abc.abstractmethod
+    def network_logits(
+        self, network: nnx.Module, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        """Runs the network on a batch and returns float32 logits aligned with the targets."""
+
+    def loss_fn(
+        self, network: nnx.Module, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Mean token loss (normalised by the number of target tokens) and the summed terms."""
+        logits = self.network_logits(network, batch, dropout_rngs)
+        sums = losses.cross_entropy(
+            logits,
+            batch[self.targets_key],
+            batch[self.weights_key],
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+        )
+        return sums["loss_sum"] / jax.numpy.maximum(sums["weight_sum"], 1.0), sums

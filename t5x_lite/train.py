@@ -1,0 +1,235 @@
+"""`python -m t5x_lite.train --gin_file=... --gin.KEY=VALUE`: pre-train or fine-tune a model.
+
+The loop reads top to bottom: build the mesh, the state and the data; resume from the
+newest checkpoint in MODEL_DIR if there is one; then step, log, evaluate and checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import gin
+import jax
+import numpy as np
+import optax
+import seqio
+from absl import flags, logging
+from clu.data.dataset_iterator import TfDatasetIterator
+from tqdm import tqdm
+
+import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+from t5x_lite import checkpoints, config, partitioning
+from t5x_lite.data import pipeline
+from t5x_lite.models.base import BaseModel
+from t5x_lite.training import metric_writers, optimizers, steps, train_state
+
+FLAGS = flags.FLAGS
+
+
+def prepare_model_dir(model_dir: str) -> Path:
+    """Creates MODEL_DIR and checks that it is writable, before any work is done."""
+    path = Path(model_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise config.UserError(
+            f"MODEL_DIR {model_dir!r} is not writable ({e.strerror}); pick a folder you can write to, "
+            "e.g. --gin.MODEL_DIR=\"'runs/my_run'\"."
+        ) from e
+    return path
+
+
+def load_eval_batches(
+    model: BaseModel, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+    batch_size: int, split: str, eval_steps: int, seed: int,
+) -> list[dict[str, np.ndarray]]:
+    """A fixed list of validation batches (same every evaluation)."""
+    ds = pipeline.get_dataset(
+        mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
+        split=split, shuffle=False, num_epochs=1, seed=seed,
+    )
+    batches = list(ds.take(eval_steps).as_numpy_iterator())
+    if not batches:
+        raise config.UserError(
+            f"Split {split!r} of {mixture_or_task_name!r} gave no full batch of {batch_size} examples; "
+            "use a smaller BATCH_SIZE, more data, or set train.eval_period=0 to skip evaluation."
+        )
+    return batches
+
+
+def evaluate(eval_step, params, batches, batch_sharding) -> dict[str, float]:
+    """Token-weighted loss and accuracy over the evaluation batches."""
+    totals = {"loss_sum": 0.0, "z_loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, partitioning.host_batch_to_global(batch, batch_sharding)))
+        for k in totals:
+            totals[k] += float(sums[k])
+    tokens = max(totals["weight_sum"], 1.0)
+    return {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["correct_sum"] / tokens}
+
+
+@gin.configurable
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    model: BaseModel = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    mixture_or_task_module: str | None = None,
+    random_seed: int = 0,
+    optimizer: Callable[[optax.Schedule], optax.GradientTransformation] = optimizers.adafactor,
+    learning_rate: optax.Schedule = gin.REQUIRED,
+    log_period: int = 10,
+    eval_period: int = 100,
+    eval_steps: int = 20,
+    eval_split: str = "validation",
+    checkpoint_period: int = 100,
+    progress_bar: bool = True,
+) -> dict[str, float]:
+    """Trains until `train_steps` (the total, so a larger value continues a run).
+
+    Returns the last logged metrics (useful to scripts and tests).
+    """
+    prepare_model_dir(model_dir)
+    try:
+        pipeline.import_task_module(mixture_or_task_module)
+        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
+        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    except (ValueError, ModuleNotFoundError) as e:
+        raise config.UserError(str(e)) from e
+    check_vocab_fits(provider, model)
+
+    mesh = partitioning.make_mesh()
+    rules = partitioning.logical_axis_rules()
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    tx = optimizer(learning_rate)
+    state, shardings, graphdef = train_state.create_train_state(model, tx, random_seed, mesh, rules)
+
+    train_ds = pipeline.get_dataset(
+        mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
+        split="train", shuffle=True, num_epochs=None, seed=random_seed,
+    )
+    iterator = TfDatasetIterator(train_ds, checkpoint=True)
+    manager = checkpoints.checkpoint_manager(model_dir)
+    restored = checkpoints.restore_latest(manager, train_state.abstract_train_state(state, shardings), iterator)
+    if restored is not None:
+        state = restored
+        logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
+    start_step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        (Path(model_dir) / "config.gin").write_text(gin.config_str())
+
+    train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding)
+    eval_step = steps.make_eval_step(model, graphdef, shardings, batch_sharding)
+    eval_batches = (
+        load_eval_batches(model, mixture_or_task_name, task_feature_lengths, batch_size, eval_split,
+                          eval_steps, random_seed)
+        if eval_period else []
+    )
+    writer = metric_writers.create_writer(model_dir)
+    tokens_per_step = batch_size * sum(task_feature_lengths.values())
+
+    summary: dict[str, float] = {}
+    pending: list[dict[str, jax.Array]] = []
+    timed_steps, period_start = 0, time.time()
+    bar = tqdm(total=train_steps, initial=start_step, disable=not progress_bar or jax.process_index() != 0,
+               desc="train", unit="step")
+    for step in range(start_step + 1, train_steps + 1):
+        batch = partitioning.host_batch_to_global(next(iterator), batch_sharding)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        bar.update(1)
+        if step == start_step + 1:  # Throughput excludes the step that compiled.
+            jax.block_until_ready(state.step)
+            logging.info("First step (with compilation) took %.1fs.", time.time() - period_start)
+            timed_steps, period_start = 0, time.time()
+        else:
+            timed_steps += 1
+        is_last = step == train_steps
+        if step % log_period == 0 or step % checkpoint_period == 0 or is_last:
+            summary = summarise_period(pending, timed_steps, time.time() - period_start, tokens_per_step)
+            check_finite(summary, step)
+            writer.write_scalars(step, summary)
+            bar.set_postfix(loss=f"{summary['train/loss']:.3f}")
+            logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+            pending, timed_steps, period_start = [], 0, time.time()
+        if eval_period and (step % eval_period == 0 or is_last):
+            eval_metrics = evaluate(eval_step, state.params, eval_batches, batch_sharding)
+            writer.write_scalars(step, eval_metrics)
+            summary.update(eval_metrics)
+            logging.info("step %d: eval/loss=%.4f eval/accuracy=%.4f", step, eval_metrics["eval/loss"],
+                         eval_metrics["eval/accuracy"])
+        if step % checkpoint_period == 0 or is_last:
+            checkpoints.save(manager, state, iterator)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return summary
+
+
+def summarise_period(
+    pending: Sequence[dict[str, jax.Array]], timed_steps: int, seconds: float, tokens_per_step: int
+) -> dict[str, float]:
+    """Averages the per-step metrics since the last log and adds throughput (when timed)."""
+    fetched = jax.device_get(pending)
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy", "z_loss", "grad_norm")}
+    summary = {
+        "train/loss": mean["loss"],
+        "train/accuracy": mean["accuracy"],
+        "train/z_loss": mean["z_loss"],
+        "train/grad_norm": mean["grad_norm"],
+        "train/learning_rate": float(fetched[-1]["learning_rate"]),
+    }
+    if timed_steps:
+        steps_per_second = timed_steps / max(seconds, 1e-9)
+        summary["train/steps_per_second"] = steps_per_second
+        summary["train/tokens_per_second"] = steps_per_second * tokens_per_step
+    return summary
+
+
+def check_finite(summary: Mapping[str, float], step: int) -> None:
+    """Stops on a non-finite loss before anything of that state is checkpointed."""
+    if not np.isfinite(summary["train/loss"]) or not np.isfinite(summary["train/grad_norm"]):
+        raise FloatingPointError(
+            f"Non-finite loss or gradient norm at step {step} ({dict(summary)}); no checkpoint of this state "
+            "was written. Lower the learning rate or check the data, then re-run to resume from the last checkpoint."
+        )
+
+
+def check_vocab_fits(provider: seqio.Task | seqio.Mixture, model: BaseModel) -> None:
+    """The model's output layer must cover every id of the task's vocabularies."""
+    for name, feature in provider.output_features.items():
+        if feature.vocabulary.vocab_size > model.vocab_size:
+            raise config.UserError(
+                f"Feature {name!r} uses a vocabulary of {feature.vocabulary.vocab_size} ids but the model has "
+                f"vocab_size {model.vocab_size}; raise T5Config.vocab_size (e.g. to a multiple of 128)."
+            )
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.tfds_data_dir:
+        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    config.require_macros()
+    train()
+
+
+if __name__ == "__main__":
+    config.define_gin_flags()
+    flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live (e.g. for c4/en).")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+    config.run(main)

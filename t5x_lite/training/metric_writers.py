@@ -1,0 +1,59 @@
+"""Metric writers: TensorBoard events and `MODEL_DIR/metrics.jsonl` (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends one JSON object per `write_scalars` call: `{"step": ..., "time": ..., name: value}`."""
+
+    def __init__(self, path: str | Path):
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_texts(self, step, texts) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        pass
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def create_writer(model_dir: str | Path) -> metric_writers.MetricWriter:
+    """TensorBoard + JSONL on process 0 (written off the training thread); nothing elsewhere."""
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    writers = [metric_writers.SummaryWriter(str(Path(model_dir) / "tensorboard")), JsonlWriter(Path(model_dir) / "metrics.jsonl")]
+    return metric_writers.AsyncMultiWriter(writers)

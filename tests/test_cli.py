@@ -1,0 +1,115 @@
+"""The command line as a user meets it: the quickstart runs, bad input gets one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+import pytest
+
+from t5x_lite import config
+from t5x_lite import train as train_lib
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs `python -m t5x_lite.train ARGS` on one CPU device, as the README does."""
+    full_env = dict(os.environ, XLA_FLAGS="", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "t5x_lite.train", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_command_runs(tmp_path):
+    model_dir = tmp_path / "quickstart"
+    result = run_cli(
+        "--gin_file=gin_configs/quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.TRAIN_STEPS=20", "--gin.train.log_period=10", "--gin.train.eval_period=20",
+        "--gin.train.eval_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [10, 20]
+    assert any("eval/loss" in r for r in records)
+    assert (model_dir / "checkpoints" / "20").is_dir()
+    assert "train:" in result.stderr  # the tqdm progress bar
+
+
+def test_cli_reports_a_bad_binding_in_one_line():
+    result = run_cli("--gin_file=gin_configs/quickstart.gin", "--gin.MODEL_DIR='/tmp/x'", "--gin.no_such_thing.x=1")
+    assert result.returncode == 2
+    assert "error: invalid gin config: No configurable matching 'no_such_thing'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def parse(*bindings: str, files=("quickstart.gin",)) -> None:
+    config.parse_gin([str(config.GIN_CONFIGS_DIR / f) for f in files], list(bindings))
+
+
+def test_missing_gin_file(clean_gin):
+    with pytest.raises(config.UserError, match=r"gin file 'nope\.gin' not found \(looked in: .*gin_configs"):
+        config.parse_gin(["nope.gin"], [])
+
+
+def test_unknown_binding(clean_gin):
+    with pytest.raises(config.UserError, match="No configurable matching 'trian'"):
+        parse("trian.batch_size = 3")
+
+
+def test_malformed_gin_names_file_and_line(clean_gin, tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("train.batch_size = 3\ntrain.train_steps = (\n")
+    with pytest.raises(config.UserError, match="invalid gin config"):
+        config.parse_gin([str(bad)], [])
+
+
+def test_missing_required_macro(clean_gin):
+    parse(files=("quickstart.gin",))
+    with pytest.raises(config.UserError, match=r"gin macro MODEL_DIR is not set.*--gin.MODEL_DIR="):
+        config.require_macros()
+
+
+def test_unknown_task_suggests_close_names(clean_gin, tmp_path):
+    parse(f"MODEL_DIR = '{tmp_path}'", "MIXTURE_OR_TASK_NAME = 'bundled_span_coruption'")
+    with pytest.raises(config.UserError, match=r"Unknown task or mixture 'bundled_span_coruption'\. Did you mean 'bundled_span_corruption'"):
+        train_lib.train()
+
+
+def test_feature_lengths_missing_a_feature(clean_gin, tmp_path):
+    parse(f"MODEL_DIR = '{tmp_path}'", "TASK_FEATURE_LENGTHS = {'inputs': 64}")
+    with pytest.raises(config.UserError, match=r"no length for \['targets'\].*--gin.TASK_FEATURE_LENGTHS="):
+        train_lib.train()
+
+
+def test_unwritable_model_dir(clean_gin, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    parse(f"MODEL_DIR = '{blocker / 'run'}'")
+    with pytest.raises(config.UserError, match="MODEL_DIR .* is not writable"):
+        train_lib.train()
+
+
+def test_missing_task_module(clean_gin, tmp_path):
+    parse(f"MODEL_DIR = '{tmp_path}'", "MIXTURE_OR_TASK_MODULE = 'no_such_tasks_module'")
+    with pytest.raises(config.UserError, match=r"MIXTURE_OR_TASK_MODULE 'no_such_tasks_module' could not be imported.*sys.path"):
+        train_lib.train()
+
+
+def test_vocabulary_larger_than_model(clean_gin, tmp_path):
+    parse(f"MODEL_DIR = '{tmp_path}'", "T5Config.vocab_size = 1024")
+    with pytest.raises(config.UserError, match="vocabulary of 8100 ids but the model has vocab_size 1024"):
+        train_lib.train()
