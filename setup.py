@@ -23,8 +23,9 @@ setuptools.setup(
         "gin-config==0.5.0",
         "sentencepiece==0.2.3",
         "clu==0.0.12",
-        "tqdm",
-        "matplotlib",
+        "tensorboard==2.21.0",
+        "tqdm==4.70.1",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [

@@ -8,11 +8,12 @@ one line, without a traceback.
 from __future__ import annotations
 
 import sys
+import tokenize
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gin
-from absl import app, flags
+from absl import app, flags, logging
 
 GIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
 
@@ -70,10 +71,25 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
     for path in paths:
         gin.add_config_file_search_path(str(path))
     files = [str(resolve_gin_file(f, paths)) for f in gin_files]
+    verbosity = logging.get_verbosity()
+    # gin logs an ERROR line for every search path an `include` is not in; only real errors count.
+    logging.set_verbosity(logging.FATAL)
     try:
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+        for path in files:
+            _parse_or_explain(lambda: gin.parse_config_file(path), f"gin file {path}")
+        _parse_or_explain(lambda: gin.parse_config(bindings), "gin bindings")
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _parse_or_explain(parse: Callable[[], object], what: str) -> None:
+    """Runs a gin parse; any syntax or name error becomes a `UserError` naming its source."""
+    try:
+        parse()
+    except tokenize.TokenError as e:  # e.g. an unclosed bracket; gin reports no file for it
+        raise UserError(f"invalid {what}: {e.args[0]} (line {e.args[1][0]})") from e
     except (ValueError, SyntaxError, IOError, ImportError) as e:
-        raise UserError(f"invalid gin config: {e}") from e
+        raise UserError(f"invalid {what}: {e}") from e
 
 
 def require_macros(macros: dict[str, str] = REQUIRED_MACROS) -> None:

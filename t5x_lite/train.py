@@ -28,6 +28,13 @@ from t5x_lite.training import metric_writers, optimizers, steps, train_state
 FLAGS = flags.FLAGS
 
 
+def report(message: str) -> None:
+    """A progress line: in the log, and on the console above the progress bar (process 0)."""
+    logging.info(message)
+    if jax.process_index() == 0 and logging.get_verbosity() < logging.INFO:
+        tqdm.write(message)
+
+
 def prepare_model_dir(model_dir: str) -> Path:
     """Creates MODEL_DIR and checks that it is writable, before any work is done."""
     path = Path(model_dir)
@@ -112,16 +119,19 @@ def train(
     tx = optimizer(learning_rate)
     state, shardings, graphdef = train_state.create_train_state(model, tx, random_seed, mesh, rules)
 
-    train_ds = pipeline.get_dataset(
-        mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
-        split="train", shuffle=True, num_epochs=None, seed=random_seed,
-    )
+    try:
+        train_ds = pipeline.get_dataset(
+            mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
+            split="train", shuffle=True, num_epochs=None, seed=random_seed,
+        )
+    except ValueError as e:
+        raise config.UserError(str(e)) from e
     iterator = TfDatasetIterator(train_ds, checkpoint=True)
     manager = checkpoints.checkpoint_manager(model_dir)
     restored = checkpoints.restore_latest(manager, train_state.abstract_train_state(state, shardings), iterator)
     if restored is not None:
         state = restored
-        logging.info("Resumed from %s at step %d.", manager.directory, int(state.step))
+        report(f"Resumed from {manager.directory} at step {int(state.step)}.")
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         (Path(model_dir) / "config.gin").write_text(gin.config_str())
@@ -148,24 +158,23 @@ def train(
         bar.update(1)
         if step == start_step + 1:  # Throughput excludes the step that compiled.
             jax.block_until_ready(state.step)
-            logging.info("First step (with compilation) took %.1fs.", time.time() - period_start)
+            report(f"First step (with compilation) took {time.time() - period_start:.1f}s.")
             timed_steps, period_start = 0, time.time()
         else:
             timed_steps += 1
         is_last = step == train_steps
         if step % log_period == 0 or step % checkpoint_period == 0 or is_last:
-            summary = summarise_period(pending, timed_steps, time.time() - period_start, tokens_per_step)
+            summary = summarise_period(pending, timed_steps, period_start, tokens_per_step)
             check_finite(summary, step)
             writer.write_scalars(step, summary)
             bar.set_postfix(loss=f"{summary['train/loss']:.3f}")
-            logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+            report(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
             pending, timed_steps, period_start = [], 0, time.time()
         if eval_period and (step % eval_period == 0 or is_last):
             eval_metrics = evaluate(eval_step, state.params, eval_batches, batch_sharding)
             writer.write_scalars(step, eval_metrics)
             summary.update(eval_metrics)
-            logging.info("step %d: eval/loss=%.4f eval/accuracy=%.4f", step, eval_metrics["eval/loss"],
-                         eval_metrics["eval/accuracy"])
+            report(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if step % checkpoint_period == 0 or is_last:
             checkpoints.save(manager, state, iterator)
     bar.close()
@@ -176,10 +185,14 @@ def train(
 
 
 def summarise_period(
-    pending: Sequence[dict[str, jax.Array]], timed_steps: int, seconds: float, tokens_per_step: int
+    pending: Sequence[dict[str, jax.Array]], timed_steps: int, period_start: float, tokens_per_step: int
 ) -> dict[str, float]:
-    """Averages the per-step metrics since the last log and adds throughput (when timed)."""
+    """Averages the per-step metrics since the last log and adds throughput (when timed).
+
+    Fetching the metrics waits for the queued steps, so the clock is read after it.
+    """
     fetched = jax.device_get(pending)
+    seconds = time.time() - period_start
     mean = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "accuracy", "z_loss", "grad_norm")}
     summary = {
         "train/loss": mean["loss"],
@@ -217,6 +230,8 @@ def check_vocab_fits(provider: seqio.Task | seqio.Mixture, model: BaseModel) -> 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
+    if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
+        logging.set_verbosity(logging.WARNING)
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.tfds_data_dir:

@@ -45,7 +45,7 @@ def test_quickstart_command_runs(tmp_path):
 def test_cli_reports_a_bad_binding_in_one_line():
     result = run_cli("--gin_file=gin_configs/quickstart.gin", "--gin.MODEL_DIR='/tmp/x'", "--gin.no_such_thing.x=1")
     assert result.returncode == 2
-    assert "error: invalid gin config: No configurable matching 'no_such_thing'" in result.stderr
+    assert "error: invalid gin bindings: No configurable matching 'no_such_thing'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -73,7 +73,7 @@ def test_unknown_binding(clean_gin):
 def test_malformed_gin_names_file_and_line(clean_gin, tmp_path):
     bad = tmp_path / "bad.gin"
     bad.write_text("train.batch_size = 3\ntrain.train_steps = (\n")
-    with pytest.raises(config.UserError, match="invalid gin config"):
+    with pytest.raises(config.UserError, match=r"invalid gin file .*bad.gin: EOF in multi-line statement \(line 3\)"):
         config.parse_gin([str(bad)], [])
 
 
@@ -113,3 +113,16 @@ def test_vocabulary_larger_than_model(clean_gin, tmp_path):
     parse(f"MODEL_DIR = '{tmp_path}'", "T5Config.vocab_size = 1024")
     with pytest.raises(config.UserError, match="vocabulary of 8100 ids but the model has vocab_size 1024"):
         train_lib.train()
+
+
+def test_targets_length_too_short_for_span_corruption(clean_gin, tmp_path):
+    parse(f"MODEL_DIR = '{tmp_path}'", "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 64}")
+    with pytest.raises(config.UserError, match=r"targets of 114 tokens.*at least 114"):
+        train_lib.train()
+
+
+def test_gin_syntax_error_names_file_and_line(clean_gin, tmp_path):
+    bad = tmp_path / "bad_syntax.gin"
+    bad.write_text("train.batch_size = 3\ntrain.train_steps = = 4\n")
+    with pytest.raises(config.UserError, match=r"invalid gin file .*bad_syntax.gin.*line 2"):
+        config.parse_gin([str(bad)], [])

@@ -31,7 +31,8 @@ def show(name: str, split: str, num_examples: int, inputs_length: int, targets_l
         raw = task.source.get_dataset(split=split, shuffle=False, seed=seed)
         for i, example in enumerate(raw.take(num_examples).as_numpy_iterator()):
             print(f"--- raw example {i}")
-            for key, value in example.items():
+            fields = example if isinstance(example, dict) else {"text": example}
+            for key, value in fields.items():
                 print(f"  {key}: {_text(value)}")
         processed = task.get_dataset(lengths, split=split, shuffle=False, seed=seed, num_epochs=1)
         for i, example in enumerate(processed.take(num_examples).as_numpy_iterator()):

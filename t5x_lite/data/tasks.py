@@ -29,6 +29,11 @@ def span_corruption_output_features(vocabulary: seqio.Vocabulary | None = None) 
     }
 
 
+def lines_to_text_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`TextLineDataSource` yields bare strings; the preprocessors expect `{"text": line}`."""
+    return dataset.map(lambda line: {"text": line}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def register_span_corruption_task(
     name: str,
     split_to_filepattern: Mapping[str, str | Sequence[str]],
@@ -49,7 +54,7 @@ def register_span_corruption_task(
     return seqio.TaskRegistry.add(
         name,
         source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
-        preprocessors=objectives.span_corruption_preprocessors(),
+        preprocessors=[lines_to_text_examples, *objectives.span_corruption_preprocessors()],
         output_features=span_corruption_output_features(vocabulary),
         metric_fns=[],
     )

@@ -39,9 +39,9 @@ def make_train_step(
     """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donated state."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        dropout_rngs = nnx.Rngs(dropout=state.dropout_key) if model.dropout_rate > 0 else None
-
         def loss_of(params: dict):
+            # Rngs are stateful: made inside the differentiated function, at its trace level.
+            dropout_rngs = nnx.Rngs(dropout=state.dropout_key) if model.dropout_rate > 0 else None
             return model.loss_fn(nnx.merge(graphdef, params), batch, dropout_rngs)
 
         (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

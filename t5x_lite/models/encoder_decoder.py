@@ -1,0 +1,303 @@
+"""T5 encoder-decoder network (v1.1 gated-GELU or v1.0 ReLU) in Flax NNX.
+
+Pre-norm residual blocks, RMS norms, relative position biases (one table per stack, computed once
+per forward pass and shared by that stack's layers), shared token embedding, tied or untied logits.
+Token id 0 is padding; packed rows carry segment ids (0 = padding) that keep segments apart.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import seqio
+from flax import nnx
+
+from t5x_lite.models import layers
+from t5x_lite.models.base import BaseModel
+
+FEED_FORWARDS = ("gated-gelu", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyperparameters of a T5 network; defaults are T5 v1.1 small."""
+
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 6
+    head_dim: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 8
+    num_decoder_layers: int = 8
+    dropout_rate: float = 0.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward: str = "gated-gelu"  # "gated-gelu" (T5 v1.1) or "relu" (T5 v1.0)
+    tie_word_embeddings: bool = False  # v1.0 True: logits = decoder_out * d_model**-0.5 @ embedding.T
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
+
+    def __post_init__(self):
+        if self.feed_forward not in FEED_FORWARDS:
+            raise ValueError(
+                f"T5Config.feed_forward={self.feed_forward!r} is not supported; "
+                "use 'gated-gelu' (T5 v1.1) or 'relu' (T5 v1.0)."
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"T5Config.dropout_rate={self.dropout_rate} must be in [0, 1).")
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError as e:
+            raise ValueError(
+                f"T5Config.dtype={self.dtype!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'."
+            ) from e
+
+
+def _attention(config: T5Config, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
+    return layers.MultiHeadAttention(
+        config.d_model, config.num_heads, config.head_dim,
+        dropout_rate=config.dropout_rate, dtype=config.dtype, rngs=rngs,
+    )
+
+
+def _mlp(config: T5Config, rngs: nnx.Rngs) -> layers.MlpBlock:
+    return layers.MlpBlock(
+        config.d_model, config.d_ff,
+        activation=config.feed_forward, dropout_rate=config.dropout_rate, dtype=config.dtype, rngs=rngs,
+    )
+
+
+def _norm(config: T5Config) -> layers.RMSNorm:
+    return layers.RMSNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=config.dtype)
+
+
+def _relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layers.RelativePositionBias:
+    return layers.RelativePositionBias(
+        config.num_heads,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+        bidirectional=bidirectional,
+        rngs=rngs,
+    )
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-norm self-attention then pre-norm feed-forward, each with dropout and a residual."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        self.pre_attention_layer_norm = _norm(config)
+        self.attention = _attention(config, rngs)
+        self.pre_mlp_layer_norm = _norm(config)
+        self.mlp = _mlp(config, rngs)
+        self.dropout_rate = config.dropout_rate
+
+    def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
+        h = self.pre_attention_layer_norm(x)
+        h = self.attention(h, h, bias, dropout_rngs=dropout_rngs)
+        x = x + layers.dropout(h, self.dropout_rate, dropout_rngs)
+        h = self.mlp(self.pre_mlp_layer_norm(x), dropout_rngs=dropout_rngs)
+        return x + layers.dropout(h, self.dropout_rate, dropout_rngs)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm causal self-attention, cross-attention to the encoder, and feed-forward."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        self.pre_self_attention_layer_norm = _norm(config)
+        self.self_attention = _attention(config, rngs)
+        self.pre_cross_attention_layer_norm = _norm(config)
+        self.encoder_decoder_attention = _attention(config, rngs)
+        self.pre_mlp_layer_norm = _norm(config)
+        self.mlp = _mlp(config, rngs)
+        self.dropout_rate = config.dropout_rate
+
+    def __call__(
+        self,
+        y: jax.Array,
+        encoded: jax.Array,
+        self_bias: jax.Array,
+        cross_bias: jax.Array,
+        dropout_rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        h = self.pre_self_attention_layer_norm(y)
+        h = self.self_attention(h, h, self_bias, dropout_rngs=dropout_rngs)
+        y = y + layers.dropout(h, self.dropout_rate, dropout_rngs)
+        h = self.pre_cross_attention_layer_norm(y)
+        h = self.encoder_decoder_attention(h, encoded, cross_bias, dropout_rngs=dropout_rngs)
+        y = y + layers.dropout(h, self.dropout_rate, dropout_rngs)
+        h = self.mlp(self.pre_mlp_layer_norm(y), dropout_rngs=dropout_rngs)
+        return y + layers.dropout(h, self.dropout_rate, dropout_rngs)
+
+
+class Encoder(nnx.Module):
+    """Stack of encoder layers sharing one bidirectional relative-position bias, then a final norm."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        self.relpos_bias = _relpos_bias(config, bidirectional=True, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
+        self.encoder_norm = _norm(config)
+        self.dropout_rate = config.dropout_rate
+
+    def __call__(self, x: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
+        positions = jnp.arange(x.shape[1])
+        bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(mask)
+        x = layers.dropout(x, self.dropout_rate, dropout_rngs)
+        for layer in self.layers:
+            x = layer(x, bias, dropout_rngs)
+        return layers.dropout(self.encoder_norm(x), self.dropout_rate, dropout_rngs)
+
+
+class Decoder(nnx.Module):
+    """Stack of decoder layers sharing one causal relative-position bias, then a final norm."""
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        self.relpos_bias = _relpos_bias(config, bidirectional=False, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
+        self.decoder_norm = _norm(config)
+        self.dropout_rate = config.dropout_rate
+
+    def __call__(
+        self,
+        y: jax.Array,
+        encoded: jax.Array,
+        self_mask: jax.Array,
+        cross_mask: jax.Array,
+        dropout_rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        positions = jnp.arange(y.shape[1])
+        self_bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(self_mask)
+        cross_bias = layers.mask_to_bias(cross_mask)
+        y = layers.dropout(y, self.dropout_rate, dropout_rngs)
+        for layer in self.layers:
+            y = layer(y, encoded, self_bias, cross_bias, dropout_rngs)
+        return layers.dropout(self.decoder_norm(y), self.dropout_rate, dropout_rngs)
+
+
+class T5(nnx.Module):
+    """The T5 encoder-decoder network: token ids in, float32 logits out.
+
+    T5 has no absolute position embeddings: relative biases come from index differences, which
+    within a contiguous packed segment equal the in-segment position differences, so packed rows
+    need only segment ids (`*_positions` arguments are accepted for interface uniformity and unused).
+    Dropout is applied iff `dropout_rngs` is given (e.g. `nnx.Rngs(dropout=key)`) and the rate is > 0.
+    """
+
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.token_embedder = layers.Embed(config.vocab_size, config.d_model, dtype=config.dtype, rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.decoder = Decoder(config, rngs=rngs)
+        self.logits_dense = None if config.tie_word_embeddings else layers.Dense(
+            (config.d_model,), (config.vocab_size,), ("embed", "vocab"),
+            init=layers.variance_scaling("truncated_normal"), dtype=config.dtype, rngs=rngs,
+        )
+
+    def encode(
+        self,
+        encoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        *,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """[b, s] tokens -> [b, s, d_model] encoded sequence (in the activation dtype)."""
+        if encoder_segment_ids is None:
+            mask = layers.padding_mask(encoder_input_tokens)
+        else:
+            same_segment = layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+            mask = layers.padding_mask(encoder_segment_ids) & same_segment
+        return self.encoder(self.token_embedder(encoder_input_tokens), mask, dropout_rngs)
+
+    def decode(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        *,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Teacher-forced decoder over [b, t] inputs -> float32 logits [b, t, vocab].
+
+        Decoder inputs start with token 0 (BOS = pad id), so unpacked self-attention is only causal;
+        padded tail positions are garbage and must be masked in the loss.
+        """
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError(
+                "Pass both encoder_segment_ids and decoder_segment_ids (packed) or neither (unpacked)."
+            )
+        self_mask = layers.causal_mask(decoder_input_tokens.shape[1])
+        if decoder_segment_ids is None:
+            cross_mask = layers.padding_mask(encoder_input_tokens)
+        else:
+            self_mask = self_mask & layers.padding_mask(decoder_segment_ids)
+            self_mask = self_mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+            same_segment = layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+            cross_mask = layers.padding_mask(encoder_segment_ids) & same_segment
+        y = self.decoder(self.token_embedder(decoder_input_tokens), encoded, self_mask, cross_mask, dropout_rngs)
+        if self.logits_dense is None:
+            return self.token_embedder.attend(y * self.config.d_model**-0.5)
+        return self.logits_dense(y, out_dtype=jnp.float32)
+
+    def __call__(
+        self,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Encode then decode: float32 logits [b, t, vocab]."""
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, dropout_rngs=dropout_rngs)
+        return self.decode(
+            encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
+            dropout_rngs=dropout_rngs,
+        )
+
+
+def param_count(model: nnx.Module) -> int:
+    """Total number of parameter elements in `model`."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+gin.external_configurable(T5Config, module="t5x_lite")
+
+
+@gin.configurable(module="t5x_lite")
+class EncoderDecoderModel(BaseModel):
+    """The trainer's view of a T5 encoder-decoder: packed EncDec batches, loss on the decoder."""
+
+    feature_converter_cls = seqio.EncDecFeatureConverter
+
+    def __init__(self, config: T5Config = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
+        super().__init__(label_smoothing=label_smoothing, z_loss=z_loss)
+        self.config = config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dropout_rate(self) -> float:
+        return self.config.dropout_rate
+
+    def build_network(self, rngs: nnx.Rngs) -> T5:
+        return T5(self.config, rngs=rngs)
+
+    def network_logits(
+        self, network: T5, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        return network(
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"),
+            decoder_positions=batch.get("decoder_positions"),
+            dropout_rngs=dropout_rngs,
+        )
