@@ -124,7 +124,7 @@ def train(
             mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
             split="train", shuffle=True, num_epochs=None, seed=random_seed,
         )
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise config.UserError(str(e)) from e
     iterator = TfDatasetIterator(train_ds, checkpoint=True)
     manager = checkpoints.checkpoint_manager(model_dir)
@@ -181,6 +181,8 @@ def train(
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    if jax.process_index() == 0:
+        (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
     return summary
 
 

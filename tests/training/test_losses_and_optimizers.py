@@ -1,0 +1,98 @@
+"""The loss against optax's reference formulas; schedules and optimizers as documented."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5x_lite.training import losses, optimizers
+
+
+def random_batch(seed=0, vocab=50):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    logits = 3.0 * jax.random.normal(k1, (2, 7, vocab))
+    targets = jax.random.randint(k2, (2, 7), 0, vocab)
+    weights = (jax.random.uniform(k3, (2, 7)) > 0.3).astype(jnp.float32)
+    return logits, targets, weights
+
+
+def test_cross_entropy_matches_optax():
+    logits, targets, weights = random_batch()
+    sums = losses.cross_entropy(logits, targets, weights)
+    reference = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(sums["loss_sum"], jnp.sum(reference * weights), rtol=1e-5)
+    np.testing.assert_allclose(sums["weight_sum"], weights.sum())
+    correct = (logits.argmax(-1) == targets) * weights
+    np.testing.assert_allclose(sums["correct_sum"], correct.sum())
+
+
+def test_label_smoothing_is_kl_to_the_smoothed_distribution():
+    logits, targets, weights = random_batch(1)
+    vocab, smoothing = logits.shape[-1], 0.1
+    sums = losses.cross_entropy(logits, targets, weights, label_smoothing=smoothing)
+    low = smoothing / (vocab - 1)
+    soft = jax.nn.one_hot(targets, vocab) * (1 - smoothing - low) + low
+    kl = jnp.sum(soft * (jnp.log(soft) - jax.nn.log_softmax(logits)), axis=-1)
+    np.testing.assert_allclose(sums["loss_sum"], jnp.sum(kl * weights), rtol=1e-5)
+    # A perfect prediction of the smoothed distribution costs nothing.
+    perfect = losses.cross_entropy(jnp.log(soft), targets, jnp.ones_like(weights), label_smoothing=smoothing)
+    np.testing.assert_allclose(perfect["loss_sum"], 0.0, atol=1e-4)
+
+
+def test_z_loss_adds_squared_log_normaliser():
+    logits, targets, weights = random_batch(2)
+    plain = losses.cross_entropy(logits, targets, weights)
+    with_z = losses.cross_entropy(logits, targets, weights, z_loss=1e-4)
+    expected = 1e-4 * jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1)) * weights)
+    np.testing.assert_allclose(with_z["z_loss_sum"], expected, rtol=1e-5)
+    np.testing.assert_allclose(with_z["loss_sum"] - plain["loss_sum"], expected, atol=5e-5)
+
+
+def test_rsqrt_schedule():
+    schedule = optimizers.rsqrt_schedule(base_learning_rate=1.0, warmup_steps=10_000)
+    np.testing.assert_allclose(schedule(0), 0.01)
+    np.testing.assert_allclose(schedule(10_000), 0.01)
+    np.testing.assert_allclose(schedule(40_000), 0.005)
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_warmup_decay_schedule(decay):
+    schedule = optimizers.warmup_decay_schedule(peak_learning_rate=1e-3, warmup_steps=10, total_steps=110, decay=decay)
+    np.testing.assert_allclose(schedule(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(schedule(5), 5e-4, rtol=1e-5)
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(schedule(60), 5e-4, rtol=1e-5)  # halfway down, for both shapes
+    np.testing.assert_allclose(schedule(110), 0.0, atol=1e-9)
+
+
+def test_bad_schedule_arguments():
+    with pytest.raises(ValueError, match="decay must be 'linear' or 'cosine'"):
+        optimizers.warmup_decay_schedule(total_steps=10, decay="step")
+    with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
+        optimizers.rsqrt_schedule(warmup_steps=0)
+
+
+def test_adafactor_factors_large_matrices_and_descends():
+    params = {"w": jnp.ones((256, 128)), "b": jnp.ones((4,))}
+    tx = optimizers.adafactor(optimizers.constant_schedule(1e-2))
+    state = tx.init(params)
+    factored = [s for s in jax.tree.leaves(state) if s.shape in ((256,), (128,))]
+    assert len(factored) == 2  # row and column statistics instead of a 256x128 second moment
+
+    def loss(p):
+        return jnp.sum(jnp.square(p["w"] - 2.0)) + jnp.sum(jnp.square(p["b"]))
+
+    for _ in range(5):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert loss(params) < loss({"w": jnp.ones((256, 128)), "b": jnp.ones((4,))})
+
+
+def test_adamw_clips_gradients():
+    tx = optimizers.adamw(optimizers.constant_schedule(1e-3), max_grad_norm=1.0)
+    params = {"w": jnp.zeros(3)}
+    updates, _ = tx.update({"w": jnp.array([300.0, 400.0, 0.0])}, tx.init(params), params)
+    assert np.all(np.isfinite(updates["w"])) and abs(float(updates["w"][0])) <= 1.1e-3
