@@ -28,6 +28,9 @@ REQUIRED_MACROS = {
 }
 
 
+_added_search_paths: set[str] = set()
+
+
 class UserError(Exception):
     """A problem with the user's command, config or data, reported without a traceback."""
 
@@ -69,7 +72,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
     """Parses files then bindings; unknown names, bad syntax and missing files become `UserError`s."""
     paths = search_paths(extra_search_paths)
     for path in paths:
-        gin.add_config_file_search_path(str(path))
+        if str(path) not in _added_search_paths:  # gin keeps (and searches) duplicates
+            gin.add_config_file_search_path(str(path))
+            _added_search_paths.add(str(path))
     files = [str(resolve_gin_file(f, paths)) for f in gin_files]
     verbosity = logging.get_verbosity()
     # gin logs an ERROR line for every search path an `include` is not in; only real errors count.
