@@ -9,7 +9,9 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["t5x_lite", "t5x_lite.*"]),
-    package_data={"t5x_lite.data": ["bundled/*.txt", "bundled/*.md", "bundled/*.model", "bundled/*.vocab"]},
+    package_data={
+        "t5x_lite.data": ["bundled/*.txt", "bundled/*.md", "bundled/*.model", "bundled/*.vocab", "bundled/qa/*.jsonl", "bundled/qa/*.md"]
+    },
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -26,6 +28,7 @@ setuptools.setup(
         "tensorboard==2.21.0",
         "tqdm==4.70.1",
         "matplotlib==3.11.2",
+        "rouge-score==0.1.2",
     ],
     extras_require={
         "test": [
