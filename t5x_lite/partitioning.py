@@ -21,16 +21,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (logical axis, mesh axis or axes). Unlisted logical axes stay replicated.
-DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
+# Rule tables: (logical axis, mesh axis or axes), in order of precedence. Unlisted logical
+# axes stay replicated. A mesh axis of size 1 makes its rules no-ops, so STANDARD_RULES serves
+# every layout and MESH_SHAPE alone picks data / FSDP / tensor parallelism.
+DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")),)
+
+# ZeRO-3 style: parameters (and their optimizer state) split over `fsdp` along `embed`.
+FSDP_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
+
+# Megatron style: heads, feed-forward and vocabulary dimensions split over `tensor`.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
-    ("vocab", None),
-    ("embed", None),
-    ("mlp", None),
-    ("heads", None),
-    ("kv", None),
-    ("relpos_buckets", None),
-    ("layers", None),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+STANDARD_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
 )
 
 Rules = Sequence[tuple[str, Any]]
@@ -69,7 +81,7 @@ def make_mesh(
 
 
 @gin.configurable
-def logical_axis_rules(rules: Rules = DATA_PARALLEL_RULES) -> tuple[tuple[str, Any], ...]:
+def logical_axis_rules(rules: Rules = STANDARD_RULES) -> tuple[tuple[str, Any], ...]:
     """Returns the rule table mapping logical axis names to mesh axes (bound in gin)."""
     return tuple((name, axes) for name, axes in rules)
 
@@ -79,6 +91,19 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> Partiti
     return linen_spmd.logical_to_mesh_axes(tuple(logical_axes), tuple(rules))
 
 
+def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes of size 1 (readable specs) and replicates any dimension the remaining
+    axes do not divide evenly (e.g. 6 heads over 4 devices)."""
+    fitted = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = tuple(n for n in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if mesh.shape[n] > 1)
+        if not names or size % math.prod(mesh.shape[n] for n in names):
+            fitted.append(None)
+        else:
+            fitted.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*fitted)
+
+
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules) -> dict:
     """Shardings (as a pure dict, like the params) for an abstract NNX parameter state."""
 
@@ -86,10 +111,51 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: Rules) -> dic
         logical = variable.get_metadata().get("logical_axes")
         if logical is None:
             raise ValueError(f"Parameter of shape {variable.shape} has no `logical_axes` metadata.")
-        return NamedSharding(mesh, logical_to_spec(logical, rules))
+        return NamedSharding(mesh, _fit_to_shape(logical_to_spec(logical, rules), variable.shape, mesh))
 
     shardings = jax.tree.map(sharding_of, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+
+
+def optimizer_state_shardings(abstract_opt_state: Any, abstract_params: dict, params_shardings: dict, mesh: Mesh) -> Any:
+    """Optimizer-state leaves follow the parameter they belong to; the rest is replicated.
+
+    optax states nest copies of the parameter tree, so a leaf belongs to the parameter whose key
+    path ends its own. Same-shaped leaves (Adam moments, unfactored second moments) take the
+    parameter's sharding; factored statistics (one dimension dropped) take it minus that dimension.
+    """
+    by_path = {
+        tuple(path): (leaf.shape, sharding.spec)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(params_shardings)
+        )
+    }
+    longest = max((len(p) for p in by_path), default=0)
+
+    def sharding_of(path, leaf) -> NamedSharding:
+        for start in range(max(len(path) - longest, 0), len(path)):
+            match = by_path.get(tuple(path[start:]))
+            if match is not None:
+                return NamedSharding(mesh, _derived_spec(leaf.shape, *match))
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt_state)
+
+
+def _derived_spec(shape: Sequence[int], param_shape: Sequence[int], spec: PartitionSpec) -> PartitionSpec:
+    """The parameter's spec for a same-shaped leaf, minus one dimension for a factored one."""
+    full = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+    if tuple(shape) == tuple(param_shape):
+        return PartitionSpec(*full)
+    if len(shape) == len(param_shape) - 1:
+        candidates = {
+            full[:d] + full[d + 1 :]
+            for d in range(len(param_shape))
+            if tuple(param_shape[:d]) + tuple(param_shape[d + 1 :]) == tuple(shape)
+        }
+        if len(candidates) == 1:
+            return PartitionSpec(*candidates.pop())
+    return PartitionSpec()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -6,6 +6,7 @@ newest checkpoint in MODEL_DIR if there is one; then step, log, evaluate and che
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -98,6 +99,7 @@ def train(
     eval_steps: int = 20,
     eval_split: str = "validation",
     checkpoint_period: int = 100,
+    num_microbatches: int = 1,
     progress_bar: bool = True,
 ) -> dict[str, float]:
     """Trains until `train_steps` (the total, so a larger value continues a run).
@@ -136,7 +138,9 @@ def train(
     if jax.process_index() == 0:
         (Path(model_dir) / "config.gin").write_text(gin.config_str())
 
-    train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding)
+    if batch_size % num_microbatches:
+        raise config.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
+    train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
     eval_step = steps.make_eval_step(model, graphdef, shardings, batch_sharding)
     eval_batches = (
         load_eval_batches(model, mixture_or_task_name, task_feature_lengths, batch_size, eval_split,
@@ -229,13 +233,20 @@ def check_vocab_fits(provider: seqio.Task | seqio.Mixture, model: BaseModel) -> 
             )
 
 
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins a multi-process run: from the flags, or JAX's own detection on SLURM and TPU pods."""
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
     if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.coordinator_address or FLAGS.num_processes:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.tfds_data_dir:
         seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
     config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)

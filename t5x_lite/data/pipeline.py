@@ -66,11 +66,15 @@ def get_dataset(
     num_epochs: int | None = None,
     seed: int | None = None,
     pack: bool = True,
+    host_sharding: str = "shard_info",
 ) -> tf.data.Dataset:
     """This process's batches (global `batch_size` / process count) of converted features.
 
     With a seed the pipeline is deterministic (file order, preprocessor randomness, shuffle
     and mixture sampling), which with an iterator checkpoint makes resumes exact.
+    `host_sharding` says how processes split the data: "shard_info" (each reads its own shard
+    of the source, T5X's way, scales to pods) or "slice" (each runs the whole pipeline and keeps
+    its rows of every global batch: the global batches are the same for any process count).
     """
     provider = get_mixture_or_task(mixture_or_task_name)
     check_feature_lengths(provider, task_feature_lengths)
@@ -79,6 +83,9 @@ def get_dataset(
         raise ValueError(f"BATCH_SIZE {batch_size} must be divisible by the process count {num_processes}.")
     if split not in provider.splits:
         raise ValueError(f"Task {provider.name!r} has no split {split!r}; its splits are {list(provider.splits)}.")
+    if host_sharding not in ("shard_info", "slice"):
+        raise ValueError(f"get_dataset.host_sharding must be 'shard_info' or 'slice', got {host_sharding!r}.")
+    by_shard = host_sharding == "shard_info"
     ds = seqio.get_dataset(
         provider,
         task_feature_lengths=task_feature_lengths,
@@ -86,8 +93,15 @@ def get_dataset(
         dataset_split=split,
         shuffle=shuffle,
         num_epochs=num_epochs,
-        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=num_processes),
+        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=num_processes) if by_shard else None,
         seed=seed,
         verbose=False,
     )
-    return ds.batch(batch_size // num_processes, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    local_batch_size = batch_size // num_processes
+    if by_shard:
+        ds = ds.batch(local_batch_size, drop_remainder=True)
+    else:
+        start = jax.process_index() * local_batch_size
+        ds = ds.batch(batch_size, drop_remainder=True)
+        ds = ds.map(lambda batch: {k: v[start : start + local_batch_size] for k, v in batch.items()})
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -28,6 +28,18 @@ def _summarise(loss: jax.Array, sums: Mapping[str, jax.Array]) -> dict[str, jax.
     }
 
 
+def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
+    """[B, ...] -> [num_microbatches, B / num_microbatches, ...], strided so every device's rows
+    are spread over all microbatches (each microbatch stays balanced across the data axes)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % num_microbatches:
+            raise ValueError(f"Batch size {x.shape[0]} is not divisible by NUM_MICROBATCHES={num_microbatches}.")
+        return x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(
     model: BaseModel,
     graphdef: nnx.GraphDef,
@@ -35,19 +47,47 @@ def make_train_step(
     learning_rate: optax.Schedule,
     state_shardings: TrainState,
     batch_sharding: NamedSharding,
+    num_microbatches: int = 1,
 ) -> StepFn:
-    """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donated state."""
+    """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donated state.
+
+    Gradients are those of the summed token loss divided by the batch's target-token count, so
+    with `num_microbatches > 1` (accumulated in a scan, memory of one microbatch) the update
+    equals the full-batch update.
+    """
+
+    def grads_and_sums(params: dict, batch: Batch, dropout_key: jax.Array):
+        def loss_sum_of(params: dict):
+            # Rngs are stateful: made inside the differentiated function, at its trace level.
+            dropout_rngs = nnx.Rngs(dropout=dropout_key) if model.dropout_rate > 0 else None
+            _, sums = model.loss_fn(nnx.merge(graphdef, params), batch, dropout_rngs)
+            return sums["loss_sum"], sums
+
+        (_, sums), grads = jax.value_and_grad(loss_sum_of, has_aux=True)(params)
+        return grads, sums
+
+    def accumulate(params: dict, batch: Batch, dropout_key: jax.Array):
+        if num_microbatches == 1:
+            return grads_and_sums(params, batch, dropout_key)
+
+        def body(carry, microbatch_and_index):
+            microbatch, index = microbatch_and_index
+            microbatch = jax.lax.with_sharding_constraint(microbatch, batch_sharding)
+            grads, sums = grads_and_sums(params, microbatch, jax.random.fold_in(dropout_key, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum", "correct_sum")}
+        init = (jax.tree.map(jnp.zeros_like, params), zero_sums)
+        microbatches = (split_microbatches(batch, num_microbatches), jnp.arange(num_microbatches))
+        return jax.lax.scan(body, init, microbatches)[0]
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        def loss_of(params: dict):
-            # Rngs are stateful: made inside the differentiated function, at its trace level.
-            dropout_rngs = nnx.Rngs(dropout=state.dropout_key) if model.dropout_rate > 0 else None
-            return model.loss_fn(nnx.merge(graphdef, params), batch, dropout_rngs)
-
-        (loss, sums), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        grad_sums, sums = accumulate(state.params, batch, state.dropout_key)
+        tokens = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grad_sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = _summarise(loss, sums)
+        metrics = _summarise(sums["loss_sum"] / tokens, sums)
         metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
         metrics["grad_norm"] = optax.global_norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -39,16 +39,13 @@ def network_graphdef(model: BaseModel) -> tuple[nnx.GraphDef, nnx.State]:
 def state_shardings(
     abstract_state: TrainState, abstract_params: nnx.State, mesh: Mesh, rules: partitioning.Rules
 ) -> TrainState:
-    """Params follow the logical-axis rules; optimizer state, step and RNG are replicated.
-
-    Replicating the optimizer state is right for data parallelism; sharding it with the
-    parameters (FSDP) is a rule-table extension.
-    """
+    """Params follow the logical-axis rules, optimizer state follows its params, the rest is replicated."""
     replicated = partitioning.replicated(mesh)
+    params = partitioning.param_shardings(abstract_params, mesh, rules)
     return TrainState(
         step=replicated,
-        params=partitioning.param_shardings(abstract_params, mesh, rules),
-        opt_state=jax.tree.map(lambda _: replicated, abstract_state.opt_state),
+        params=params,
+        opt_state=partitioning.optimizer_state_shardings(abstract_state.opt_state, abstract_state.params, params, mesh),
         rng=replicated,
     )
 
