@@ -61,3 +61,30 @@ class BaseModel(abc.ABC):
             z_loss=self.z_loss,
         )
         return sums["loss_sum"] / jax.numpy.maximum(sums["weight_sum"], 1.0), sums
+
+    def predict_batch(
+        self,
+        network: nnx.Module,
+        batch: Mapping[str, jax.Array],
+        *,
+        max_decode_length: int,
+        method: str = "greedy",
+        rng: jax.Array | None = None,
+        beam_size: int = 4,
+        alpha: float = 0.6,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_id: int = 1,
+    ) -> jax.Array:
+        """Decodes [b, max_decode_length] output tokens (0 after EOS) for an unpacked batch.
+
+        `method`: "greedy", "sample" (needs `rng`; `temperature` 0 = argmax, `top_k` 0 = off,
+        `top_p` 1 = off) or "beam" (`beam_size`, length penalty `alpha`; returns the best beam).
+        Call it inside `jax.jit` with the keyword arguments fixed (they shape the computation).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict_batch yet.")
+
+    def score_batch(self, network: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """[b] float32 per-row log-likelihood of the targets, weighted by the loss weights."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement score_batch yet.")

@@ -236,10 +236,45 @@ class MultiHeadAttention(nnx.Module):
         self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
     ) -> jax.Array:
         q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
+        return self.attend(q, k, v, bias, dropout_rngs=dropout_rngs)
+
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Attention from projected queries [b, q, h, d] over projected keys/values [b, k, h, d]."""
         logits = einsum("bqhd,bkhd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32) + bias
         probs = dropout(jax.nn.softmax(logits, axis=-1), self.dropout_rate, dropout_rngs)
         x = einsum("bhqk,bkhd->bqhd", probs, v, dtype=self.dtype)
         return self.out(x)
+
+    def project_kv(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values in the cache layout [b, h, k, d] (activation dtype), e.g. for the encoder side."""
+        k, v = self.key(inputs_kv), self.value(inputs_kv)
+        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        """Attention from projected queries [b, q, h, d] over cached keys/values [b, h, k, d].
+
+        The head-major cache layout is what the batched dots consume directly, so a decode step reads
+        the cache once instead of transposing all of it (a [b, k, h, d] cache cost a full copy per step).
+        """
+        logits = einsum("bqhd,bhkd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32) + bias
+        x = einsum("bhqk,bhkd->bqhd", jax.nn.softmax(logits, axis=-1), v, dtype=self.dtype)
+        return self.out(x)
+
+    def decode_step(
+        self, inputs_q: jax.Array, cached_key: jax.Array, cached_value: jax.Array, index: jax.Array, bias: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Self-attention of ONE new position [b, 1, e] with a key/value cache [b, h, max_len, d].
+
+        Writes the position's key and value at slot `index`, then attends over the whole fixed-size
+        cache; `bias` [.., 1, max_len] must mask the slots after `index`. Returns (output, key, value).
+        """
+        q, (k, v) = self.query(inputs_q), self.project_kv(inputs_q)
+        start = (0, 0, index, 0)
+        cached_key = jax.lax.dynamic_update_slice(cached_key, k.astype(cached_key.dtype), start)
+        cached_value = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), start)
+        return self.attend_cached(q, cached_key, cached_value, bias), cached_key, cached_value
 
 
 class MlpBlock(nnx.Module):
