@@ -45,6 +45,11 @@ STANDARD_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
 )
 
+gin.constant("t5x_lite.DATA_PARALLEL_RULES", DATA_PARALLEL_RULES)
+gin.constant("t5x_lite.FSDP_RULES", FSDP_RULES)
+gin.constant("t5x_lite.TENSOR_PARALLEL_RULES", TENSOR_PARALLEL_RULES)
+gin.constant("t5x_lite.STANDARD_RULES", STANDARD_RULES)
+
 Rules = Sequence[tuple[str, Any]]
 
 
