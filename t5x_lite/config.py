@@ -7,13 +7,24 @@ one line, without a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import tokenize
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import gin
+import jax
+import seqio
 from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from t5x_lite import checkpoints, partitioning
+from t5x_lite.data import pipeline
+from t5x_lite.models.base import BaseModel
+
+FLAGS = flags.FLAGS
 
 GIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
 
@@ -30,18 +41,53 @@ REQUIRED_MACROS = {
 
 _added_search_paths: set[str] = set()
 
+EVAL_REQUIRED_MACROS = {
+    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
+    "MIXTURE_OR_TASK_NAME": "--gin.MIXTURE_OR_TASK_NAME=\"'bundled_qa_mixture'\"",
+    "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 320, 'targets': 64}\"",
+    "EVAL_OUTPUT_DIR": "--gin.EVAL_OUTPUT_DIR=\"'runs/my_run/eval'\"",
+}
+INFER_REQUIRED_MACROS = {
+    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
+    "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 320, 'targets': 64}\"",
+    "INFER_OUTPUT_FILE": "--gin.INFER_OUTPUT_FILE=\"'predictions.jsonl'\"",
+}
+
 
 class UserError(Exception):
     """A problem with the user's command, config or data, reported without a traceback."""
 
 
-def define_gin_flags() -> None:
-    """The gin flags every entry point takes."""
+def define_flags() -> None:
+    """The flags every entry point takes: gin, TFDS location, multi-host coordination."""
     flags.DEFINE_multi_string("gin_file", [], "gin files to parse, in order (repeatable).")
     flags.DEFINE_multi_string("gin_bindings", [], "gin bindings; also spelled --gin.KEY=VALUE.")
     flags.DEFINE_list(
         "gin_search_paths", [], "Folders to look for gin files and includes in (besides . and gin_configs/)."
     )
+    flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live (e.g. for c4/en).")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def apply_runtime_flags() -> None:
+    """Quiet library logs unless -v was given, join a multi-host run, point seqio at TFDS data."""
+    if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
+        logging.set_verbosity(logging.WARNING)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.tfds_data_dir:
+        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins a multi-process run: from the flags, or JAX's own detection on SLURM and TPU pods."""
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -119,3 +165,37 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             sys.exit(2)
 
     app.run(guarded, argv=rewrite_gin_args(sys.argv))
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR) and checks it is writable, before any work."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"{path!r} is not writable ({e.strerror}); pick a folder you can write to, e.g. \"'runs/my_run'\"."
+        ) from e
+    return folder
+
+
+def lookup_task(module: str | None, name: str, task_feature_lengths: Mapping[str, int]) -> seqio.Task | seqio.Mixture:
+    """Imports the user's task module, finds the task and checks its feature lengths, as `UserError`s."""
+    try:
+        pipeline.import_task_module(module)
+        provider = pipeline.get_mixture_or_task(name)
+        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    except (ValueError, ModuleNotFoundError) as e:
+        raise UserError(str(e)) from e
+    return provider
+
+
+def load_checkpoint_params(model: BaseModel, path: str, mesh: Mesh, rules: partitioning.Rules) -> tuple[nnx.GraphDef, dict]:
+    """The model's parameters from a checkpoint; a missing or mismatching checkpoint is a `UserError`."""
+    try:
+        return checkpoints.load_model_params(model, path, mesh, rules)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"CHECKPOINT_PATH: {e}") from e

@@ -6,7 +6,6 @@ newest checkpoint in MODEL_DIR if there is one; then step, log, evaluate and che
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from clu.data.dataset_iterator import TfDatasetIterator
 from tqdm import tqdm
 
 import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
-from t5x_lite import checkpoints, config, partitioning
+from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers, optimizers, steps, train_state
@@ -34,22 +33,6 @@ def report(message: str) -> None:
     logging.info(message)
     if jax.process_index() == 0 and logging.get_verbosity() < logging.INFO:
         tqdm.write(message)
-
-
-def prepare_model_dir(model_dir: str) -> Path:
-    """Creates MODEL_DIR and checks that it is writable, before any work is done."""
-    path = Path(model_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise config.UserError(
-            f"MODEL_DIR {model_dir!r} is not writable ({e.strerror}); pick a folder you can write to, "
-            "e.g. --gin.MODEL_DIR=\"'runs/my_run'\"."
-        ) from e
-    return path
 
 
 def load_eval_batches(
@@ -100,19 +83,24 @@ def train(
     eval_split: str = "validation",
     checkpoint_period: int = 100,
     num_microbatches: int = 1,
+    initial_checkpoint_path: str | None = None,
+    best_metric: str | None = None,
+    best_mode: str = "max",
     progress_bar: bool = True,
 ) -> dict[str, float]:
     """Trains until `train_steps` (the total, so a larger value continues a run).
 
-    Returns the last logged metrics (useful to scripts and tests).
+    A fresh run starts from the parameters of `initial_checkpoint_path` when given (optimizer
+    state and step start anew); a run with checkpoints in MODEL_DIR resumes from the newest.
+    Every `eval_period` steps it logs the validation loss and, for tasks with metric functions,
+    their metrics from decoding (`eval/<task>/<metric>`); `best_metric` names one of those to
+    keep the best checkpoint of in MODEL_DIR/best. Returns the last logged metrics.
     """
-    prepare_model_dir(model_dir)
     try:
-        pipeline.import_task_module(mixture_or_task_module)
-        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
-    except (ValueError, ModuleNotFoundError) as e:
-        raise config.UserError(str(e)) from e
+        config.prepare_output_dir(model_dir)
+    except config.UserError as e:
+        raise config.UserError(f"MODEL_DIR {e}") from e
+    provider = config.lookup_task(mixture_or_task_module, mixture_or_task_name, task_feature_lengths)
     check_vocab_fits(provider, model)
 
     mesh = partitioning.make_mesh()
@@ -134,6 +122,13 @@ def train(
     if restored is not None:
         state = restored
         report(f"Resumed from {manager.directory} at step {int(state.step)}.")
+    elif initial_checkpoint_path:
+        try:
+            params = checkpoints.restore_params(initial_checkpoint_path, train_state.abstract_train_state(state.params, shardings.params))
+        except (FileNotFoundError, ValueError) as e:
+            raise config.UserError(f"INITIAL_CHECKPOINT_PATH: {e}") from e
+        state = state.replace(params=params)
+        report(f"Initialised parameters from {initial_checkpoint_path}.")
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         (Path(model_dir) / "config.gin").write_text(gin.config_str())
@@ -147,6 +142,12 @@ def train(
                           eval_steps, random_seed)
         if eval_period else []
     )
+    task_eval = None
+    if eval_period and evaluation.has_metrics(provider):
+        evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls,
+                                              split=eval_split)
+        task_eval = (evaluator, evaluation.ModelRunner(model, graphdef, mesh, rules))
+    best_manager = checkpoints.best_checkpoint_manager(model_dir, best_metric, best_mode) if best_metric else None
     writer = metric_writers.create_writer(model_dir)
     tokens_per_step = batch_size * sum(task_feature_lengths.values())
 
@@ -176,14 +177,21 @@ def train(
             pending, timed_steps, period_start = [], 0, time.time()
         if eval_period and (step % eval_period == 0 or is_last):
             eval_metrics = evaluate(eval_step, state.params, eval_batches, batch_sharding)
+            if task_eval is not None:
+                eval_metrics.update(evaluation.evaluate(*task_eval, state.params, task_feature_lengths["targets"], step)[0])
             writer.write_scalars(step, eval_metrics)
             summary.update(eval_metrics)
             report(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+            if best_manager is not None:
+                checkpoints.save_if_best(best_manager, state, eval_metrics, best_metric)
         if step % checkpoint_period == 0 or is_last:
             checkpoints.save(manager, state, iterator)
     bar.close()
     manager.wait_until_finished()
     manager.close()
+    if best_manager is not None:
+        best_manager.wait_until_finished()
+        best_manager.close()
     writer.close()
     if jax.process_index() == 0:
         (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
@@ -233,31 +241,15 @@ def check_vocab_fits(provider: seqio.Task | seqio.Mixture, model: BaseModel) -> 
             )
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Joins a multi-process run: from the flags, or JAX's own detection on SLURM and TPU pods."""
-    if coordinator_address or num_processes:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
-    if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
-        logging.set_verbosity(logging.WARNING)
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if FLAGS.tfds_data_dir:
-        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+    config.apply_runtime_flags()
     config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     config.require_macros()
     train()
 
 
 if __name__ == "__main__":
-    config.define_gin_flags()
-    flags.DEFINE_string("tfds_data_dir", None, "Where prepared TFDS datasets live (e.g. for c4/en).")
-    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+    config.define_flags()
     config.run(main)

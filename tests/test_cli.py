@@ -17,11 +17,11 @@ from t5x_lite import train as train_lib
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs `python -m t5x_lite.train ARGS` on one CPU device, as the README does."""
-    full_env = dict(os.environ, XLA_FLAGS="", **(env or {}))
+def run_cli(*args: str, cwd: Path = REPO, module: str = "t5x_lite.train") -> subprocess.CompletedProcess:
+    """Runs `python -m MODULE ARGS` on one CPU device, as the README does."""
+    full_env = dict(os.environ, XLA_FLAGS="")
     return subprocess.run(
-        [sys.executable, "-m", "t5x_lite.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
     )
 

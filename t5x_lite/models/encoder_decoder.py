@@ -3,9 +3,17 @@
 Pre-norm residual blocks, RMS norms, relative position biases (one table per stack, computed once
 per forward pass and shared by that stack's layers), shared token embedding, tied or untied logits.
 Token id 0 is padding; packed rows carry segment ids (0 = padding) that keep segments apart.
+
+Two options for large configs (both off by default; neither changes the numbers):
+- `T5Config.remat_policy`: recompute each layer's activations in the backward pass (`jax.checkpoint`
+  per layer) instead of keeping them, trading FLOPs for activation memory.
+- `T5Config.scan_layers`: each stack's layers are ONE module whose params carry a leading `layers`
+  axis, applied with `jax.lax.scan`, so the program (and its compile time) does not grow with depth.
+  `stack_layer_params` / `unstack_layer_params` convert params between the two layouts.
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -20,6 +28,21 @@ from t5x_lite.models import layers
 from t5x_lite.models.base import BaseModel
 
 FEED_FORWARDS = ("gated-gelu", "relu")
+
+# Per-layer rematerialisation: name -> what `jax.checkpoint` may keep from the forward pass.
+#   "none": no remat (autodiff keeps every intermediate the backward pass needs);
+#   "full": keep nothing, the backward pass reruns each layer's forward from its input;
+#   "dots": keep the outputs of the weight matmuls (q/k/v/out and feed-forward projections, i.e.
+#           the dots with no batch dimensions: what `dots_with_no_batch_dims_saveable` keeps) and
+#           recompute the rest: norms, activations, dropout masks and the batched attention dots
+#           (whose [b, h, q, k] outputs are the largest activations). The projections are matched
+#           by name (`layers.DENSE_OUTPUT`), because in bf16 they are custom-VJP calls that the
+#           dot-based policies do not see (with those, bf16 "dots" would silently equal "full").
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.save_only_these_names(layers.DENSE_OUTPUT),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +63,8 @@ class T5Config:
     tie_word_embeddings: bool = False  # v1.0 True: logits = decoder_out * d_model**-0.5 @ embedding.T
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
+    remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see REMAT_POLICIES)
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis) applied with lax.scan
 
     def __post_init__(self):
         if self.feed_forward not in FEED_FORWARDS:
@@ -49,6 +74,11 @@ class T5Config:
             )
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate={self.dropout_rate} must be in [0, 1).")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"T5Config.remat_policy={self.remat_policy!r} is not supported; use one of "
+                f"{list(REMAT_POLICIES)} (e.g. --gin.T5Config.remat_policy=\"'full'\")."
+            )
         try:
             jnp.dtype(self.dtype)
         except TypeError as e:
@@ -83,6 +113,124 @@ def _relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layer
         bidirectional=bidirectional,
         rngs=rngs,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer stacks: a list of layers, or one scanned module with stacked params; optional remat.
+
+# nnx.vmap metadata: the stacked axis is named "layers" in every param's `logical_axes` (the rule
+# tables leave it replicated), so `partitioning.param_shardings` works for both layouts.
+_SCAN_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+
+
+def _make_layers(make_layer, num_layers: int, scan: bool, rngs: nnx.Rngs) -> nnx.Module:
+    """`num_layers` layers from `make_layer(rngs)`: an `nnx.List`, or (scan) ONE module whose params
+    carry a leading `layers` axis, each layer initialised from its own split of one params key."""
+    if not scan:
+        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+    keys = jax.random.split(rngs.params(), num_layers)
+    create = nnx.vmap(
+        lambda key: make_layer(nnx.Rngs(params=key)), in_axes=0, out_axes=0, transform_metadata=_SCAN_METADATA
+    )
+    return create(keys)
+
+
+def _apply_layers(
+    stack: nnx.Module,
+    x: jax.Array,
+    args: tuple,
+    dropout_rngs: nnx.Rngs | None,
+    *,
+    scan: bool,
+    remat_policy: str,
+) -> jax.Array:
+    """x <- layer(x, *args, dropout_rngs) for every layer of `stack` in order (see `_make_layers`).
+
+    With remat or scan each layer runs as a pure function of (layer params, x, dropout RNG state),
+    wrapped in `jax.checkpoint` when `remat_policy` != "none" and scanned over the stacked params
+    when `scan`. The dropout RNG state (key and counter) is threaded through as a carry, so every
+    layer draws the same keys, hence the same masks, as the plain loop: remat and scan change
+    neither the masks (each layer's differ, the counter advances) nor the numbers.
+    """
+    if not scan and remat_policy == "none":
+        for layer in stack:
+            x = layer(x, *args, dropout_rngs)
+        return x
+    rngs_graphdef, rngs_state = (None, None) if dropout_rngs is None else nnx.split(dropout_rngs)
+
+    def apply(graphdef, layer_state, x, rngs_state, args):
+        rngs = None if dropout_rngs is None else nnx.merge(rngs_graphdef, rngs_state)
+        x = nnx.merge(graphdef, layer_state)(x, *args, rngs)
+        return x, (None if rngs is None else nnx.state(rngs))
+
+    def pure(graphdef):
+        fn = functools.partial(apply, graphdef)
+        if remat_policy == "none":
+            return fn
+        # Inside scan, the loop already keeps the recomputation from being CSE'd with the forward.
+        return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+
+    if scan:
+        graphdef, stacked = nnx.split(stack)
+        body = pure(graphdef)
+        (x, rngs_state), _ = jax.lax.scan(lambda carry, layer: (body(layer, *carry, args), None), (x, rngs_state), stacked)
+    else:
+        for layer in stack:
+            graphdef, layer_state = nnx.split(layer)
+            x, rngs_state = pure(graphdef)(layer_state, x, rngs_state, args)
+    if dropout_rngs is not None:
+        nnx.update(dropout_rngs, rngs_state)
+    return x
+
+
+def _layer_keys(layers_dict: Mapping) -> list:
+    """The keys of an unscanned stack's per-layer dict in layer order (ints, or digit strings after
+    a round trip through some checkpoint formats); raises if the stack is already stacked."""
+    if not layers_dict or not all(str(k).isdigit() for k in layers_dict):
+        raise ValueError(
+            f"Expected per-layer params keyed 0..n-1 under 'layers', got keys {sorted(map(str, layers_dict))[:5]}: "
+            "these params look stacked already (scan_layers=True layout)."
+        )
+    return sorted(layers_dict, key=int)
+
+
+def _stacks(params: Mapping) -> list[str]:
+    stacks = [name for name in ("encoder", "decoder") if name in params and "layers" in params[name]]
+    if not stacks:
+        raise ValueError(f"No 'encoder'/'decoder' stack with 'layers' in params (top-level keys {sorted(params)}).")
+    return stacks
+
+
+def stack_layer_params(params: Mapping) -> dict:
+    """Unscanned -> scanned parameter layout (e.g. to load an unscanned checkpoint or HF import into a
+    `scan_layers=True` model): each stack's `layers/{0..n-1}/...` leaves are stacked along a new
+    leading axis into `layers/...`. Takes and returns pure nested dicts (`nnx.to_pure_dict` form);
+    only parameters convert (optimizer statistics of stacked kernels are shaped differently)."""
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    out = dict(params)
+    for name in _stacks(params):
+        per_layer = params[name]["layers"]
+        layer_params = [per_layer[k] for k in _layer_keys(per_layer)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *layer_params)
+        out[name] = {**params[name], "layers": stacked}
+    return out
+
+
+def unstack_layer_params(params: Mapping) -> dict:
+    """Scanned -> unscanned parameter layout, the inverse of `stack_layer_params`: each stack's
+    `layers/...` leaves [n, ...] become `layers/{i}/...` (int keys, as `nnx.to_pure_dict` gives)."""
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    out = dict(params)
+    for name in _stacks(params):
+        stacked = params[name]["layers"]
+        if all(str(k).isdigit() for k in stacked):
+            raise ValueError(f"params[{name!r}]['layers'] is already per-layer (unscanned layout).")
+        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+        if len(sizes) != 1:
+            raise ValueError(f"params[{name!r}]['layers'] leaves disagree on the layer count: {sorted(sizes)}.")
+        n = sizes.pop()
+        out[name] = {**params[name], "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
+    return out
 
 
 class EncoderLayer(nnx.Module):
@@ -163,14 +311,16 @@ class DecodeState(NamedTuple):
         made XLA transpose (copy) every buffer at every step (tiny model, 1024 slots: 208 -> 73 us/token).
     cross_keys/cross_values: per decoder layer, [b, heads, encoder_length, head_dim], projected once
         from the encoder output.
+    With `scan_layers` each of these four is ONE array with the layers stacked on axis 1 (batch stays
+        leading, as the decoding algorithms require), e.g. self_keys [b, layers, heads, max_len, head_dim].
     encoder_mask: [b, encoder_length] bool, True for real (non-padding) encoder tokens.
     index: int32 scalar, the decoder position the next `decode_step` call fills.
     """
 
-    self_keys: tuple[jax.Array, ...]
-    self_values: tuple[jax.Array, ...]
-    cross_keys: tuple[jax.Array, ...]
-    cross_values: tuple[jax.Array, ...]
+    self_keys: tuple[jax.Array, ...] | jax.Array
+    self_values: tuple[jax.Array, ...] | jax.Array
+    cross_keys: tuple[jax.Array, ...] | jax.Array
+    cross_values: tuple[jax.Array, ...] | jax.Array
     encoder_mask: jax.Array
     index: jax.Array
 
@@ -180,16 +330,21 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos_bias(config, bidirectional=True, rngs=rngs)
-        self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
+        self.layers = _make_layers(
+            lambda rngs: EncoderLayer(config, rngs=rngs), config.num_encoder_layers, config.scan_layers, rngs
+        )
         self.encoder_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
+        self.scan_layers = config.scan_layers
+        self.remat_policy = config.remat_policy
 
     def __call__(self, x: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         positions = jnp.arange(x.shape[1])
         bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(mask)
         x = layers.dropout(x, self.dropout_rate, dropout_rngs)
-        for layer in self.layers:
-            x = layer(x, bias, dropout_rngs)
+        x = _apply_layers(
+            self.layers, x, (bias,), dropout_rngs, scan=self.scan_layers, remat_policy=self.remat_policy
+        )
         return layers.dropout(self.encoder_norm(x), self.dropout_rate, dropout_rngs)
 
 
@@ -198,9 +353,14 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos_bias(config, bidirectional=False, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
+        self.layers = _make_layers(
+            lambda rngs: DecoderLayer(config, rngs=rngs), config.num_decoder_layers, config.scan_layers, rngs
+        )
         self.decoder_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
+        self.num_layers = config.num_decoder_layers
+        self.scan_layers = config.scan_layers
+        self.remat_policy = config.remat_policy
 
     def __call__(
         self,
@@ -214,18 +374,22 @@ class Decoder(nnx.Module):
         self_bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(self_mask)
         cross_bias = layers.mask_to_bias(cross_mask)
         y = layers.dropout(y, self.dropout_rate, dropout_rngs)
-        for layer in self.layers:
-            y = layer(y, encoded, self_bias, cross_bias, dropout_rngs)
+        y = _apply_layers(
+            self.layers, y, (encoded, self_bias, cross_bias), dropout_rngs,
+            scan=self.scan_layers, remat_policy=self.remat_policy,
+        )
         return layers.dropout(self.decoder_norm(y), self.dropout_rate, dropout_rngs)
 
     def decode_step(self, y: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """One embedded position [b, 1, e] at `state.index` -> normed output [b, 1, e] and updated caches."""
         index = state.index
-        key_positions = jnp.arange(state.self_keys[0].shape[2])
+        key_positions = jnp.arange(state.self_keys.shape[3] if self.scan_layers else state.self_keys[0].shape[2])
         # Bias of the single query position only: [1, h, 1, max_len], future slots masked.
         self_bias = self.relpos_bias(index[None], key_positions)
         self_bias = self_bias + layers.mask_to_bias(key_positions <= index)[None, None, None, :]
         cross_bias = layers.mask_to_bias(state.encoder_mask[:, None, None, :])
+        if self.scan_layers:
+            return self._scanned_decode_step(y, state, self_bias, cross_bias)
         self_keys, self_values = [], []
         for i, layer in enumerate(self.layers):
             cache = (state.self_keys[i], state.self_values[i], state.cross_keys[i], state.cross_values[i])
@@ -234,6 +398,32 @@ class Decoder(nnx.Module):
             self_values.append(value)
         new_state = state._replace(self_keys=tuple(self_keys), self_values=tuple(self_values), index=index + 1)
         return self.decoder_norm(y), new_state
+
+    def _scanned_decode_step(
+        self, y: jax.Array, state: DecodeState, self_bias: jax.Array, cross_bias: jax.Array
+    ) -> tuple[jax.Array, DecodeState]:
+        """`decode_step` over stacked layers: one `lax.scan` over (layer params, layer index) carrying
+        the stacked [b, layers, h, len, d] self-attention caches; each layer writes back only its new
+        key/value slot (an in-place update of the carried buffers)."""
+        index = state.index
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, xs):
+            y, keys, values = carry
+            layer_state, i = xs
+            take = functools.partial(jax.lax.dynamic_index_in_dim, index=i, axis=1, keepdims=False)
+            cache = (take(keys), take(values), take(state.cross_keys), take(state.cross_values))
+            layer = nnx.merge(graphdef, layer_state)
+            y, key, value = layer.decode_step(y, cache, index, self_bias, cross_bias)
+            start = (0, i, 0, index, 0)
+            new_slot = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=index, slice_size=1, axis=2)
+            keys = jax.lax.dynamic_update_slice(keys, new_slot(key)[:, None], start)
+            values = jax.lax.dynamic_update_slice(values, new_slot(value)[:, None], start)
+            return (y, keys, values), None
+
+        xs = (stacked, jnp.arange(self.num_layers, dtype=jnp.int32))
+        (y, keys, values), _ = jax.lax.scan(body, (y, state.self_keys, state.self_values), xs)
+        return self.decoder_norm(y), state._replace(self_keys=keys, self_values=values, index=index + 1)
 
 
 class T5(nnx.Module):
@@ -319,8 +509,22 @@ class T5(nnx.Module):
         batch = encoded.shape[0]
         shape = (batch, self.config.num_heads, max_decode_length, self.config.head_dim)
         dtype = jnp.dtype(self.config.dtype)
-        cross = [layer.encoder_decoder_attention.project_kv(encoded) for layer in self.decoder.layers]
         mask_ids = encoder_input_tokens if encoder_segment_ids is None else encoder_segment_ids
+        if self.config.scan_layers:  # stacked caches [b, layers, ...]: see DecodeState
+            graphdef, stacked = nnx.split(self.decoder.layers)
+            cross_keys, cross_values = jax.vmap(
+                lambda s: nnx.merge(graphdef, s).encoder_decoder_attention.project_kv(encoded), out_axes=1
+            )(stacked)
+            stacked_shape = (batch, self.config.num_decoder_layers, *shape[1:])
+            return DecodeState(
+                self_keys=jnp.zeros(stacked_shape, dtype),
+                self_values=jnp.zeros(stacked_shape, dtype),
+                cross_keys=cross_keys,
+                cross_values=cross_values,
+                encoder_mask=mask_ids > 0,
+                index=jnp.zeros((), jnp.int32),
+            )
+        cross = [layer.encoder_decoder_attention.project_kv(encoded) for layer in self.decoder.layers]
         n = len(self.decoder.layers)
         return DecodeState(
             self_keys=tuple(jnp.zeros(shape, dtype) for _ in range(n)),

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -154,6 +155,9 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...]).astype(self.dtype)
 
 
+DENSE_OUTPUT = "dense_output"  # `checkpoint_name` of every Dense output (see Dense.__call__)
+
+
 class Dense(nnx.Module):
     """Bias-free projection: contracts the trailing `in_shape` axes of x with a kernel of shape
     `in_shape + out_shape` (e.g. embed -> (heads, kv)); `axes` names the kernel's dimensions."""
@@ -179,7 +183,10 @@ class Dense(nnx.Module):
         n_out = self.kernel.ndim - self.n_in
         batch, contract, out = "abcdefgh"[: x.ndim - self.n_in], "ijkl"[: self.n_in], "mnop"[:n_out]
         spec = f"{batch}{contract},{contract}{out}->{batch}{out}"
-        return einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
+        y = einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
+        # Named for remat policies: the low-precision matmul is a custom-VJP call, which
+        # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works in any dtype.
+        return checkpoint_name(y, DENSE_OUTPUT)
 
 
 class Embed(nnx.Module):

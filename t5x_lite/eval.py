@@ -1,0 +1,61 @@
+"""`python -m t5x_lite.eval --gin_file=runs/eval.gin ...`: a checkpoint's metrics on a task or mixture.
+
+Metrics go to the console, TensorBoard and `EVAL_OUTPUT_DIR/metrics.jsonl` as `eval/<task>/<metric>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import gin
+from absl import flags
+
+import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+from t5x_lite import checkpoints, config, evaluation, partitioning
+from t5x_lite.models.base import BaseModel
+from t5x_lite.training import metric_writers
+
+FLAGS = flags.FLAGS
+
+
+@gin.configurable
+def evaluate_checkpoint(
+    *,
+    model: BaseModel = gin.REQUIRED,
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    output_dir: str = gin.REQUIRED,
+    mixture_or_task_module: str | None = None,
+) -> dict[str, float]:
+    """Restores the parameters at `checkpoint_path` and runs the task's metrics on its eval split."""
+    provider = config.lookup_task(mixture_or_task_module, mixture_or_task_name, task_feature_lengths)
+    if not evaluation.has_metrics(provider):
+        raise config.UserError(f"Task {mixture_or_task_name!r} defines no metric functions to evaluate.")
+    mesh = partitioning.make_mesh()
+    rules = partitioning.logical_axis_rules()
+    graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
+    evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls)
+    runner = evaluation.ModelRunner(model, graphdef, mesh, rules)
+    metrics, _ = evaluation.evaluate(evaluator, runner, params, task_feature_lengths["targets"])
+    checkpoint_step = checkpoints.find_state_dir(checkpoint_path).parent.name
+    writer = metric_writers.create_writer(config.prepare_output_dir(output_dir))
+    writer.write_scalars(int(checkpoint_step) if checkpoint_step.isdigit() else 0, metrics)
+    writer.close()
+    for name, value in sorted(metrics.items()):
+        print(f"{name} = {value:.4f}")
+    return metrics
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
+    config.apply_runtime_flags()
+    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    config.require_macros(config.EVAL_REQUIRED_MACROS)
+    evaluate_checkpoint()
+
+
+if __name__ == "__main__":
+    config.define_flags()
+    config.run(main)

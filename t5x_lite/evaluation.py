@@ -1,0 +1,139 @@
+"""Task metrics through `seqio.Evaluator`: batched, jitted predict and score functions.
+
+The evaluator owns the data (unpacked, in order, with the task's postprocessors and metric
+functions); this module turns a model and its parameters into the `predict_fn`/`score_fn`
+it calls, and flattens the results into `eval/<task>/<metric>` scalars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from t5x_lite import partitioning
+from t5x_lite.models.base import BaseModel
+
+
+@gin.configurable(denylist=["model", "graphdef", "mesh", "rules"])
+class ModelRunner:
+    """Predicts tokens and scores targets for batches of converted features, jitted once per shape.
+
+    Every process runs the whole evaluation set (predictions are identical everywhere), so the
+    batch is split over the mesh only in a single process and replicated across processes.
+    """
+
+    def __init__(
+        self,
+        model: BaseModel,
+        graphdef: nnx.GraphDef,
+        mesh: Mesh,
+        rules: partitioning.Rules,
+        batch_size: int = 32,
+        method: str = "greedy",
+        beam_size: int = 4,
+        alpha: float = 0.6,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ):
+        self.batch_size = batch_size
+        self.replicate = jax.process_count() > 1
+        self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
+        decode = dict(method=method, beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p)
+
+        def predict(params, batch, rng, max_decode_length):
+            network = nnx.merge(graphdef, params)
+            return model.predict_batch(network, batch, max_decode_length=max_decode_length, rng=rng, **decode)
+
+        def score(params, batch):
+            return model.score_batch(nnx.merge(graphdef, params), batch)
+
+        self._predict = jax.jit(predict, static_argnums=3)
+        self._score = jax.jit(score)
+
+    def _batches(self, ds: tf.data.Dataset) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
+        """(indices, batch padded to `batch_size` rows, number of real rows) over an enumerated dataset."""
+        batches = ds.batch(self.batch_size).as_numpy_iterator()
+        for indices, batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=jax.process_index() != 0):
+            rows = len(indices)
+            padded = {k: np.pad(v, [(0, self.batch_size - rows)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+            yield indices, padded, rows
+
+    def _to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.replicate:
+            return {k: jax.device_put(v, self.sharding) for k, v in batch.items()}
+        return partitioning.host_batch_to_global(batch, self.sharding)
+
+    def predict(self, params: dict, ds: tf.data.Dataset, max_decode_length: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+        """(index, predicted token ids) for every example of an enumerated dataset."""
+        outputs = []
+        for i, (indices, batch, rows) in enumerate(self._batches(ds)):
+            features = {k: v for k, v in batch.items() if k.startswith("encoder_")}
+            rng = jax.random.fold_in(jax.random.key(seed), i)
+            tokens = np.asarray(jax.device_get(self._predict(params, self._to_device(features), rng, max_decode_length)))
+            outputs.extend((int(idx), row.tolist()) for idx, row in zip(indices[:rows], tokens[:rows]))
+        return outputs
+
+    def score(self, params: dict, ds: tf.data.Dataset) -> list[tuple[int, float]]:
+        """(index, log-likelihood of the targets) for every example of an enumerated dataset."""
+        outputs = []
+        for indices, batch, rows in self._batches(ds):
+            scores = np.asarray(jax.device_get(self._score(params, self._to_device(batch))))
+            outputs.extend((int(idx), float(s)) for idx, s in zip(indices[:rows], scores[:rows]))
+        return outputs
+
+
+def has_metrics(provider: seqio.Task | seqio.Mixture) -> bool:
+    """Whether any task of a task/mixture defines metric functions (pre-training tasks do not)."""
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    return any(task.metric_fns or task.metric_objs for task in tasks)
+
+
+@gin.configurable(denylist=["mixture_or_task_name", "task_feature_lengths", "feature_converter_cls"])
+def make_evaluator(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    feature_converter_cls: type[seqio.FeatureConverter],
+    split: str = "validation",
+    num_examples: int | None = None,
+) -> seqio.Evaluator:
+    """A seqio Evaluator over unpacked examples of the split (all of them unless `num_examples`)."""
+    return seqio.Evaluator(
+        mixture_or_task_name=mixture_or_task_name,
+        feature_converter=feature_converter_cls(pack=False),
+        eval_split=split,
+        sequence_length=dict(task_feature_lengths),
+        num_examples=num_examples,
+        use_memory_cache=True,
+        async_compute_metrics=False,
+    )
+
+
+def evaluate(
+    evaluator: seqio.Evaluator, runner: ModelRunner, params: dict, max_decode_length: int, step: int | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Runs the evaluator; returns flat `eval/<task>/<metric>` scalars and the raw outputs per task."""
+    metrics_future, outputs = evaluator.evaluate(
+        compute_metrics=jax.process_index() == 0,
+        step=step,
+        predict_fn=lambda ds: runner.predict(params, ds, max_decode_length),
+        score_fn=lambda ds: runner.score(params, ds),
+    )
+    results = metrics_future.result() if metrics_future is not None else {}
+    flat = {
+        f"eval/{task}/{name}": float(value)
+        for task, task_metrics in (results or {}).items()
+        for name, value in task_metrics.items()
+        if np.ndim(value) == 0
+    }
+    return flat, outputs
+
