@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,13 +39,13 @@ def adafactor():
     return optimizers.adafactor(optimizers.constant_schedule(1e-2), min_dim_size_to_factor=32)
 
 
-def one_step(mesh_shape, devices=None, num_microbatches=1, batch=None):
+def one_step(mesh_shape, devices=None, num_microbatches=1, batch=None, config=CONFIG):
     """Creates the state on a mesh, runs one train step; returns (loss, params, state shardings).
 
     Plain SGD by default: its update is linear in the gradient, so params compare gradients
     (Adam/Adafactor normalise near-zero gradients to +-lr, amplifying round-off).
     """
-    model = EncoderDecoderModel(CONFIG, z_loss=1e-4)
+    model = EncoderDecoderModel(config, z_loss=1e-4)
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     rules = partitioning.logical_axis_rules()
     tx = optax.sgd(0.5)
@@ -73,6 +75,13 @@ def state_shardings(mesh_shape):
     mesh = partitioning.make_mesh(mesh_shape)
     model = EncoderDecoderModel(CONFIG)
     return train_state.create_train_state(model, adafactor(), 0, mesh, partitioning.logical_axis_rules())[1]
+
+
+def test_bfloat16_step_executes_on_the_mesh(single_device_step):
+    """Mixed precision: bf16 activations (params stay float32) run a whole sharded step."""
+    loss, params, _ = one_step(LAYOUTS["2x2x2"], config=dataclasses.replace(CONFIG, dtype="bfloat16"))
+    np.testing.assert_allclose(loss, single_device_step[0], rtol=2e-2)
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
 
 
 def test_shardings_follow_the_rules():
