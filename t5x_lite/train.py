@@ -53,7 +53,7 @@ def load_eval_batches(
     return batches
 
 
-def evaluate(eval_step, params, batches, batch_sharding) -> dict[str, float]:
+def validation_loss(eval_step, params, batches, batch_sharding) -> dict[str, float]:
     """Token-weighted loss and accuracy over the evaluation batches."""
     totals = {"loss_sum": 0.0, "z_loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
     for batch in batches:
@@ -176,7 +176,7 @@ def train(
             report(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
             pending, timed_steps, period_start = [], 0, time.time()
         if eval_period and (step % eval_period == 0 or is_last):
-            eval_metrics = evaluate(eval_step, state.params, eval_batches, batch_sharding)
+            eval_metrics = validation_loss(eval_step, state.params, eval_batches, batch_sharding)
             if task_eval is not None:
                 eval_metrics.update(evaluation.evaluate(*task_eval, state.params, task_feature_lengths["targets"], step)[0])
             writer.write_scalars(step, eval_metrics)
