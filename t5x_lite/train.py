@@ -23,7 +23,7 @@ import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurable
 from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
-from t5x_lite.training import metric_writers, optimizers, steps, train_state
+from t5x_lite.training import metric_writers, optimizers, preemption, steps, train_state
 
 FLAGS = flags.FLAGS
 
@@ -156,36 +156,40 @@ def train(
     timed_steps, period_start = 0, time.time()
     bar = tqdm(total=train_steps, initial=start_step, disable=not progress_bar or jax.process_index() != 0,
                desc="train", unit="step")
-    for step in range(start_step + 1, train_steps + 1):
-        batch = partitioning.host_batch_to_global(next(iterator), batch_sharding)
-        state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        bar.update(1)
-        if step == start_step + 1:  # Throughput excludes the step that compiled.
-            jax.block_until_ready(state.step)
-            report(f"First step (with compilation) took {time.time() - period_start:.1f}s.")
-            timed_steps, period_start = 0, time.time()
-        else:
-            timed_steps += 1
-        is_last = step == train_steps
-        if step % log_period == 0 or step % checkpoint_period == 0 or is_last:
-            summary = summarise_period(pending, timed_steps, period_start, tokens_per_step)
-            check_finite(summary, step)
-            writer.write_scalars(step, summary)
-            bar.set_postfix(loss=f"{summary['train/loss']:.3f}")
-            report(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-            pending, timed_steps, period_start = [], 0, time.time()
-        if eval_period and (step % eval_period == 0 or is_last):
-            eval_metrics = validation_loss(eval_step, state.params, eval_batches, batch_sharding)
-            if task_eval is not None:
-                eval_metrics.update(evaluation.evaluate(*task_eval, state.params, task_feature_lengths["targets"], step)[0])
-            writer.write_scalars(step, eval_metrics)
-            summary.update(eval_metrics)
-            report(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-            if best_manager is not None:
-                checkpoints.save_if_best(best_manager, state, eval_metrics, best_metric)
-        if step % checkpoint_period == 0 or is_last:
-            checkpoints.save(manager, state, iterator)
+    with preemption.StopRequest() as stop:
+        for step in range(start_step + 1, train_steps + 1):
+            batch = partitioning.host_batch_to_global(next(iterator), batch_sharding)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            bar.update(1)
+            if step == start_step + 1:  # Throughput excludes the step that compiled.
+                jax.block_until_ready(state.step)
+                report(f"First step (with compilation) took {time.time() - period_start:.1f}s.")
+                timed_steps, period_start = 0, time.time()
+            else:
+                timed_steps += 1
+            is_last, stopping = step == train_steps, stop.should_stop()
+            if step % log_period == 0 or step % checkpoint_period == 0 or is_last or stopping:
+                summary = summarise_period(pending, timed_steps, period_start, tokens_per_step)
+                check_finite(summary, step)
+                writer.write_scalars(step, summary)
+                bar.set_postfix(loss=f"{summary['train/loss']:.3f}")
+                report(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+                pending, timed_steps, period_start = [], 0, time.time()
+            if eval_period and (step % eval_period == 0 or is_last):
+                eval_metrics = validation_loss(eval_step, state.params, eval_batches, batch_sharding)
+                if task_eval is not None:
+                    eval_metrics.update(evaluation.evaluate(*task_eval, state.params, task_feature_lengths["targets"], step)[0])
+                writer.write_scalars(step, eval_metrics)
+                summary.update(eval_metrics)
+                report(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
+                if best_manager is not None:
+                    checkpoints.save_if_best(best_manager, state, eval_metrics, best_metric)
+            if step % checkpoint_period == 0 or is_last or stopping:
+                checkpoints.save(manager, state, iterator)
+            if stopping and not is_last:
+                report(f"Stopping at step {step} on signal {stop.received}; re-run the same command to resume.")
+                break
     bar.close()
     manager.wait_until_finished()
     manager.close()
