@@ -315,6 +315,32 @@ def _add_task(name, source, format, record_preprocessors, vocabulary, metric_fns
     )
 
 
+def postprocess_rank_target(output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False):
+    """Targets of a rank-classification task: `(idx, is_correct)` of the option's row."""
+    if is_target and example is not None:
+        return int(example["idx"]), bool(example["is_correct"])
+    return output
+
+
+def register_rank_classification_task(
+    name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary | None = None, lowercase: bool = True
+) -> seqio.Task:
+    """Multiple choice by rank classification: one row per option, scored by the model's
+    log-likelihood of the option text; the best-scoring option per question is the answer."""
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=[
+            functools.partial(unifiedqa.multiple_choice_rank_classification, lowercase=lowercase),
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=qa_output_features(vocabulary),
+        postprocess_fn=postprocess_rank_target,
+        metric_fns=[qa_metrics.rank_classification],
+    )
+
+
 def register_qa_task(
     name: str,
     split_to_filepattern: Mapping[str, str | Sequence[str]],
@@ -418,6 +444,9 @@ def _register_defaults() -> None:
         if name not in names:
             splits = {split: str(QA_DIR / f"{format}_{split}.jsonl") for split in ("train", "validation")}
             _add_task(name, QaFileDataSource(splits, format), format, [], None, None, True, False)
+    if "bundled_qa_multiple_choice_rank" not in names:
+        splits = {split: str(QA_DIR / f"multiple_choice_{split}.jsonl") for split in ("train", "validation")}
+        register_rank_classification_task("bundled_qa_multiple_choice_rank", QaFileDataSource(splits, "multiple_choice"))
     if BUNDLED_MIXTURE not in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.add(BUNDLED_MIXTURE, [f"bundled_qa_{f}" for f in BUNDLED_FORMATS],
                                   default_rate=qa_mixing_rate)

@@ -343,3 +343,23 @@ def test_build_qa_tool_reproduces_the_bundled_validation_files(tmp_path):
     for format in unifiedqa.FORMATS:
         name = f"{format}_validation.jsonl"
         assert (tmp_path / name).read_bytes() == (QA_DIR / name).read_bytes(), name
+
+
+def test_rank_classification_task_scores_every_option():
+    """Through seqio.Evaluator: a scorer that prefers the correct option gets 100% accuracy."""
+    from t5x_lite.data import vocab as vocab_lib
+
+    task = seqio.get_mixture_or_task("bundled_qa_multiple_choice_rank")
+    evaluator = seqio.Evaluator("bundled_qa_multiple_choice_rank", seqio.EncDecFeatureConverter(pack=False),
+                                eval_split="validation", sequence_length={"inputs": 320, "targets": 32},
+                                num_examples=40, async_compute_metrics=False)
+    rows = list(task.get_dataset({"inputs": 320, "targets": 32}, split="validation", shuffle=False)
+                .take(40).as_numpy_iterator())
+    assert len({int(r["idx"]) for r in rows}) == 10 and sum(bool(r["is_correct"]) for r in rows) == 10
+    assert vocab_lib.get_vocabulary().decode(rows[0]["targets"].tolist())
+
+    def score_fn(ds):
+        return [(i, 0.0 if bool(rows[i]["is_correct"]) else -1.0) for i, _ in ds.as_numpy_iterator()]
+
+    metrics, _ = evaluator.evaluate(compute_metrics=True, score_fn=score_fn)
+    assert metrics.result()["bundled_qa_multiple_choice_rank"]["accuracy"] == 100.0
