@@ -154,17 +154,26 @@ def require_macros(macros: dict[str, str] = REQUIRED_MACROS) -> None:
             raise UserError(f"gin macro {name} is not set; set it in a gin file or pass e.g. {example}")
 
 
-def run(main: Callable[[Sequence[str]], None]) -> None:
-    """absl's `app.run` with `--gin.KEY=VALUE` support and one-line `UserError` reports."""
+def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, str]) -> None:
+    """What `python -m t5x_lite.{train,eval,infer}` does: flags, gin, checks, then `run_fn()`.
 
-    def guarded(argv: Sequence[str]) -> None:
+    `--gin.KEY=VALUE` works as in T5X, and a `UserError` is printed as one line (exit code 2).
+    """
+    define_flags()
+
+    def main(argv: Sequence[str]) -> None:
         try:
-            main(argv)
+            if len(argv) > 1:
+                raise UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
+            apply_runtime_flags()
+            parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+            require_macros(required_macros)
+            run_fn()
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(guarded, argv=rewrite_gin_args(sys.argv))
+    app.run(main, argv=rewrite_gin_args(sys.argv))
 
 
 def prepare_output_dir(path: str) -> Path:

@@ -5,17 +5,14 @@ Metrics go to the console, TensorBoard and `EVAL_OUTPUT_DIR/metrics.jsonl` as `e
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import gin
-from absl import flags
 
 import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
 from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
-
-FLAGS = flags.FLAGS
 
 
 @gin.configurable
@@ -47,15 +44,5 @@ def evaluate_checkpoint(
     return metrics
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
-    config.apply_runtime_flags()
-    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    config.require_macros(config.EVAL_REQUIRED_MACROS)
-    evaluate_checkpoint()
-
-
 if __name__ == "__main__":
-    config.define_flags()
-    config.run(main)
+    config.run_entry_point(evaluate_checkpoint, config.EVAL_REQUIRED_MACROS)

@@ -14,14 +14,11 @@ from pathlib import Path
 import gin
 import seqio
 import tensorflow as tf
-from absl import flags
 
 import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
 from t5x_lite import config, evaluation, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.models.base import BaseModel
-
-FLAGS = flags.FLAGS
 
 
 def read_input_file(path: str) -> list[dict[str, str]]:
@@ -117,15 +114,5 @@ def infer(
     return written
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
-    config.apply_runtime_flags()
-    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    config.require_macros(config.INFER_REQUIRED_MACROS)
-    infer()
-
-
 if __name__ == "__main__":
-    config.define_flags()
-    config.run(main)
+    config.run_entry_point(infer, config.INFER_REQUIRED_MACROS)

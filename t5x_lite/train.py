@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 import seqio
-from absl import flags, logging
+from absl import logging
 from clu.data.dataset_iterator import TfDatasetIterator
 from tqdm import tqdm
 
@@ -24,8 +24,6 @@ from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers, optimizers, preemption, steps, train_state
-
-FLAGS = flags.FLAGS
 
 
 def report(message: str) -> None:
@@ -245,15 +243,5 @@ def check_vocab_fits(provider: seqio.Task | seqio.Mixture, model: BaseModel) -> 
             )
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise config.UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
-    config.apply_runtime_flags()
-    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-    config.require_macros()
-    train()
-
-
 if __name__ == "__main__":
-    config.define_flags()
-    config.run(main)
+    config.run_entry_point(train, config.REQUIRED_MACROS)
