@@ -8,6 +8,7 @@ checkpoint is atomic: Orbax commits the step only when both are written).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import gin
@@ -91,7 +92,7 @@ def find_state_dir(path: str) -> epath.Path:
 
     A MODEL_DIR or `checkpoints` folder means its newest complete step.
     """
-    root = epath.Path(path)
+    root = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute local paths
     if (root / "state").is_dir():
         return root / "state"
     for folder in (root / "checkpoints", root):

@@ -41,6 +41,23 @@ REQUIRED_MACROS = {
 
 _added_search_paths: set[str] = set()
 
+
+def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
+    """gin's Python-path reader raises TypeError when an include's first folder (e.g. `runs/`)
+    is also a folder in the working directory (a namespace package); treat that as "not here"."""
+
+    def check(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:
+            return False
+
+    return check
+
+
+# gin offers no public way to wrap its registered readers' existence checks.
+gin.config._FILE_READERS[:] = [(reader, _tolerant(exists)) for reader, exists in gin.config._FILE_READERS]
+
 EVAL_REQUIRED_MACROS = {
     "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
     "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",

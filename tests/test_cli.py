@@ -126,3 +126,21 @@ def test_gin_syntax_error_names_file_and_line(clean_gin, tmp_path):
     bad.write_text("train.batch_size = 3\ntrain.train_steps = = 4\n")
     with pytest.raises(config.UserError, match=r"invalid gin file .*bad_syntax.gin.*line 2"):
         config.parse_gin([str(bad)], [])
+
+
+def test_includes_work_when_the_working_folder_has_runs_and_models(clean_gin, tmp_path, monkeypatch):
+    """`include 'runs/pretrain.gin'` from a folder that has its own runs/ and models/ (as after a quickstart)."""
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # what `python -m` does with the working folder
+    config.parse_gin([str(config.GIN_CONFIGS_DIR / "quickstart.gin")], [])
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 300
+
+
+def test_relative_checkpoint_path(tmp_path, monkeypatch):
+    (tmp_path / "run" / "checkpoints" / "5" / "state").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    from t5x_lite import checkpoints
+
+    assert str(checkpoints.find_state_dir("run")) == str(tmp_path / "run" / "checkpoints" / "5" / "state")

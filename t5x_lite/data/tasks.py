@@ -3,6 +3,9 @@
 Importing this module (or `t5x_lite`) registers:
   * `bundled_span_corruption`: the corpus shipped in `t5x_lite/data/bundled` (offline).
   * `c4_span_corruption`: TFDS `c4/en`, when the user has prepared it (`--tfds_data_dir`).
+
+`text_files_task` registers a task over your own text files from gin alone
+(`MIXTURE_OR_TASK_NAME = @text_files_task()`, see `gin_configs/examples/dapt.gin`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import gin
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -58,6 +62,46 @@ def register_span_corruption_task(
         output_features=span_corruption_output_features(vocabulary),
         metric_fns=[],
     )
+
+
+# Tasks registered by `text_files_task`: name -> the split patterns they were registered with.
+_TEXT_FILES_TASKS: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+@gin.configurable
+def text_files_task(
+    name: str = gin.REQUIRED,
+    train_files: str | Sequence[str] = gin.REQUIRED,
+    validation_files: str | Sequence[str] | None = None,
+) -> str:
+    """Registers a span-corruption task over your text files (one document per line); returns its name.
+
+    For gin, so that a run names its own corpus without a Python module (continued pre-training):
+
+        MIXTURE_OR_TASK_NAME = @text_files_task()
+        text_files_task.name = 'my_domain_span_corruption'
+        text_files_task.train_files = ['/data/domain/part-*.txt']
+        text_files_task.validation_files = '/data/domain/valid.txt'
+
+    Files are file patterns (globs), one or a list per split. Without `validation_files` the task
+    has only a `train` split: set `train.eval_period = 0`. Calling it again with the same files
+    returns the name; with other files it re-registers the task (only a task it registered itself:
+    a name taken by another task, e.g. `bundled_span_corruption`, is an error).
+
+    Raises:
+      ValueError: `name` is taken by a task `text_files_task` did not register.
+      FileNotFoundError: a split's pattern matches no file.
+    """
+    splits = {"train": train_files} if validation_files is None else {"train": train_files, "validation": validation_files}
+    patterns = {split: (p,) if isinstance(p, str) else tuple(p) for split, p in splits.items()}
+    if name in seqio.TaskRegistry.names():
+        if name not in _TEXT_FILES_TASKS:
+            raise ValueError(f"text_files_task: the task name {name!r} is already registered by other code; pick another name.")
+        if _TEXT_FILES_TASKS[name] == patterns:
+            return name
+    register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
+    _TEXT_FILES_TASKS[name] = patterns
+    return name
 
 
 class PreparedTfdsDataSource(seqio.TfdsDataSource):
