@@ -1,4 +1,4 @@
-"""Reusable Flax NNX layers for T5-style transformers.
+"""Reusable Flax NNX layers for transformer families (T5, BERT, GPT-2, BART).
 
 Conventions: parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per
 dimension, mapped to mesh axes by the partitioning rule table); activations and matmuls run in a
@@ -155,12 +155,32 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...]).astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """Standard layer norm (BERT, GPT-2, BART): (x - mean) / sqrt(var + eps) * scale + bias, in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), logical_axes=("embed",)) if use_bias else None
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
 DENSE_OUTPUT = "dense_output"  # `checkpoint_name` of every Dense output (see Dense.__call__)
 
 
 class Dense(nnx.Module):
-    """Bias-free projection: contracts the trailing `in_shape` axes of x with a kernel of shape
-    `in_shape + out_shape` (e.g. embed -> (heads, kv)); `axes` names the kernel's dimensions."""
+    """Projection: contracts the trailing `in_shape` axes of x with a kernel of shape
+    `in_shape + out_shape` (e.g. embed -> (heads, kv)); `axes` names the kernel's dimensions.
+    T5 uses no bias; `use_bias` adds a zero-initialised float32 bias of shape `out_shape`."""
 
     def __init__(
         self,
@@ -169,6 +189,7 @@ class Dense(nnx.Module):
         axes: Sequence[str],
         *,
         init: Initializer,
+        use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -176,6 +197,10 @@ class Dense(nnx.Module):
         if len(axes) != len(shape):
             raise ValueError(f"Dense: {len(shape)} kernel dims {shape} need as many axis names, got {axes}.")
         self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=tuple(axes))
+        self.bias = (
+            nnx.Param(jnp.zeros(tuple(out_shape), jnp.float32), logical_axes=tuple(axes[len(in_shape):]))
+            if use_bias else None
+        )
         self.n_in = len(in_shape)
         self.dtype = jnp.dtype(dtype)
 
@@ -184,6 +209,8 @@ class Dense(nnx.Module):
         batch, contract, out = "abcdefgh"[: x.ndim - self.n_in], "ijkl"[: self.n_in], "mnop"[:n_out]
         spec = f"{batch}{contract},{contract}{out}->{batch}{out}"
         y = einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
+        if self.bias is not None:
+            y = (y + self.bias[...]).astype(y.dtype)
         # Named for remat policies: the low-precision matmul is a custom-VJP call, which
         # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works in any dtype.
         return checkpoint_name(y, DENSE_OUTPUT)
@@ -205,11 +232,34 @@ class Embed(nnx.Module):
         return einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
 
 
+class PositionEmbed(nnx.Module):
+    """Learned absolute position embeddings [max_length, embed] (BERT, GPT-2, BART)."""
+
+    def __init__(
+        self, max_length: int, features: int, *, stddev: float = 0.02, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        table = jax.nn.initializers.normal(stddev=stddev)(rngs.params(), (max_length, features), jnp.float32)
+        self.embedding = nnx.Param(table, logical_axes=("positions", "embed"))
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        """Embeddings of integer `positions` (any shape); raises a clear error past the table's end."""
+        max_length = self.embedding.shape[0]
+        if positions.shape[-1] > max_length:
+            raise ValueError(
+                f"Sequence length {positions.shape[-1]} exceeds the model's {max_length} learned positions; "
+                "shorten TASK_FEATURE_LENGTHS or raise the config's max_position_embeddings."
+            )
+        return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head dot-product attention with separate query/key/value/out projections.
 
-    Logits are not scaled by 1/sqrt(head_dim): T5 folds that factor into the query init. `bias` is
-    an additive float32 logit bias (relative positions + masks) broadcastable to [b, h, q, k].
+    T5 (the default) does not scale logits by 1/sqrt(head_dim) but folds that factor into the query
+    init; `scale_logits=True` scales queries at run time instead (BERT, GPT-2, BART weights), and
+    `use_bias` adds projection biases. `bias` is an additive float32 logit bias (relative positions +
+    masks) broadcastable to [b, h, q, k].
     """
 
     def __init__(
@@ -219,6 +269,8 @@ class MultiHeadAttention(nnx.Module):
         head_dim: int,
         *,
         dropout_rate: float = 0.0,
+        scale_logits: bool = False,
+        use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -228,22 +280,30 @@ class MultiHeadAttention(nnx.Module):
             return base_init(key, shape, dtype) / math.sqrt(head_dim)
 
         in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
-        proj = functools.partial(Dense, (d_model,), (num_heads, head_dim), in_axes, dtype=dtype, rngs=rngs)
-        self.query = proj(init=query_init)
+        proj = functools.partial(
+            Dense, (d_model,), (num_heads, head_dim), in_axes, use_bias=use_bias, dtype=dtype, rngs=rngs
+        )
+        self.query = proj(init=base_init if scale_logits else query_init)
         self.key = proj(init=base_init)
         self.value = proj(init=base_init)
         self.out = Dense(
             (num_heads, head_dim), (d_model,), out_axes,
-            init=variance_scaling("normal", n_in=2, n_out=1), dtype=dtype, rngs=rngs,
+            init=variance_scaling("normal", n_in=2, n_out=1), use_bias=use_bias, dtype=dtype, rngs=rngs,
         )
+        self.query_scale = 1.0 / math.sqrt(head_dim) if scale_logits else None
         self.dropout_rate = dropout_rate
         self.dtype = jnp.dtype(dtype)
 
     def __call__(
         self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        q, k, v = self.query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
+        q, k, v = self.project_query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
         return self.attend(q, k, v, bias, dropout_rngs=dropout_rngs)
+
+    def project_query(self, inputs_q: jax.Array) -> jax.Array:
+        """Projected queries [b, q, h, d], scaled by 1/sqrt(head_dim) when `scale_logits`."""
+        q = self.query(inputs_q)
+        return q if self.query_scale is None else q * jnp.asarray(self.query_scale, q.dtype)
 
     def attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
@@ -277,15 +337,23 @@ class MultiHeadAttention(nnx.Module):
         Writes the position's key and value at slot `index`, then attends over the whole fixed-size
         cache; `bias` [.., 1, max_len] must mask the slots after `index`. Returns (output, key, value).
         """
-        q, (k, v) = self.query(inputs_q), self.project_kv(inputs_q)
+        q, (k, v) = self.project_query(inputs_q), self.project_kv(inputs_q)
         start = (0, 0, index, 0)
         cached_key = jax.lax.dynamic_update_slice(cached_key, k.astype(cached_key.dtype), start)
         cached_value = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), start)
         return self.attend_cached(q, cached_key, cached_value, bias), cached_key, cached_value
 
 
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT, BART (erf form)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+}
+
+
 class MlpBlock(nnx.Module):
-    """T5 feed-forward: "gated-gelu" (v1.1: wo(gelu(wi_0 x) * wi_1 x)) or "relu" (v1.0: wo(relu(wi x)))."""
+    """Feed-forward block: "gated-gelu" (T5 v1.1: wo(gelu(wi_0 x) * wi_1 x)) or a plain activation
+    wo(act(wi x)) with "relu" (T5 v1.0), "gelu" (BERT, BART) or "gelu_tanh" (GPT-2); optional biases."""
 
     def __init__(
         self,
@@ -294,18 +362,22 @@ class MlpBlock(nnx.Module):
         *,
         activation: str = "gated-gelu",
         dropout_rate: float = 0.0,
+        use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         init = variance_scaling("truncated_normal")
-        up = functools.partial(Dense, (d_model,), (d_ff,), ("embed", "mlp"), init=init, dtype=dtype, rngs=rngs)
+        dense = functools.partial(Dense, init=init, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        up = functools.partial(dense, (d_model,), (d_ff,), ("embed", "mlp"))
         if activation == "gated-gelu":
             self.wi_0, self.wi_1 = up(), up()
-        elif activation == "relu":
+        elif activation in _ACTIVATIONS:
             self.wi = up()
         else:
-            raise ValueError(f"Unknown feed-forward activation {activation!r}; use 'gated-gelu' or 'relu'.")
-        self.wo = Dense((d_ff,), (d_model,), ("mlp", "embed"), init=init, dtype=dtype, rngs=rngs)
+            raise ValueError(
+                f"Unknown feed-forward activation {activation!r}; use 'gated-gelu' or one of {sorted(_ACTIVATIONS)}."
+            )
+        self.wo = dense((d_ff,), (d_model,), ("mlp", "embed"))
         self.activation = activation
         self.dropout_rate = dropout_rate
 
@@ -313,7 +385,7 @@ class MlpBlock(nnx.Module):
         if self.activation == "gated-gelu":
             h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
         else:
-            h = jax.nn.relu(self.wi(x))
+            h = _ACTIVATIONS[self.activation](self.wi(x))
         return self.wo(dropout(h, self.dropout_rate, dropout_rngs))
 
 
