@@ -7,3 +7,4 @@ model families.
 from t5x_lite.data import tasks  # noqa: F401
 from t5x_lite.models import encoder_decoder  # noqa: F401
 from t5x_lite.data import qa_tasks  # noqa: F401
+from t5x_lite.data import family_tasks  # noqa: F401
