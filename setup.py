@@ -1,6 +1,8 @@
 """Installs t5x_lite: pre-training and fine-tuning of transformer LMs in JAX/Flax."""
 import setuptools
 
+HF = ["safetensors==0.8.0", "tokenizers==0.23.3", "datasets==5.2.0"]
+
 setuptools.setup(
     name="t5x_lite",
     version="0.1.0",
@@ -10,7 +12,8 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["t5x_lite", "t5x_lite.*"]),
     package_data={
-        "t5x_lite.data": ["bundled/*.txt", "bundled/*.md", "bundled/*.model", "bundled/*.vocab", "bundled/qa/*.jsonl", "bundled/qa/*.md"]
+        "t5x_lite.data": ["bundled/*.txt", "bundled/*.md", "bundled/*.model", "bundled/*.vocab", "bundled/qa/*.jsonl", "bundled/qa/*.md",
+                          "bundled/cls/*.tsv", "bundled/cls/*.md"]
     },
     install_requires=[
         "jax==0.10.2",
@@ -31,10 +34,16 @@ setuptools.setup(
         "rouge-score==0.1.2",
     ],
     extras_require={
+        # Hugging Face interop (t5x_lite.hf): checkpoints, tokenizer.json vocabularies, `datasets` sources.
+        "hf": HF,
+        # tools/benchmark.py --compare-hf times HF transformers T5 in PyTorch beside ours.
+        "benchmark": ["torch==2.13.0", "transformers==5.23.0"],
+        # The tests compare against transformers (PyTorch, CPU wheel) and exercise the hf extra.
         "test": [
             "pytest",
             "torch==2.13.0",
             "transformers==5.23.0",
+            *HF,
         ],
     },
 )

@@ -3,20 +3,27 @@
 Each step directory holds `state` (arrays, saved asynchronously by Orbax) and `dataset`
 (this process's tf.data iterator, written synchronously by a small handler, so the
 checkpoint is atomic: Orbax commits the step only when both are written).
+
+Crash safety is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp` and
+renamed to `<step>` only once every process has finished, so a run killed mid-write leaves
+a temporary folder that is never restored (the next manager reports and removes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import re
 from pathlib import Path
 
 import gin
 import jax
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
 from t5x_lite import partitioning
@@ -31,10 +38,13 @@ class DatasetIteratorHandler(ocp.CheckpointHandler):
     def _path(self, directory: epath.Path) -> epath.Path:
         return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
 
-    def save(self, directory: epath.Path, args: "DatasetIteratorArgs") -> None:
-        args.iterator.save(self._path(directory))
+    def save(self, directory: epath.Path, args: DatasetIteratorArgs) -> None:
+        try:
+            args.iterator.save(self._path(directory))
+        except tf.errors.OpError as e:  # a full disk or read-only folder, in TF's own error types
+            raise OSError(f"writing the data-iterator state failed: {e.message}") from e
 
-    def restore(self, directory: epath.Path, args: "DatasetIteratorArgs") -> TfDatasetIterator:
+    def restore(self, directory: epath.Path, args: DatasetIteratorArgs) -> TfDatasetIterator:
         path = self._path(directory)
         if not epath.Path(f"{path}.index").exists():
             raise FileNotFoundError(
@@ -51,33 +61,143 @@ class DatasetIteratorArgs(ocp.args.CheckpointArgs):
     iterator: TfDatasetIterator
 
 
+def checkpoints_dir(model_dir: str) -> epath.Path:
+    """`MODEL_DIR/checkpoints`, absolute (Orbax needs absolute local paths)."""
+    return epath.Path(model_dir if "://" in model_dir else os.path.abspath(model_dir)) / "checkpoints"
+
+
+def retention_policy(keep: int | None, keep_period: int | None) -> ocp.checkpoint_managers.PreservationPolicy:
+    """Orbax's policy for keeping the newest `keep` steps (None: all) plus every step divisible by `keep_period`."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"checkpoint_manager.keep must be at least 1 (or None to keep all), got {keep}.")
+    if keep_period is not None and keep_period < 1:
+        raise ValueError(f"checkpoint_manager.keep_period must be a positive step count (or None), got {keep_period}.")
+    latest = ocp.checkpoint_managers.LatestN(n=keep)
+    if keep_period is None:
+        return latest
+    return ocp.checkpoint_managers.AnyPreservationPolicy([latest, ocp.checkpoint_managers.EveryNSteps(keep_period)])
+
+
 @gin.configurable
 def checkpoint_manager(
-    model_dir: str, keep: int = 3, async_save: bool = True
+    model_dir: str, keep: int | None = 3, keep_period: int | None = None, async_save: bool = True
 ) -> ocp.CheckpointManager:
-    """An Orbax manager over `MODEL_DIR/checkpoints` keeping the newest `keep` steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(
-        Path(model_dir).absolute() / "checkpoints", options=options, item_names=("state", "dataset")
+    """An Orbax manager over `MODEL_DIR/checkpoints`: keeps the newest `keep` steps and every
+    `keep_period`-th step (e.g. keep=3, keep_period=10000: the last three plus 10k, 20k, ...).
+
+    Temporary folders of interrupted writes are removed by Orbax when the manager starts
+    (`partial_checkpoints` lists them first); complete checkpoints are only ever removed by
+    the retention policy.
+    """
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=retention_policy(keep, keep_period), create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
     )
+    return ocp.CheckpointManager(checkpoints_dir(model_dir), options=options, item_names=("state", "dataset"))
+
+
+def partial_checkpoints(model_dir: str) -> list[epath.Path]:
+    """Temporary step folders that Orbax never committed (the writer was killed), oldest step first."""
+    folder = checkpoints_dir(model_dir)
+    if not folder.is_dir():
+        return []
+    paths = [p.get() for p in ocp.path.step.all_temporary_paths(folder)]
+    return sorted(paths, key=lambda p: (ocp.path.step.step_from_checkpoint_name(p.name), p.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """One step folder under `MODEL_DIR/checkpoints`."""
+
+    step: int
+    path: epath.Path
+    complete: bool  # committed by Orbax (False: a temporary folder left by an interrupted write)
+    time: datetime.datetime  # commit time, or last modification of a partial folder
+    size_bytes: int
+
+
+def folder_size(path: epath.Path) -> int:
+    """Bytes of all files under `path` (a local folder)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def committed_steps(model_dir: str) -> list[int]:
+    """The steps Orbax has committed in MODEL_DIR/checkpoints, oldest first."""
+    folder = checkpoints_dir(model_dir)
+    return sorted(ocp.path.step.checkpoint_steps(folder)) if folder.is_dir() else []
+
+
+def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
+    """Every complete and partial checkpoint of a run, by step (a local MODEL_DIR)."""
+    folder = checkpoints_dir(model_dir)
+    infos = []
+    for meta in ocp.path.step.standard_name_format().find_all(folder):
+        infos.append(CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path)))
+    for path in partial_checkpoints(model_dir):
+        modified = datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
+        step = ocp.path.step.step_from_checkpoint_name(path.name)
+        infos.append(CheckpointInfo(step, path, False, modified, folder_size(path)))
+    return sorted(infos, key=lambda info: (info.step, info.complete))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, iterator: TfDatasetIterator) -> None:
-    """Starts saving the state at its step (arrays finish in the background)."""
+    """Starts saving the state at its step (arrays finish in the background).
+
+    A failed write (full disk, read-only folder) raises an `OSError` that names the step, the
+    folder and the newest complete checkpoint.
+    """
     step = int(jax.device_get(state.step))
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), dataset=DatasetIteratorArgs(iterator)),
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), dataset=DatasetIteratorArgs(iterator)),
+        )
+    except (OSError, ValueError) as e:  # tensorstore reports I/O failures as ValueError
+        raise write_error(manager, step, e) from e
+
+
+def write_error(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> OSError:
+    """An `OSError` for a failed checkpoint write, saying what to fix and where a re-run resumes."""
+    newest = ocp.path.step.checkpoint_steps(manager.directory)
+    resume = f"the newest complete checkpoint is step {max(newest)}" if newest else "there is no complete checkpoint yet"
+    what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+    return OSError(
+        f"Could not write {what} to {manager.directory} ({_io_reason(error)}). Free disk space or make "
+        f"MODEL_DIR writable, then re-run the same command: {resume}."
     )
 
 
-def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: TfDatasetIterator
-) -> TrainState | None:
-    """Restores the newest checkpoint onto the shardings in `abstract_state`; None if none."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+def _io_reason(error: Exception) -> str:
+    """"No space left on device" and the like, from an OSError or a tensorstore error's os_error_code."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else _short(error)
+
+
+class CheckpointRestoreError(ValueError):
+    """A checkpoint in MODEL_DIR cannot be restored; the message names it and what to do."""
+
+
+def _short(error: Exception) -> str:
+    """The first line of an error, cut to a readable length (tensorstore errors embed whole specs)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+def _restore_step(
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+) -> TrainState:
+    state_dir = manager.directory / str(step) / "state"
+    saved = ocp.StandardCheckpointHandler().metadata(state_dir)
+    _compare_param_shapes(saved["params"], abstract_state.params, state_dir)
+    if len(jax.tree.leaves(saved)) != len(jax.tree.leaves(abstract_state)):
+        raise CheckpointMismatch(
+            f"Checkpoint {state_dir} holds a train state of {len(jax.tree.leaves(saved))} arrays but this run's has "
+            f"{len(jax.tree.leaves(abstract_state))}: the optimizer or its options (e.g. train.skip_nonfinite_updates) "
+            "changed since it was written. Resume with the original settings, or start a new MODEL_DIR with "
+            "INITIAL_CHECKPOINT_PATH pointing at this one (it takes the parameters only)."
+        )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -85,6 +205,46 @@ def restore_latest(
         ),
     )
     return restored.state
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: TfDatasetIterator
+) -> TrainState | None:
+    """Restores the newest complete checkpoint onto the shardings in `abstract_state`; None if none.
+
+    A checkpoint of another model shape or optimizer is a `CheckpointMismatch` naming the first
+    mismatching parameter (or the differing number of arrays).
+    A committed checkpoint that cannot be read (truncated or corrupted files) is an error naming
+    its folder and the newest older one that does restore: nothing is deleted or skipped
+    silently, the user moves the bad folder aside to resume from the good one.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    try:
+        return _restore_step(manager, steps[0], abstract_state, iterator)
+    except CheckpointMismatch:
+        raise
+    except Exception as e:  # Orbax, tensorstore and tf.data report damaged files with many error types.
+        bad = manager.directory / str(steps[0])
+        good = next((s for s in steps[1:] if _restores(manager, s, abstract_state, iterator)), None)
+        fix = (
+            f"The newest checkpoint that restores is {manager.directory / str(good)}: move {bad} out of "
+            f"{manager.directory} to resume from step {good}."
+            if good is not None
+            else f"No older checkpoint restores either; move {manager.directory} aside to start afresh."
+        )
+        raise CheckpointRestoreError(f"Checkpoint {bad} is damaged and cannot be restored ({_short(e)}). {fix}") from e
+
+
+def _restores(
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+) -> bool:
+    try:
+        _restore_step(manager, step, abstract_state, iterator)
+    except Exception:  # noqa: BLE001  (any failure means this step is not a usable fallback)
+        return False
+    return True
 
 
 def find_state_dir(path: str) -> epath.Path:
@@ -111,25 +271,53 @@ def _param_name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def restore_params(path: str, abstract_params: dict) -> dict:
-    """Restores only the parameters of a checkpoint onto the shardings in `abstract_params`.
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written by another model or optimizer (the message names the difference)."""
 
-    The optimizer state and step of the checkpoint are not read (T5X's INITIAL_CHECKPOINT_PATH).
-    A parameter missing from the checkpoint or of another shape is named in the error.
-    """
-    state_dir = find_state_dir(path)
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(state_dir).item_metadata["params"]
+
+def check_param_shapes(state_dir: epath.Path, abstract_params: dict) -> None:
+    """Compares the checkpoint's parameter shapes with the model's, from the metadata alone."""
+    _compare_param_shapes(ocp.StandardCheckpointHandler().metadata(state_dir)["params"], abstract_params, state_dir)
+
+
+def _compare_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
     saved_shapes = {_param_name(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
     for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
         name = _param_name(key)
         if name not in saved_shapes:
-            raise ValueError(f"Checkpoint {state_dir} has no parameter {name}; it is from another model.")
+            raise CheckpointMismatch(f"Checkpoint {state_dir} has no parameter {name}; it is from another model.")
         if tuple(saved_shapes[name]) != tuple(leaf.shape):
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"Parameter {name} has shape {tuple(saved_shapes[name])} in checkpoint {state_dir} but "
                 f"{tuple(leaf.shape)} in this model; use the model config the checkpoint was trained with."
             )
+
+
+def restore_params(path: str, abstract_params: dict, model: BaseModel | None = None, fresh: dict | None = None) -> dict:
+    """Restores only the parameters of a checkpoint onto the shardings in `abstract_params`.
+
+    The optimizer state and step of the checkpoint are not read (T5X's INITIAL_CHECKPOINT_PATH).
+    A parameter missing from the checkpoint or of another shape is named in the error, except that
+    with `fresh` (initialised params) one under a prefix in `model.fresh_param_prefixes` keeps its
+    fresh value (a new head, e.g. a classifier, on a pre-trained encoder).
+    `hf:/path` reads a Hugging Face model directory instead (its config must match `model`'s).
+    """
+    if path.startswith("hf:"):
+        from t5x_lite import hf  # imported on use: only `hf:` paths need safetensors and tokenizers
+
+        return hf.restore_params(path[len("hf:"):], abstract_params, model)
+    state_dir = find_state_dir(path)
+    new_leaves = {}
+    prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
+    if fresh is not None and prefixes:
+        saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"]
+        saved_names = {_param_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        flat = traverse_util.flatten_dict(abstract_params)
+        new_leaves = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
+                      if _param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
+        abstract_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new_leaves})
+    check_param_shapes(state_dir, abstract_params)
+    checkpointer = ocp.PyTreeCheckpointer()
     target = {"params": abstract_params}
     restored = checkpointer.restore(
         state_dir,
@@ -137,7 +325,9 @@ def restore_params(path: str, abstract_params: dict) -> dict:
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         ),
     )
-    return restored["params"]
+    if not new_leaves:
+        return restored["params"]
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(restored["params"]), **new_leaves})
 
 
 def best_checkpoint_manager(model_dir: str, metric: str, mode: str = "max") -> ocp.CheckpointManager:
@@ -168,4 +358,4 @@ def load_model_params(
     abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
     )
-    return graphdef, restore_params(path, abstract_params)
+    return graphdef, restore_params(path, abstract_params, model)

@@ -144,7 +144,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
     logging.set_verbosity(logging.FATAL)
     try:
         for path in files:
-            _parse_or_explain(lambda: gin.parse_config_file(path), f"gin file {path}")
+            _parse_or_explain(lambda path=path: gin.parse_config_file(path), f"gin file {path}")
         _parse_or_explain(lambda: gin.parse_config(bindings), "gin bindings")
     finally:
         logging.set_verbosity(verbosity)
@@ -156,7 +156,7 @@ def _parse_or_explain(parse: Callable[[], object], what: str) -> None:
         parse()
     except tokenize.TokenError as e:  # e.g. an unclosed bracket; gin reports no file for it
         raise UserError(f"invalid {what}: {e.args[0]} (line {e.args[1][0]})") from e
-    except (ValueError, SyntaxError, IOError, ImportError) as e:
+    except (ValueError, SyntaxError, OSError, ImportError) as e:
         raise UserError(f"invalid {what}: {e}") from e
 
 
@@ -186,11 +186,22 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
             parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
             require_macros(required_macros)
             run_fn()
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (UserError, FileNotFoundError) as e:
+            print(f"error: {one_line_error(e)}", file=sys.stderr)
             sys.exit(2)
 
     app.run(main, argv=rewrite_gin_args(sys.argv))
+
+
+def one_line_error(error: UserError | FileNotFoundError) -> str:
+    """What the command line prints for an error the user can fix.
+
+    A missing file found while gin calls a configurable (e.g. `text_files_task` with a pattern
+    that matches nothing) arrives as a `FileNotFoundError` with gin's call-site note appended.
+    """
+    if isinstance(error, UserError):
+        return str(error)
+    return str(error).strip().splitlines()[0]
 
 
 def prepare_output_dir(path: str) -> Path:

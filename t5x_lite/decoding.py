@@ -195,3 +195,37 @@ def beam_search(
     carry = jax.lax.while_loop(cond, body, init)
     finished_tokens, finished_scores = carry[4]
     return finished_tokens, finished_scores
+
+
+def decode(
+    step_fn: StepFn,
+    state: State,
+    batch_size: int,
+    max_decode_length: int,
+    *,
+    method: str = "greedy",
+    rng: jax.Array | None = None,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int = 1,
+    start_id: int = 0,
+) -> jax.Array:
+    """[b, max_decode_length] tokens by `method`: "greedy", "sample" (needs `rng`) or "beam" (the best beam)."""
+    if method == "greedy":
+        return greedy_decode(step_fn, state, batch_size, max_decode_length, eos_id=eos_id, start_id=start_id)
+    if method == "sample":
+        if rng is None:
+            raise ValueError("predict_batch(method='sample') needs rng=jax.random.key(...).")
+        return temperature_sample(
+            step_fn, state, rng, batch_size, max_decode_length,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, start_id=start_id,
+        )
+    if method == "beam":
+        tokens, _ = beam_search(
+            step_fn, state, batch_size, beam_size, max_decode_length, alpha=alpha, eos_id=eos_id, start_id=start_id
+        )
+        return tokens[:, 0]
+    raise ValueError(f"predict_batch: unknown method={method!r}; use 'greedy', 'sample' or 'beam'.")

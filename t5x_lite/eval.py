@@ -35,7 +35,8 @@ def evaluate_checkpoint(
     evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls)
     runner = evaluation.ModelRunner(model, graphdef, mesh, rules)
     metrics, _ = evaluation.evaluate(evaluator, runner, params, task_feature_lengths["targets"])
-    checkpoint_step = checkpoints.find_state_dir(checkpoint_path).parent.name
+    hf_checkpoint = checkpoint_path.startswith("hf:")
+    checkpoint_step = "0" if hf_checkpoint else checkpoints.find_state_dir(checkpoint_path).parent.name
     writer = metric_writers.create_writer(config.prepare_output_dir(output_dir))
     writer.write_scalars(int(checkpoint_step) if checkpoint_step.isdigit() else 0, metrics)
     writer.close()

@@ -46,6 +46,7 @@ class ModelRunner:
         top_p: float = 1.0,
     ):
         self.batch_size = batch_size
+        self.predict_features = model.predict_features
         self.replicate = jax.process_count() > 1
         self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
         decode = dict(method=method, beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -77,7 +78,7 @@ class ModelRunner:
         """(index, predicted token ids) for every example of an enumerated dataset."""
         outputs = []
         for i, (indices, batch, rows) in enumerate(self._batches(ds)):
-            features = {k: v for k, v in batch.items() if k.startswith("encoder_")}
+            features = self.predict_features(batch)
             rng = jax.random.fold_in(jax.random.key(seed), i)
             tokens = np.asarray(jax.device_get(self._predict(params, self._to_device(features), rng, max_decode_length)))
             outputs.extend((int(idx), row.tolist()) for idx, row in zip(indices[:rows], tokens[:rows]))

@@ -8,7 +8,7 @@ The MLM tasks (`t5x_lite.data.mlm`) instead mark every chosen position by a nonz
   task features  inputs, targets [, token_type_ids, next_sentence_label]
   model features encoder_input_tokens, encoder_target_tokens, encoder_loss_weights
                  [+ encoder_segment_ids, encoder_positions when packed]
-                 [+ encoder_token_type_ids, next_sentence_labels (scalar per example) with pairs]
+                 [+ encoder_token_type_ids, next_sentence_labels ([1] per example) with pairs]
 
 Sentence-pair examples (with `next_sentence_label`) are never packed: each is already a full
 [CLS] A [SEP] B [SEP] sequence and the NSP head reads one [CLS] per row; they are padded, and
@@ -97,7 +97,7 @@ class _SentencePairMLMFeatureConverter(seqio.FeatureConverter):
     MODEL_FEATURES: ClassVar = {
         **MaskedLMFeatureConverter.MODEL_FEATURES,
         "encoder_token_type_ids": _INT,
-        "next_sentence_labels": _SCALAR,
+        "next_sentence_labels": _INT,
     }
     PACKING_FEATURE_DTYPES: ClassVar = {}
 
@@ -109,7 +109,8 @@ class _SentencePairMLMFeatureConverter(seqio.FeatureConverter):
             return {
                 **_model_features(features),
                 "encoder_token_type_ids": features["token_type_ids"],
-                "next_sentence_labels": features["next_sentence_label"],
+                # A length-1 vector, not a scalar: every batch feature is sharded as [batch, length].
+                "next_sentence_labels": tf.reshape(features["next_sentence_label"], [1]),
             }
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)

@@ -55,6 +55,40 @@ def check_feature_lengths(provider: seqio.Task | seqio.Mixture, task_feature_len
         )
 
 
+LONG_SEQUENCE_ERROR = "is longer than TASK_FEATURE_LENGTHS allows"
+
+
+@gin.configurable(denylist=["dataset", "output_features", "sequence_length"])
+def fit_to_length(
+    dataset: tf.data.Dataset,
+    output_features: Mapping[str, seqio.Feature],
+    sequence_length: Mapping[str, int] | None = None,
+    long_sequences: str = "truncate",
+) -> tf.data.Dataset:
+    """The last preprocessor of a text-to-text task: appends EOS, fitting each feature to its length.
+
+    `long_sequences` (gin) chooses what an example longer than its length (EOS included) gets:
+    "truncate" keeps its first tokens (seqio's `append_eos_after_trim`, T5's choice), "error"
+    fails the pipeline with a message naming the feature and the length.
+    """
+    if long_sequences not in ("truncate", "error"):
+        raise ValueError(f"fit_to_length.long_sequences must be 'truncate' or 'error', got {long_sequences!r}.")
+    if long_sequences == "truncate" or sequence_length is None:
+        return seqio.preprocessors.append_eos_after_trim(dataset, output_features, sequence_length)
+
+    @seqio.map_over_dataset
+    def check(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        for key, length in sequence_length.items():
+            if key in features and key in output_features and output_features[key].add_eos and length is not None:
+                tf.debugging.assert_less_equal(
+                    tf.shape(features[key])[-1] + 1, length,
+                    message=f"An example's {key!r} (with EOS) {LONG_SEQUENCE_ERROR} ({length} tokens)",
+                )
+        return features
+
+    return seqio.preprocessors.append_eos(check(dataset), output_features)
+
+
 @gin.configurable(denylist=["split", "shuffle", "num_epochs"])
 def get_dataset(
     mixture_or_task_name: str,

@@ -42,7 +42,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import qa_metrics, unifiedqa, vocab
+from t5x_lite.data import pipeline, qa_metrics, unifiedqa, vocab
 from t5x_lite.data.tasks import PreparedTfdsDataSource
 
 QA_DIR = pathlib.Path(__file__).parent / "bundled" / "qa"
@@ -307,7 +307,7 @@ def _add_task(name, source, format, record_preprocessors, vocabulary, metric_fns
             *record_preprocessors,
             functools.partial(unifiedqa.to_text_to_text, format=format, lowercase=lowercase),
             seqio.preprocessors.tokenize,
-            seqio.preprocessors.append_eos_after_trim,
+            pipeline.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
         ],
         output_features=qa_output_features(vocabulary),
         postprocess_fn=POSTPROCESSORS[format],
@@ -333,7 +333,7 @@ def register_rank_classification_task(
         preprocessors=[
             functools.partial(unifiedqa.multiple_choice_rank_classification, lowercase=lowercase),
             seqio.preprocessors.tokenize,
-            seqio.preprocessors.append_eos_after_trim,
+            pipeline.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
         ],
         output_features=qa_output_features(vocabulary),
         postprocess_fn=postprocess_rank_target,

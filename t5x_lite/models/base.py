@@ -11,6 +11,7 @@ import abc
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 import seqio
 from flax import nnx
 
@@ -61,6 +62,10 @@ class BaseModel(abc.ABC):
             z_loss=self.z_loss,
         )
         return sums["loss_sum"] / jax.numpy.maximum(sums["weight_sum"], 1.0), sums
+
+    def predict_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The features of an unpacked host batch that `predict_batch` may see: inputs, never targets."""
+        return {k: v for k, v in batch.items() if k.startswith("encoder_")}
 
     def predict_batch(
         self,

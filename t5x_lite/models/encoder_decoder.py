@@ -70,6 +70,7 @@ class T5Config:
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see REMAT_POLICIES)
     scan_layers: bool = False  # stacked layer params (leading "layers" axis) applied with lax.scan
+    attention_impl: str = "auto"  # "auto" (cuDNN fused on GPU in bf16, else einsum), "einsum", "xla", "cudnn"
 
     def __post_init__(self):
         if self.feed_forward not in FEED_FORWARDS:
@@ -83,6 +84,11 @@ class T5Config:
             raise ValueError(
                 f"T5Config.scan_layers=True needs at least one layer per stack, got "
                 f"{self.num_encoder_layers} encoder / {self.num_decoder_layers} decoder layers."
+            )
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(
+                f"T5Config.attention_impl={self.attention_impl!r} is not supported; use one of "
+                f"{list(layers.ATTENTION_IMPLS)}."
             )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
@@ -100,7 +106,7 @@ class T5Config:
 def _attention(config: T5Config, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
     return layers.MultiHeadAttention(
         config.d_model, config.num_heads, config.head_dim,
-        dropout_rate=config.dropout_rate, dtype=config.dtype, rngs=rngs,
+        dropout_rate=config.dropout_rate, implementation=config.attention_impl, dtype=config.dtype, rngs=rngs,
     )
 
 

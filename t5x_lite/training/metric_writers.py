@@ -16,7 +16,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     """Appends one JSON object per `write_scalars` call: `{"step": ..., "time": ..., name: value}`."""
 
     def __init__(self, path: str | Path):
-        self._file = open(path, "a", encoding="utf-8")
+        _drop_torn_last_line(Path(path))
+        # Line-buffered: a killed run loses no record. Open for the writer's lifetime.
+        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), "time": time.time()}
@@ -49,6 +51,15 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """A run killed mid-write may leave a partial last line; cut it so appended records stay valid JSONL."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def create_writer(model_dir: str | Path) -> metric_writers.MetricWriter:

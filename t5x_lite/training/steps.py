@@ -40,6 +40,17 @@ def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def skip_nonfinite_updates(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wraps an optimizer so a step whose loss or gradients hold a NaN or Inf changes nothing.
+
+    optax.apply_if_finite drops that update: parameters and optimizer state (including its
+    schedule count) keep their values, while the train step counter and the data move on.
+    It never gives up and applies a non-finite update; the trainer stops the run instead
+    after too many skips in a row. Its counters (`total_notfinite`) are checkpointed.
+    """
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=int(jnp.iinfo(jnp.int32).max))
+
+
 def make_train_step(
     model: BaseModel,
     graphdef: nnx.GraphDef,
@@ -53,7 +64,8 @@ def make_train_step(
 
     Gradients are those of the summed token loss divided by the batch's target-token count, so
     with `num_microbatches > 1` (accumulated in a scan, memory of one microbatch) the update
-    equals the full-batch update.
+    equals the full-batch update. With an optimizer from `skip_nonfinite_updates` the metrics
+    also say whether this step was skipped, how many in a row, and how many in total.
     """
 
     def grads_and_sums(params: dict, batch: Batch, dropout_key: jax.Array):
@@ -85,11 +97,19 @@ def make_train_step(
         grad_sums, sums = accumulate(state.params, batch, state.dropout_key)
         tokens = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grad_sums)
+        loss = sums["loss_sum"] / tokens
+        if isinstance(state.opt_state, optax.ApplyIfFiniteState):  # a non-finite loss skips the step too
+            grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = _summarise(sums["loss_sum"] / tokens, sums)
+        metrics = _summarise(loss, sums)
         metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
         metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["param_norm"] = optax.global_norm(params)
+        if isinstance(opt_state, optax.ApplyIfFiniteState):
+            metrics["skipped"] = jnp.logical_not(opt_state.last_finite).astype(jnp.float32)
+            metrics["consecutive_skips"] = opt_state.notfinite_count
+            metrics["skipped_steps"] = opt_state.total_notfinite
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 

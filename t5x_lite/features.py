@@ -1,0 +1,270 @@
+"""Frozen features (ELMo style): an encoder's hidden states of chosen layers, for downstream use
+without fine-tuning. Works for BERT (`encoder_only.Bert`) and for the T5 encoder (`T5`).
+
+Layers are numbered as Hugging Face's `output_hidden_states`: 0 is the embedding output, i is the
+output of block i, n (or -1) the last; for T5 the last entry is the encoder output after its final
+norm (what `T5.encode` returns, and what the decoder reads).
+
+API: `extract_features(network, tokens, layers=[0, -1])` -> `{layer: [b, s, d] array}`.
+CLI: `python -m t5x_lite.features --gin_file=runs/features.gin --gin_file=models/bert/tiny.gin
+--gin.CHECKPOINT_PATH="'runs/bert'" --gin.FEATURES_INPUT_FILE="'lines.txt'" --gin.FEATURES_OUTPUT_FILE="'f.npz'"`
+(or `--gin.MIXTURE_OR_TASK_NAME` and `--gin.FEATURES_SPLIT` for a task's `inputs`) writes an .npz with
+`layer_<i>` per layer ([n, length, d] float32, or [n, d] with `pooling`), `tokens` [n, length] and
+`mask` [n, length] (True at real tokens). A text-file line holding a TAB is a sentence pair for BERT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from flax import nnx
+
+import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+from t5x_lite import config, partitioning
+from t5x_lite.data import pipeline, special_tokens, vocab
+from t5x_lite.models import layers as layers_lib
+from t5x_lite.models.base import BaseModel
+from t5x_lite.models.encoder_decoder import T5
+from t5x_lite.models.encoder_only import Bert
+
+POOLINGS = ("none", "mean", "cls")
+REQUIRED_MACROS = {
+    "MODEL": "--gin_file=gin_configs/models/bert/tiny.gin",
+    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
+    "FEATURES_OUTPUT_FILE": "--gin.FEATURES_OUTPUT_FILE=\"'features.npz'\"",
+}
+
+
+def _t5_hidden_states(network: T5, tokens: jax.Array, segment_ids: jax.Array | None) -> list[jax.Array]:
+    """The T5 encoder's residual stream before each layer and after the last (then normed), as
+    `T5.encode` computes it (no dropout)."""
+    if segment_ids is None:
+        mask = layers_lib.padding_mask(tokens)
+    else:
+        mask = layers_lib.padding_mask(segment_ids) & layers_lib.segment_mask(segment_ids, segment_ids)
+    encoder = network.encoder
+    positions = jnp.arange(tokens.shape[1])
+    bias = encoder.relpos_bias(positions, positions) + layers_lib.mask_to_bias(mask)
+    x = network.token_embedder(tokens)
+    states = [x]
+    if encoder.scan_layers:
+        graphdef, stacked = nnx.split(encoder.layers)
+
+        def body(x, layer_state):
+            y = nnx.merge(graphdef, layer_state)(x, bias, None)
+            return y, y
+
+        _, outputs = jax.lax.scan(body, x, stacked)
+        states += list(outputs)
+    else:
+        for layer in encoder.layers:
+            x = layer(x, bias, None)
+            states.append(x)
+    states[-1] = encoder.encoder_norm(states[-1])
+    return states
+
+
+def hidden_states(
+    network: nnx.Module,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+) -> list[jax.Array]:
+    """[embedding output, block 1, ..., block n] of a BERT or T5 encoder, each [b, s, d]."""
+    if isinstance(network, Bert):
+        return network.encode(tokens, segment_ids, token_type_ids=token_type_ids, return_hidden_states=True)[1]
+    if isinstance(network, T5):
+        if token_type_ids is not None:
+            raise ValueError("T5 has no token types; pass token_type_ids only for BERT.")
+        return _t5_hidden_states(network, tokens, segment_ids)
+    raise TypeError(f"Frozen features need a BERT or T5 network, got {type(network).__name__}.")
+
+
+def layer_indices(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Layer numbers in 0..num_layers (negative counts from the end); an invalid one is a ValueError."""
+    out = []
+    for layer in layers:
+        index = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(
+                f"Layer {layer} does not exist: this encoder has layers 0 (embeddings) to {num_layers} "
+                f"(or -1 to -{num_layers + 1})."
+            )
+        out.append(index)
+    return out
+
+
+def extract_features(
+    network: nnx.Module,
+    tokens: jax.Array,
+    layers: Sequence[int] = (-1,),
+    *,
+    segment_ids: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+) -> dict[int, jax.Array]:
+    """{layer: [b, s, d] hidden states} for the chosen `layers` (see the module docstring for the
+    numbering; negative numbers count from the end and are returned under their positive number)."""
+    states = hidden_states(network, tokens, segment_ids=segment_ids, token_type_ids=token_type_ids)
+    return {i: states[i] for i in layer_indices(layers, len(states) - 1)}
+
+
+def pool(features: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+    """[b, s, d] -> [b, s, d] ("none"), the mean over real tokens [b, d] ("mean") or position 0 ("cls")."""
+    if pooling == "none":
+        return features
+    if pooling == "cls":
+        return features[:, 0]
+    if pooling == "mean":
+        weights = mask.astype(jnp.float32)[..., None]
+        return jnp.sum(features.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    raise ValueError(f"Unknown pooling {pooling!r}; use one of {list(POOLINGS)}.")
+
+
+# ------------------------------------------------------------------ inputs for the CLI
+
+
+def bert_token_types(tokens: np.ndarray, sep_id: int) -> np.ndarray:
+    """0 up to and including the first [SEP], 1 after it, 0 on padding (BERT's segment A/B)."""
+    seps_before = np.cumsum(tokens == sep_id, axis=-1) - (tokens == sep_id)
+    return (np.minimum(seps_before, 1) * (tokens > 0)).astype(np.int32)
+
+
+def encode_lines(lines: Sequence[str], length: int, bert: bool) -> np.ndarray:
+    """[n, length] int32 ids: BERT `[CLS] A [SEP] (B [SEP])` (a TAB separates A and B), T5 `text EOS`."""
+    vocabulary = vocab.get_vocabulary()
+    rows = np.zeros((len(lines), length), np.int32)
+    for i, line in enumerate(lines):
+        if bert:
+            special = special_tokens.bert_special_ids(vocabulary)
+            parts = [vocabulary.encode(part) for part in line.split("\t")[:2]]
+            budget = length - len(parts) - 1
+            if len(parts) == 2:
+                keep_a = min(len(parts[0]), max(budget - len(parts[1]), budget - budget // 2))
+                parts = [parts[0][:keep_a], parts[1][: budget - keep_a]]
+            else:
+                parts = [parts[0][:budget]]
+            ids = [special.cls, *parts[0], special.sep] + ([*parts[1], special.sep] if len(parts) == 2 else [])
+        else:
+            ids = [*vocabulary.encode(line)[: length - 1], vocabulary.eos_id]
+        rows[i, : len(ids)] = ids
+    return rows
+
+
+def task_inputs(task: seqio.Task, split: str, length: int, max_examples: int | None) -> np.ndarray:
+    """[n, length] the task split's `inputs` as the task tokenizes them (shorter ones padded)."""
+    lengths = {name: length for name in task.output_features}
+    ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
+    if max_examples:
+        ds = ds.take(max_examples)
+    inputs = [ex["inputs"][:length] for ex in ds.as_numpy_iterator()]
+    rows = np.zeros((len(inputs), length), np.int32)
+    for i, ids in enumerate(inputs):
+        rows[i, : len(ids)] = ids
+    return rows
+
+
+def _batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        yield np.pad(batch, [(0, batch_size - len(batch)), (0, 0)]), len(batch)
+
+
+@gin.configurable
+def save_features(
+    *,
+    model: BaseModel = gin.REQUIRED,
+    checkpoint_path: str = gin.REQUIRED,
+    output_file: str = gin.REQUIRED,
+    layers: Sequence[int] = (-1,),
+    input_file: str | None = None,
+    mixture_or_task_name: str | None = None,
+    mixture_or_task_module: str | None = None,
+    split: str = "validation",
+    sequence_length: int = 128,
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    pooling: str = "none",
+) -> dict[str, np.ndarray]:
+    """Runs the checkpoint's encoder over a text file or a task split and saves chosen layers (.npz).
+
+    Returns the saved arrays. `pooling`: "none" (per token), "mean" (over real tokens) or "cls".
+    """
+    if (input_file is None) == (mixture_or_task_name is None):
+        raise config.UserError("Set exactly one of FEATURES_INPUT_FILE and MIXTURE_OR_TASK_NAME.")
+    if pooling not in POOLINGS:
+        raise config.UserError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
+    mesh = partitioning.make_mesh()
+    rules = partitioning.logical_axis_rules()
+    graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
+    network = nnx.merge(graphdef, params)
+    if not isinstance(network, (Bert, T5)):
+        raise config.UserError(f"Frozen features need a BERT or T5 model; MODEL builds {type(network).__name__}.")
+    bert = isinstance(network, Bert)
+    num_layers = network.config.num_layers if bert else network.config.num_encoder_layers
+    try:
+        indices = layer_indices(layers, num_layers)
+    except ValueError as e:
+        raise config.UserError(f"FEATURE_LAYERS: {e}") from e
+
+    if input_file is not None:
+        path = Path(input_file)
+        if not path.is_file():
+            raise config.UserError(f"FEATURES_INPUT_FILE {input_file!r} does not exist.")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise config.UserError(f"FEATURES_INPUT_FILE {input_file!r} is empty; put one text per line.")
+        tokens = encode_lines(lines[:max_examples] if max_examples else lines, sequence_length, bert)
+    else:
+        try:
+            pipeline.import_task_module(mixture_or_task_module)
+            task = pipeline.get_mixture_or_task(mixture_or_task_name)
+        except (ValueError, ModuleNotFoundError) as e:
+            raise config.UserError(str(e)) from e
+        if isinstance(task, seqio.Mixture) or split not in task.splits:
+            raise config.UserError(
+                f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}."
+            )
+        tokens = task_inputs(task, split, sequence_length, max_examples)
+
+    sep_id = special_tokens.bert_special_ids(vocab.get_vocabulary()).sep if bert else None
+    # As evaluation.ModelRunner: every process runs all inputs, so multi-process runs replicate the batch.
+    replicate = jax.process_count() > 1
+    sharding = partitioning.replicated(mesh) if replicate else partitioning.batch_sharding(mesh, rules)
+
+    @jax.jit
+    def run(params, batch):
+        features = extract_features(
+            nnx.merge(graphdef, params), batch["tokens"], indices, token_type_ids=batch.get("token_types")
+        )
+        mask = batch["tokens"] > 0
+        return {i: pool(f.astype(jnp.float32), mask, pooling) for i, f in features.items()}
+
+    outputs: dict[int, list[np.ndarray]] = {i: [] for i in indices}
+    for batch_tokens, rows in _batches(tokens, batch_size):
+        batch = {"tokens": batch_tokens}
+        if bert:
+            batch["token_types"] = bert_token_types(batch_tokens, sep_id)
+        on_device = (
+            {k: jax.device_put(v, sharding) for k, v in batch.items()}
+            if replicate else partitioning.host_batch_to_global(batch, sharding)
+        )
+        features = jax.device_get(run(params, on_device))
+        for i in indices:
+            outputs[i].append(np.asarray(features[i])[:rows])
+    arrays = {f"layer_{i}": np.concatenate(outputs[i]) for i in indices}
+    arrays.update(tokens=tokens, mask=tokens > 0)
+    output = Path(output_file)
+    config.prepare_output_dir(str(output.parent))
+    np.savez(output, **arrays)
+    print(f"Wrote layers {indices} of {len(tokens)} examples to {output}.")
+    return arrays
+
+if __name__ == "__main__":
+    config.run_entry_point(save_features, REQUIRED_MACROS)

@@ -1,0 +1,36 @@
+"""Hugging Face interop: import and export checkpoints with numerical parity, tokenizers, datasets.
+
+    network, vocabulary = t5x_lite.hf.from_pretrained("/models/flan-t5-small")
+    logits = network(encoder_input_tokens, decoder_input_tokens)    # int32 ids, 0 = padding
+    t5x_lite.hf.save_pretrained(network, "/tmp/exported", vocabulary=vocabulary)
+
+`INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`);
+`tools/convert_hf.py` converts to an Orbax checkpoint plus a model gin file, and back.
+Supported model types: `registry.supported_model_types()` (one converter module per family).
+"""
+
+from t5x_lite.hf.convert import (
+    from_pretrained,
+    load_model,
+    model_gin,
+    open_checkpoint,
+    restore_params,
+    save_pretrained,
+    write_pretrained,
+)
+from t5x_lite.hf.data_source import HuggingFaceDataSource
+from t5x_lite.hf.vocabularies import TokenizersVocabulary, load_vocabulary, save_vocabulary
+
+__all__ = [
+    "HuggingFaceDataSource",
+    "TokenizersVocabulary",
+    "from_pretrained",
+    "load_model",
+    "load_vocabulary",
+    "model_gin",
+    "open_checkpoint",
+    "restore_params",
+    "save_pretrained",
+    "save_vocabulary",
+    "write_pretrained",
+]

@@ -1,0 +1,103 @@
+"""One converter per model family, found by `config.json`'s `model_type` or by our config's class.
+
+A family module (e.g. `t5x_lite.hf.t5`) builds a `Family` and calls `register` at import; adding a
+family is one new module plus one line in `FAMILY_MODULES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from t5x_lite.models.base import BaseModel
+
+# Modules that register a family when imported (imported lazily, on the first lookup).
+FAMILY_MODULES = ("t5x_lite.hf.t5",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one architecture family maps between Hugging Face files and t5x_lite.
+
+    config_from_hf(hf_config, weights) -> our config (a frozen dataclass, e.g. `T5Config`); `weights`
+        is the lazy name -> array mapping, for facts config.json does not state (e.g. an untied head).
+    config_to_hf(config) -> the `config.json` dict.
+    params_from_hf(weights, hf_config, config) -> our parameters as a pure nested dict of numpy
+        arrays, in the unscanned layout (per-layer dicts keyed 0..n-1).
+    params_to_hf(params, config) -> {Hugging Face tensor name: numpy array} (unscanned params in).
+    build_model(config) -> the trainer's model object (a `BaseModel`).
+    checkpoint_fields: the config fields `config.json` fixes (they shape the parameters or the
+        function); the others (dropout, activation dtype, remat, scan layout, ...) are free to differ.
+    stack_layers / unstack_layers: unscanned <-> scanned parameter layout, for configs with
+        `scan_layers=True` (None: the family has no scanned layout).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_class: type
+    config_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], Any]
+    config_to_hf: Callable[[Any], dict]
+    params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping, Any], dict]
+    params_to_hf: Callable[[Mapping, Any], dict[str, np.ndarray]]
+    build_model: Callable[[Any], BaseModel]
+    checkpoint_fields: tuple[str, ...]
+    stack_layers: Callable[[dict], dict] | None = None
+    unstack_layers: Callable[[dict], dict] | None = None
+
+
+_FAMILIES: list[Family] = []
+
+
+def register(family: Family) -> Family:
+    """Adds a family (replacing one of the same name, so re-imports are harmless)."""
+    _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+    return family
+
+
+def _families() -> list[Family]:
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    return _FAMILIES
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for family in _families() for t in family.model_types)
+
+
+def for_model_type(model_type: str | None, source: str = "config.json") -> Family:
+    """The family converting `model_type`; an unknown type names the supported ones."""
+    for family in _families():
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"{source} has model_type={model_type!r}, which t5x_lite cannot convert; supported model types: "
+        f"{', '.join(supported_model_types())}."
+    )
+
+
+def for_config(config: Any) -> Family:
+    """The family whose t5x_lite config class `config` is an instance of."""
+    for family in _families():
+        if isinstance(config, family.config_class):
+            return family
+    raise ValueError(
+        f"No Hugging Face converter for a model configured by {type(config).__name__}; supported: "
+        f"{', '.join(f.config_class.__name__ for f in _families())}."
+    )
+
+
+def check_config_matches(family: Family, expected: Any, configured: Any, source: str) -> None:
+    """Raises if a parameter-relevant field of the configured (gin) model differs from the checkpoint's."""
+    for field in family.checkpoint_fields:
+        want, have = getattr(expected, field), getattr(configured, field)
+        if want != have:
+            name = f"{type(configured).__name__}.{field}"
+            value = f'"{want!r}"' if isinstance(want, str) else repr(want)
+            raise ValueError(
+                f"{name} is {have!r} in the model config but {want!r} in {source}; set "
+                f"--gin.{name}={value} or use the model gin file that tools/convert_hf.py writes for it."
+            )

@@ -1,0 +1,213 @@
+"""T5 v1.0, T5 v1.1 / Flan-T5 and mT5 <-> Hugging Face `T5ForConditionalGeneration` / `MT5ForConditionalGeneration`.
+
+Both implementations leave attention logits unscaled and use RMS norms without bias, so weights map
+one to one; only layouts differ. torch `Linear` weights are [out, in]; our kernels are [in, out]
+with attention split per head: query/key/value [embed, heads, kv], out [heads, kv, embed]. Relative
+position tables are [buckets, heads] in HF and [heads, buckets] here.
+
+The output layer: v1.0 ties it to the embedding and scales the decoder output by d_model**-0.5; v1.1
+has a separate `lm_head` and no scaling. `config.json` states the scaling (`tie_word_embeddings` in
+older files, `scale_decoder_outputs` in transformers 5, which always writes `tie_word_embeddings:
+true`); whether the head is separate is read from the weights (is `lm_head.weight` there, and does it
+differ from `shared.weight`?). mT5 never scales. Unusual mixes import as an untied head with any
+scaling folded in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+from t5x_lite.hf import registry
+from t5x_lite.models import encoder_decoder
+from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+
+FEED_FORWARD_PROJ = ("relu", "gated-gelu")
+
+# Tensors of HF files that duplicate others (tied copies) or that HF itself never uses.
+IGNORED = (
+    "encoder.embed_tokens.weight",
+    "decoder.embed_tokens.weight",
+    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
+
+
+# Each layout: (to ours from HF, to HF from ours), given (heads, head_dim).
+def _qkv(h: int, d: int) -> tuple[Callable, Callable]:
+    return (lambda w: w.T.reshape(-1, h, d)), (lambda k: k.reshape(k.shape[0], h * d).T)
+
+
+def _out(h: int, d: int) -> tuple[Callable, Callable]:
+    return (lambda w: w.T.reshape(h, d, -1)), (lambda k: k.reshape(h * d, k.shape[-1]).T)
+
+
+_TRANSPOSE = (lambda w: w.T), (lambda k: k.T)
+_SAME = (lambda w: w), (lambda k: k)
+
+
+def _mapping(config: T5Config) -> Iterator[tuple[str, tuple, tuple[Callable, Callable]]]:
+    """(HF tensor name, our param path, layouts) for every parameter except the output head."""
+    h, d = config.num_heads, config.head_dim
+    mlp = ("wi_0", "wi_1", "wo") if config.feed_forward == "gated-gelu" else ("wi", "wo")
+
+    def attention(hf: str, ours: tuple) -> Iterator:
+        for hf_name, our_name in (("q", "query"), ("k", "key"), ("v", "value")):
+            yield f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"), _qkv(h, d)
+        yield f"{hf}.o.weight", (*ours, "out", "kernel"), _out(h, d)
+
+    def norm(hf: str, ours: tuple) -> Iterator:
+        yield f"{hf}.layer_norm.weight", (*ours, "scale"), _SAME
+
+    def feed_forward(hf: str, ours: tuple) -> Iterator:
+        for name in mlp:
+            yield f"{hf}.DenseReluDense.{name}.weight", (*ours, "mlp", name, "kernel"), _TRANSPOSE
+
+    yield "shared.weight", ("token_embedder", "embedding"), _SAME
+    for stack in ("encoder", "decoder"):
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        yield bias, (stack, "relpos_bias", "rel_embedding"), _TRANSPOSE
+        yield f"{stack}.final_layer_norm.weight", (stack, f"{stack}_norm", "scale"), _SAME
+    for i in range(config.num_encoder_layers):
+        hf, ours = f"encoder.block.{i}.layer", ("encoder", "layers", i)
+        yield from attention(f"{hf}.0.SelfAttention", (*ours, "attention"))
+        yield from norm(f"{hf}.0", (*ours, "pre_attention_layer_norm"))
+        yield from feed_forward(f"{hf}.1", ours)
+        yield from norm(f"{hf}.1", (*ours, "pre_mlp_layer_norm"))
+    for i in range(config.num_decoder_layers):
+        hf, ours = f"decoder.block.{i}.layer", ("decoder", "layers", i)
+        yield from attention(f"{hf}.0.SelfAttention", (*ours, "self_attention"))
+        yield from norm(f"{hf}.0", (*ours, "pre_self_attention_layer_norm"))
+        yield from attention(f"{hf}.1.EncDecAttention", (*ours, "encoder_decoder_attention"))
+        yield from norm(f"{hf}.1", (*ours, "pre_cross_attention_layer_norm"))
+        yield from feed_forward(f"{hf}.2", ours)
+        yield from norm(f"{hf}.2", (*ours, "pre_mlp_layer_norm"))
+
+
+def _scales_decoder_output(hf_config: Mapping) -> bool:
+    if hf_config.get("model_type") == "mt5":  # never scaled (transformers 5 writes tie_word_embeddings: true)
+        return False
+    if "scale_decoder_outputs" in hf_config:
+        return bool(hf_config["scale_decoder_outputs"])
+    return hf_config.get("tie_word_embeddings", True) is not False
+
+
+def _has_separate_head(weights: Mapping[str, np.ndarray]) -> bool:
+    return "lm_head.weight" in weights and not np.array_equal(weights["lm_head.weight"], weights["shared.weight"])
+
+
+def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5Config:
+    """Our `T5Config` for a HF T5/mT5 `config.json` (and its weights, for the head)."""
+    proj = hf_config.get("feed_forward_proj", "relu")
+    if proj not in FEED_FORWARD_PROJ:
+        raise ValueError(
+            f"config.json has feed_forward_proj={proj!r}; t5x_lite's T5 supports {list(FEED_FORWARD_PROJ)} "
+            "(T5 v1.0 and v1.1 / Flan-T5 / mT5)."
+        )
+    layers = hf_config.get("num_layers", 6)
+    decoder_layers = hf_config.get("num_decoder_layers")
+    return T5Config(
+        vocab_size=hf_config.get("vocab_size", 32128),
+        d_model=hf_config.get("d_model", 512),
+        num_heads=hf_config.get("num_heads", 8),
+        head_dim=hf_config.get("d_kv", 64),
+        d_ff=hf_config.get("d_ff", 2048),
+        num_encoder_layers=layers,
+        num_decoder_layers=layers if decoder_layers is None else decoder_layers,
+        dropout_rate=float(hf_config.get("dropout_rate", 0.1)),
+        relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
+        feed_forward=proj,
+        tie_word_embeddings=_scales_decoder_output(hf_config) and not _has_separate_head(weights),
+        layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-6)),
+    )
+
+
+def config_to_hf(config: T5Config) -> dict:
+    """A `config.json` that transformers 4 and 5 both read as this model."""
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "d_kv": config.head_dim,
+        "d_ff": config.d_ff,
+        "num_heads": config.num_heads,
+        "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "dropout_rate": config.dropout_rate,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "feed_forward_proj": config.feed_forward,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "is_encoder_decoder": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
+
+
+def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple) -> np.ndarray:
+    for key in path:
+        tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
+    return np.asarray(tree, np.float32)
+
+
+def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config: T5Config) -> dict:
+    """Our unscanned parameters from HF tensors; a missing or unexpected tensor is named in the error."""
+    params: dict = {}
+    used = set(IGNORED)
+    for name, path, (to_ours, _) in _mapping(config):
+        if name not in weights:
+            raise ValueError(f"The checkpoint has no tensor {name!r} (needed for {'/'.join(map(str, path))}).")
+        _set(params, path, to_ours(weights[name]))
+        used.add(name)
+    if not config.tie_word_embeddings:
+        head = weights["lm_head.weight"] if "lm_head.weight" in weights else weights["shared.weight"]
+        if _scales_decoder_output(hf_config):  # a scaled, untied head: fold the scale into the kernel
+            head = head * np.float32(config.d_model**-0.5)
+        _set(params, ("logits_dense", "kernel"), head.T)
+    used.add("lm_head.weight")
+    unexpected = sorted(set(weights) - used)
+    if unexpected:
+        raise ValueError(
+            f"The checkpoint has tensors a T5ForConditionalGeneration does not: {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}; is it another architecture or a model with an extra head?"
+        )
+    return params
+
+
+def params_to_hf(params: Mapping, config: T5Config) -> dict[str, np.ndarray]:
+    """HF tensors from our unscanned parameters (no `lm_head.weight` when tied, as transformers writes)."""
+    tensors = {name: to_hf(_get(params, path)) for name, path, (_, to_hf) in _mapping(config)}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = _get(params, ("logits_dense", "kernel")).T
+    return tensors
+
+
+FAMILY = registry.register(
+    registry.Family(
+        name="t5",
+        model_types=("t5", "mt5"),
+        config_class=T5Config,
+        config_from_hf=config_from_hf,
+        config_to_hf=config_to_hf,
+        params_from_hf=params_from_hf,
+        params_to_hf=params_to_hf,
+        build_model=lambda config: EncoderDecoderModel(config),
+        checkpoint_fields=(
+            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
+            "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward",
+            "tie_word_embeddings", "layer_norm_epsilon",
+        ),
+        stack_layers=encoder_decoder.stack_layer_params,
+        unstack_layers=encoder_decoder.unstack_layer_params,
+    )
+)

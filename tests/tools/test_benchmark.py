@@ -1,0 +1,129 @@
+"""tools/benchmark.py: its FLOP count is right and one tiny run yields a complete, sane report (no timing checks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import benchmark
+
+from t5x_lite.config import UserError
+from t5x_lite.models.encoder_decoder import T5
+
+
+@pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
+def test_model_flops_match_xla_cost_analysis(feed_forward):
+    """The analytic forward count leaves out only elementwise work, which XLA's count includes."""
+    config = dataclasses.replace(benchmark.model_config("tiny", "float32", 0.0), feed_forward=feed_forward)
+    batch = benchmark.synthetic_batch(config.vocab_size, 2, 64, 16)
+    graphdef, state = nnx.split(T5(config, rngs=nnx.Rngs(0)))
+    forward = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y))
+    compiled = forward.lower(state, batch["encoder_input_tokens"], batch["decoder_input_tokens"]).compile()
+    xla_flops = compiled.cost_analysis()["flops"]
+    flops = benchmark.model_flops(config, 2, 64, 16)
+    assert 0.95 * xla_flops <= flops["forward"] <= xla_flops
+    assert flops["train_step"] == 3 * flops["forward"]
+
+
+def test_synthetic_batch_is_a_shifted_full_batch():
+    batch = benchmark.synthetic_batch(100, 3, 7, 5)
+    assert batch["encoder_input_tokens"].shape == (3, 7) and batch["encoder_input_tokens"].min() >= 2
+    assert (batch["decoder_input_tokens"][:, 0] == 0).all()
+    assert (batch["decoder_input_tokens"][:, 1:] == batch["decoder_target_tokens"][:, :-1]).all()
+    assert (batch["decoder_loss_weights"] == 1).all()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--config", "huge"], "--config 'huge'"),
+        (["--compare-hf", "--optimizer", "adafactor"], "AdamW on both sides"),
+        (["--decode_lengths", "8", "4"], "increasing"),
+        (["--dtype", "float33"], "float33"),
+        (["--steps", "0"], "--steps"),
+        (["--inputs_length", "512", "--targets_length", "100"], "targets_length >= 114"),
+    ],
+)
+def test_bad_flags_get_one_clear_error(argv, match):
+    with pytest.raises(UserError, match=match):
+        benchmark.parse_args(argv)
+
+
+def _run(capsys, argv: list[str]) -> dict:
+    results = benchmark.main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == json.loads(json.dumps(results))  # the last line is the whole report
+    assert out[0].startswith("t5x_lite benchmark: config tiny")  # the table comes first
+    return results
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_every_figure(capsys):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    threads = torch.get_num_threads()
+    argv = [
+        "--config", "tiny", "--batch", "2", "--inputs_length", "16", "--targets_length", "6", "--compare-hf",
+        "--dropout", "0.0", "0.1", "--steps", "2", "--warmup", "1", "--peak_size", "256", "--peak_repeats", "2",
+        "--decode_lengths", "2", "4", "--decode_repeats", "1", "--beam_size", "2", "--data_batches", "2",
+    ]
+    try:
+        r = _run(capsys, argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["config"] == "tiny" and r["model"]["vocab_size"] == 2048 and r["dtype"] == "float32"
+    assert r["flops"] == benchmark.model_flops(benchmark.model_config("tiny", "float32", 0.0), 2, 16, 6)
+    assert _positive(r["peak"]["flops_per_s"])
+
+    assert [(row["impl"], row["dropout"]) for row in r["train"]] == [
+        ("t5x_lite", 0.0), ("hf", 0.0), ("t5x_lite", 0.1), ("hf", 0.1)
+    ]
+    for row in r["train"]:
+        assert len(row["step_s_all"]) == 2 and all(_positive(t) for t in row["step_s_all"])
+        assert row["tokens_per_s"] == pytest.approx(2 * (16 + 6) / row["step_s"])
+        assert row["mfu"] == pytest.approx(r["flops"]["train_step"] / row["step_s"] / r["peak"]["flops_per_s"])
+        assert 0 < row["loss"] < 3 * math.log(2048)  # both models start near uniform predictions
+    assert r["train"][0]["compile_s"] > 0
+    assert set(r["ratio_vs_hf_by_dropout"]) == {"0.0", "0.1"}
+    assert r["ratio_vs_hf"] == r["ratio_vs_hf_by_dropout"]["0.0"] and _positive(r["ratio_vs_hf"])
+
+    decode = {(row["impl"], row["method"], row["length"]): row for row in r["decode"]}
+    assert set(decode) == {(i, m, n) for i in ("t5x_lite", "hf") for m in ("greedy", "beam2") for n in (2, 4)}
+    assert all(_positive(row["tokens_per_s"]) for row in r["decode"])
+    assert "marginal_ms_per_step" in decode[("t5x_lite", "greedy", 4)]
+    assert r["decode_ratio_vs_hf"] == r["decode_ratio_vs_hf_by_method"]["greedy"]["4"]
+    assert _positive(r["decode_ratio_vs_hf"])
+
+    data = r["data"]
+    assert _positive(data["rows_per_s"]) and 0.5 < data["fill"] <= 1.0
+    assert data["ratio_vs_step"] == pytest.approx(data["rows_per_s"] / (2 / r["train"][0]["step_s"]))
+
+
+@pytest.mark.slow
+def test_bf16_train_step_runs_against_hf_autocast(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    argv = [
+        "--config", "tiny", "--batch", "2", "--inputs_length", "16", "--targets_length", "4", "--compare-hf",
+        "--dtype", "bfloat16", "--dropout", "0.1", "--steps", "1", "--warmup", "1", "--peak_size", "256",
+        "--skip", "data", "decode",
+    ]
+    r = _run(capsys, argv)
+    assert r["peak"]["dtype"] == "bfloat16" and r["model"]["dtype"] == "bfloat16"
+    assert [row["impl"] for row in r["train"]] == ["t5x_lite", "hf"]
+    assert all(0 < row["loss"] < 3 * math.log(2048) for row in r["train"])
+    assert _positive(r["ratio_vs_hf"]) and "decode" not in r and "data" not in r

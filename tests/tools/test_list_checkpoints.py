@@ -1,0 +1,89 @@
+"""tools/list_checkpoints.py lists steps, commit times, sizes, and complete vs partial."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import tensorflow as tf
+from clu.data.dataset_iterator import TfDatasetIterator
+
+from t5x_lite import checkpoints, partitioning
+from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.training import optimizers, train_state
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import list_checkpoints
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def make_run(model_dir: Path) -> None:
+    """Steps 1 and 2 committed, and step 3 as Orbax leaves a write that was killed."""
+    config = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+                      num_decoder_layers=1)
+    mesh = partitioning.make_mesh({"data": -1})
+    tx = optimizers.adafactor(optimizers.constant_schedule(1e-2))
+    state, _, _ = train_state.create_train_state(EncoderDecoderModel(config), tx, 0, mesh,
+                                                 partitioning.logical_axis_rules())
+    iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
+    with checkpoints.checkpoint_manager(str(model_dir), async_save=False) as manager:
+        for step in (1, 2):
+            checkpoints.save(manager, state.replace(step=jax.numpy.asarray(step, state.step.dtype)), iterator)
+    folder = model_dir / "checkpoints"
+    shutil.copytree(folder / "2" / "state", folder / "3.orbax-checkpoint-tmp" / "state")
+
+
+def test_lists_complete_and_partial_checkpoints(tmp_path):
+    started = datetime.datetime.now(datetime.timezone.utc)
+    make_run(tmp_path)
+    infos = checkpoints.list_checkpoints(str(tmp_path))
+    assert [(i.step, i.complete) for i in infos] == [(1, True), (2, True), (3, False)]
+    assert [Path(i.path).name for i in infos] == ["1", "2", "3.orbax-checkpoint-tmp"]
+    assert [i.size_bytes for i in infos] == [folder_size(Path(i.path)) for i in infos]
+    assert all(i.size_bytes > 20_000 for i in infos)  # the arrays, not just metadata
+    for info in infos:
+        assert started - datetime.timedelta(seconds=1) <= info.time <= datetime.datetime.now(datetime.timezone.utc)
+    assert [p.name for p in checkpoints.partial_checkpoints(str(tmp_path))] == ["3.orbax-checkpoint-tmp"]
+
+
+def test_prints_a_table(tmp_path, capsys):
+    make_run(tmp_path)
+    assert list_checkpoints.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["step", "time", "(UTC)", "size", "status", "path"]
+    rows = [line.split() for line in lines[1:4]]
+    assert [(r[0], r[5]) for r in rows] == [("1", "complete"), ("2", "complete"), ("3", "partial")]
+    assert rows[0][6] == str(tmp_path / "checkpoints" / "1")
+    assert rows[0][4] == "KiB" and float(rows[0][3]) > 20
+    assert lines[4].startswith("3 checkpoint(s), ")
+
+
+def test_sizes_read_like_du():
+    assert [list_checkpoints.human_size(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**40)] == [
+        "0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 TiB"]
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert list_checkpoints.main([str(tmp_path)]) == 2
+    assert f"{str(tmp_path)!r} has no checkpoints folder" in capsys.readouterr().err
+
+
+def test_committed_checkpoint_survives_a_new_manager_and_partial_is_removed(tmp_path):
+    """What a re-run does: Orbax's cleanup removes the partial folder, never a committed step."""
+    make_run(tmp_path)
+    with checkpoints.checkpoint_manager(str(tmp_path)) as manager:
+        assert manager.all_steps() == [1, 2]
+    deadline = time.time() + 60  # Orbax removes it in a background thread (awaited by the next save)
+    while len(os.listdir(tmp_path / "checkpoints")) > 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
