@@ -668,6 +668,8 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     threads = limit_threads(args.threads)  # before JAX starts its CPU thread pool
+    if args.compare_hf:  # on a GPU, leave memory for PyTorch instead of preallocating most of it for JAX
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     results = run(args, threads)
     print(format_table(results))
