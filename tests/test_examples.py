@@ -119,8 +119,8 @@ def test_dapt_gin_continues_pretraining_on_the_gin_named_files(pretrained, tmp_p
     restored = {}
     real_restore = checkpoints.restore_params
 
-    def spy(path, abstract):
-        params = real_restore(path, abstract)
+    def spy(path, abstract, *args, **kwargs):
+        params = real_restore(path, abstract, *args, **kwargs)
         restored[path] = jax.device_get(params)  # a copy: the train step donates the device buffers
         return params
 
