@@ -300,12 +300,13 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
     A parameter missing from the checkpoint or of another shape is named in the error, except that
     with `fresh` (initialised params) one under a prefix in `model.fresh_param_prefixes` keeps its
     fresh value (a new head, e.g. a classifier, on a pre-trained encoder).
-    `hf:/path` reads a Hugging Face model directory instead (its config must match `model`'s).
+    `hf:/path` reads a Hugging Face model directory instead (its config must match `model`'s; `fresh`
+    works the same way).
     """
     if path.startswith("hf:"):
         from t5x_lite import hf  # imported on use: only `hf:` paths need safetensors and tokenizers
 
-        return hf.restore_params(path[len("hf:"):], abstract_params, model)
+        return hf.restore_params(path[len("hf:"):], abstract_params, model, fresh)
     state_dir = find_state_dir(path)
     new_leaves = {}
     prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))

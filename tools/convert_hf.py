@@ -1,5 +1,8 @@
 """Converts between Hugging Face model directories and t5x_lite checkpoints.
 
+Families: T5 / mT5, BERT (its head from the checkpoint: masked LM, sequence or token classification),
+GPT-2 and BART (`t5x_lite.hf.registry.supported_model_types()`).
+
 HF -> t5x_lite (an Orbax checkpoint plus a model gin file, for repeated use without `hf:` paths):
 
     python tools/convert_hf.py --hf_dir=/models/flan-t5-small --out_dir=/models/flan-t5-small-t5x
@@ -40,13 +43,13 @@ TOKENIZER_FILES = (vocabularies.SPIECE, vocabularies.TOKENIZER_JSON, vocabularie
 def hf_to_t5x(hf_dir: str, out_dir: str) -> Path:
     """Writes the HF directory's parameters as a t5x_lite checkpoint plus `model.gin`; returns out_dir."""
     checkpoint = hf.open_checkpoint(hf_dir)
+    gin_text = hf.model_gin(checkpoint.model(), str(checkpoint.path))
     params = checkpoint.family.params_from_hf(checkpoint.weights, checkpoint.hf_config, checkpoint.config)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     with ocp.CheckpointManager(out / "checkpoints", item_names=("state",)) as manager:
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
         manager.wait_until_finished()
-    gin_text = hf.model_gin(checkpoint.config, str(checkpoint.path))
     for name in TOKENIZER_FILES:
         if (checkpoint.path / name).is_file():
             shutil.copy(checkpoint.path / name, out / name)

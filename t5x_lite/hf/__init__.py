@@ -4,9 +4,13 @@
     logits = network(encoder_input_tokens, decoder_input_tokens)    # int32 ids, 0 = padding
     t5x_lite.hf.save_pretrained(network, "/tmp/exported", vocabulary=vocabulary)
 
-`INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`);
-`tools/convert_hf.py` converts to an Orbax checkpoint plus a model gin file, and back.
-Supported model types: `registry.supported_model_types()` (one converter module per family).
+Families (one converter module each, `registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5
+and mT5 (`T5ForConditionalGeneration`), BERT (`BertForMaskedLM`, `BertForPreTraining`,
+`BertForSequenceClassification`, `BertForTokenClassification`: the head, and with it the trainer's
+model, comes from the checkpoint), GPT-2 (`GPT2LMHeadModel`) and BART (`BartForConditionalGeneration`).
+`INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`; a
+fine-tuning run keeps fresh the heads the checkpoint lacks); `tools/convert_hf.py` converts to an
+Orbax checkpoint plus a model gin file, and back.
 """
 
 from t5x_lite.hf.convert import (

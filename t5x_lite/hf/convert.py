@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -20,13 +21,19 @@ from t5x_lite.models.base import BaseModel
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """An opened HF directory: its family, raw `config.json`, lazy weights and our derived config."""
+    """An opened HF directory: its family, raw `config.json`, lazy weights, our derived config and, for
+    families with several heads (BERT), the checkpoint's head."""
 
     path: Path
     family: registry.Family
     hf_config: dict
     weights: files.Weights
     config: Any
+    head: str | None = None
+
+    def model(self, config: Any = None) -> BaseModel:
+        """The trainer's model of this checkpoint's family and head, for `config` (default: its own)."""
+        return self.family.model(self.config if config is None else config, self.head)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -35,7 +42,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     hf_config = files.read_config(folder)
     family = registry.for_model_type(hf_config.get("model_type"), source=str(folder / "config.json"))
     weights = files.Weights(folder)
-    return Checkpoint(folder, family, hf_config, weights, family.config_from_hf(hf_config, weights))
+    head = None if family.head_from_hf is None else family.head_from_hf(hf_config, weights)
+    return Checkpoint(folder, family, hf_config, weights, family.config_from_hf(hf_config, weights), head)
 
 
 def param_name(path: tuple) -> str:
@@ -64,15 +72,24 @@ def _converted_params(checkpoint: Checkpoint, stacked: bool) -> dict[str, np.nda
     return {param_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _fill(abstract: Any, converted: Mapping[str, np.ndarray], source: str, place) -> Any:
-    """`abstract` with every leaf replaced by `place(array, leaf)`; names and shapes must agree."""
-    abstract_names = {param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-    extra = sorted(set(converted) - abstract_names)
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _fill(
+    abstract: Any, converted: Mapping[str, np.ndarray], source: str, place, fresh: Mapping[str, Any] | None = None
+) -> Any:
+    """`abstract` with every leaf replaced by `place(array, leaf)`, or by the `fresh` leaf of that name
+    where the checkpoint has none; names and shapes must agree."""
+    fresh = fresh or {}
+    extra = sorted(set(converted) - set(_named_leaves(abstract)))
     if extra:
         raise ValueError(f"{source} has parameters this model lacks: {extra[:5]}; is the model config the same?")
 
     def fill(path, leaf):
         name = param_name(path)
+        if name not in converted and name in fresh:
+            return fresh[name]
         if name not in converted:
             raise ValueError(f"{source} has no parameter {name}; is the model config the same?")
         array = converted[name]
@@ -93,11 +110,17 @@ def _place_sharded(array: np.ndarray, leaf: Any) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def restore_params(path: str | Path, abstract_params: dict, model: BaseModel | None = None) -> dict:
+def restore_params(
+    path: str | Path, abstract_params: dict, model: BaseModel | None = None, fresh: dict | None = None
+) -> dict:
     """Parameters of the HF directory at `path` laid out like `abstract_params` (and on its shardings).
 
     With `model`, its config must match the checkpoint's in the family's `checkpoint_fields` (those
     that shape the parameters or the function; dropout, dtype, remat, scan layout may differ).
+    With `fresh` (initialised params: the start of a fine-tuning run, as `checkpoints.restore_params`
+    gives them), a parameter the checkpoint lacks keeps its fresh value if it lies under a prefix in
+    `model.fresh_param_prefixes` (e.g. a classifier on a `BertForMaskedLM` encoder), and checkpoint
+    parameters the model lacks (e.g. that masked-LM head) are left out, as with Orbax checkpoints.
     Every problem is a `FileNotFoundError` or `ValueError` (a missing PyTorch for `.bin` files too).
     """
     try:
@@ -109,7 +132,19 @@ def restore_params(path: str | Path, abstract_params: dict, model: BaseModel | N
         converted = _converted_params(checkpoint, _looks_stacked(abstract_params))
     except ImportError as e:
         raise ValueError(str(e)) from e
-    return _fill(abstract_params, converted, f"HF checkpoint {checkpoint.path}", _place_sharded)
+    source = f"HF checkpoint {checkpoint.path}"
+    kept = {}
+    if fresh is not None:
+        prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
+        kept = {name: leaf for name, leaf in _named_leaves(fresh).items()
+                if name not in converted and name.split("/")[0].startswith(prefixes)}
+        unused = sorted(set(converted) - set(_named_leaves(abstract_params)))
+        if unused:
+            logging.info("%s: leaving out parameters the model does not have: %s", source, unused)
+            converted = {name: array for name, array in converted.items() if name not in unused}
+    if kept:
+        logging.info("%s: starting %s afresh (the checkpoint lacks them).", source, sorted(kept))
+    return _fill(abstract_params, converted, source, _place_sharded, kept)
 
 
 def load_model(path: str | Path, **config_overrides: Any) -> BaseModel:
@@ -119,7 +154,7 @@ def load_model(path: str | Path, **config_overrides: Any) -> BaseModel:
     `dropout_rate=0.0`, `scan_layers=True`, `remat_policy="full"`).
     """
     checkpoint = open_checkpoint(path)
-    return checkpoint.family.build_model(_override(checkpoint, config_overrides))
+    return checkpoint.model(_override(checkpoint, config_overrides))
 
 
 def _override(checkpoint: Checkpoint, overrides: Mapping[str, Any]) -> Any:
@@ -143,7 +178,7 @@ def from_pretrained(path: str | Path, **config_overrides: Any) -> tuple[nnx.Modu
     checkpoint = open_checkpoint(path)
     config = _override(checkpoint, config_overrides)
     checkpoint = dataclasses.replace(checkpoint, config=config)
-    model = checkpoint.family.build_model(config)
+    model = checkpoint.model()
     abstract = nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
     pure = nnx.to_pure_dict(abstract_params)
@@ -169,12 +204,20 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def write_pretrained(
     params: Mapping, config: Any, path: str | Path, vocabulary: seqio.Vocabulary | None = None
 ) -> Path:
-    """Writes a HF directory (`config.json`, `model.safetensors`, tokenizer files) from our params + config."""
+    """Writes a HF directory (`config.json`, `model.safetensors`, tokenizer files) from our params + config.
+
+    Special token ids in `config.json` follow t5x_lite's conventions: padding 0, decoding starts from 0
+    (`decoder_start_token_id`), and EOS is the vocabulary's `eos_id` (1 without a vocabulary).
+    """
     family = registry.for_config(config)
     params = jax.tree.map(_to_host, dict(params))
     if _looks_stacked(params):
         params = family.unstack_layers(params)
-    folder = files.write_model(path, family.config_to_hf(config), family.params_to_hf(params, config))
+    head = None if family.head_from_params is None else family.head_from_params(params)
+    hf_config = family.hf_config(config, head)
+    if vocabulary is not None and vocabulary.eos_id is not None and "eos_token_id" in hf_config:
+        hf_config["eos_token_id"] = vocabulary.eos_id
+    folder = files.write_model(path, hf_config, family.params_to_hf(params, config))
     if vocabulary is not None:
         vocabularies.save_vocabulary(vocabulary, folder)
     return folder
@@ -187,14 +230,21 @@ def save_pretrained(model: nnx.Module, path: str | Path, vocabulary: seqio.Vocab
     return write_pretrained(params, model.config, path, vocabulary)
 
 
-def model_gin(config: Any, source: str = "") -> str:
-    """A model gin file for `config` (like gin_configs/models/*/*.gin): fixed fields as values, dropout
-    and activation dtype as the usual macros."""
+def model_gin(model: BaseModel | Any, source: str = "") -> str:
+    """A model gin file for a trainer model (e.g. `load_model(path)`) or a config (its family's default
+    model), like gin_configs/models/*/*.gin: fixed fields as values, dropout and activation dtype as
+    the usual macros, and the config bound for every model of the family so that `MODEL` may switch."""
+    if not isinstance(model, BaseModel):
+        model = registry.for_config(model).model(model)
+    config = model.config
     family = registry.for_config(config)
-    model_name, config_name = type(family.build_model(config)).__name__, type(config).__name__
+    model_name, config_name = type(model).__name__, type(config).__name__
     lines = [f"# {config_name} of the Hugging Face checkpoint {source}".rstrip() + " (written by tools/convert_hf.py).",
-             f"MODEL = @{model_name}()", f"{model_name}.config = @{config_name}()"]
-    lines += [f"{config_name}.{field} = {getattr(config, field)!r}" for field in family.checkpoint_fields]
-    macros = {"dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE"}
+             f"MODEL = @{model_name}()"]
+    lines += [f"{name}.config = @{config_name}()" for name in dict.fromkeys((model_name, *family.model_names))]
+    lines += [f"{config_name}.{field} = {getattr(config, field)!r}"
+              for field in (*family.checkpoint_fields, *family.head_fields)]
+    macros = {"dropout_rate": "DROPOUT_RATE", "attention_dropout_rate": "DROPOUT_RATE",
+              "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE"}
     lines += [f"{config_name}.{name} = %{macro}" for name, macro in macros.items() if hasattr(config, name)]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ import numpy as np
 from t5x_lite.models.base import BaseModel
 
 # Modules that register a family when imported (imported lazily, on the first lookup).
-FAMILY_MODULES = ("t5x_lite.hf.t5",)
+FAMILY_MODULES = ("t5x_lite.hf.t5", "t5x_lite.hf.bert", "t5x_lite.hf.gpt2", "t5x_lite.hf.bart")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,19 +34,40 @@ class Family:
         function); the others (dropout, activation dtype, remat, scan layout, ...) are free to differ.
     stack_layers / unstack_layers: unscanned <-> scanned parameter layout, for configs with
         `scan_layers=True` (None: the family has no scanned layout).
+    model_names: the gin names of every trainer model taking this config; `model_gin` binds the config
+        for each, so that `MODEL` may switch between them (e.g. a causal LM and a prefix LM).
+
+    Families whose checkpoints carry one of several heads (BERT: masked LM, classification, ...) also set
+    head_from_hf(hf_config, weights) -> the checkpoint's head; head_from_params(params) -> the head our
+        parameters hold; then `build_model` and `config_to_hf` take the head as a second argument
+        (optional: without it, the family's default head);
+    head_fields: config fields that shape only a head (e.g. `num_labels`): written by `model_gin` but
+        not compared on restore, where the model's head may start fresh instead.
     """
 
     name: str
     model_types: tuple[str, ...]
     config_class: type
     config_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], Any]
-    config_to_hf: Callable[[Any], dict]
+    config_to_hf: Callable[..., dict]
     params_from_hf: Callable[[Mapping[str, np.ndarray], Mapping, Any], dict]
     params_to_hf: Callable[[Mapping, Any], dict[str, np.ndarray]]
-    build_model: Callable[[Any], BaseModel]
+    build_model: Callable[..., BaseModel]
     checkpoint_fields: tuple[str, ...]
     stack_layers: Callable[[dict], dict] | None = None
     unstack_layers: Callable[[dict], dict] | None = None
+    model_names: tuple[str, ...] = ()
+    head_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], str] | None = None
+    head_from_params: Callable[[Mapping], str] | None = None
+    head_fields: tuple[str, ...] = ()
+
+    def model(self, config: Any, head: str | None = None) -> BaseModel:
+        """The trainer's model for `config` (with `head`, for families that have several)."""
+        return self.build_model(config) if head is None else self.build_model(config, head)
+
+    def hf_config(self, config: Any, head: str | None = None) -> dict:
+        """The `config.json` dict for `config` (with `head`, for families that have several)."""
+        return self.config_to_hf(config) if head is None else self.config_to_hf(config, head)
 
 
 _FAMILIES: list[Family] = []

@@ -33,6 +33,12 @@ class TokenizersVocabulary(seqio.Vocabulary):
     Ids are the tokenizer's own; encoding adds no special tokens (seqio's features append EOS), and
     decoding stops at EOS and skips special tokens, as `tokenizer.decode(ids, skip_special_tokens=True)`.
     Inside tf.data the tokenizer runs through `tf.py_function` (the Rust tokenizer, one call per example).
+
+    seqio pads with id 0 (`pad_id` is 0 whatever the tokenizer's pad token is: BART's `<pad>` is 1):
+    its feature converters give id 0 no loss, pack examples by non-zero ids and drop it when decoding.
+    That is harmless where id 0 is a special token that text never encodes to (BERT's `[PAD]`, T5's
+    `<pad>`, BART's `<s>`), but GPT-2 gives id 0 to the ordinary token "!": such a vocabulary encodes
+    in Python (`encode`) but refuses to tokenize inside a seqio pipeline (`encode_tf`).
     """
 
     def __init__(
@@ -67,7 +73,20 @@ class TokenizersVocabulary(seqio.Vocabulary):
 
     @property
     def pad_id(self) -> int:
-        return 0 if self._ids["pad"] is None else self._ids["pad"]
+        """seqio's padding id, 0 (the tokenizer's own pad token, if any, is in `special_tokens`)."""
+        return 0
+
+    def _check_id_zero_is_special(self) -> None:
+        """Raises if id 0 is an ordinary token, which seqio would take for padding."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        if 0 not in added or not added[0].special:
+            raise ValueError(
+                f"{self.tokenizer_file} gives id 0 to the ordinary token {self.tokenizer.id_to_token(0)!r} (GPT-2's "
+                "tokenizer does), but seqio uses id 0 for padding: its feature converters would give that token no "
+                "loss, cut packed examples at it and drop it when decoding. This vocabulary can encode in Python "
+                "(`encode`, e.g. prompts for `predict_batch`) but not inside a seqio task; use a tokenizer whose id 0 "
+                "is a special token (such as a pad token) for seqio tasks."
+            )
 
     @property
     def special_tokens(self) -> dict[str, str | None]:
@@ -94,6 +113,7 @@ class TokenizersVocabulary(seqio.Vocabulary):
             flat = np.array([i for e in encodings for i in e.ids], np.int32)
             return flat, lengths
 
+        self._check_id_zero_is_special()
         batch = tf.reshape(s, [-1])
         flat, lengths = tf.py_function(encode, [batch], (tf.int32, tf.int64))
         flat.set_shape([None])

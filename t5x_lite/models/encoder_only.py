@@ -1,8 +1,9 @@
 """BERT: an encoder-only transformer with masked-LM, next-sentence, classification and tagging heads.
 
-The network follows Hugging Face's `BertFor*` layout, so importing its weights is a direct mapping
-(`params_from_hf`): token + learned position + token-type embeddings summed and layer-normed;
-post-layer-norm blocks with biases and (erf) GELU; an MLM head (dense, GELU, layer norm, then logits
+The network follows Hugging Face's `BertFor*` layout, so its weights map one to one
+(`params_from_hf` / `params_to_hf`; `t5x_lite.hf.bert` reads and writes whole directories): token +
+learned position + token-type embeddings summed and layer-normed; post-layer-norm blocks with biases
+and (erf) GELU; an MLM head (dense, GELU, layer norm, then logits
 tied to the input embeddings plus an output bias); a pooler (dense + tanh on the [CLS] position)
 feeding the next-sentence and sequence-classification heads; a per-token tagging head.
 
@@ -171,7 +172,7 @@ class Bert(nnx.Module):
         self.head = head
         self.embeddings = Embeddings(config, rngs=rngs)
         self.layers = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        with_pooler = head == "classification" or (head == "mlm" and config.next_sentence_prediction)
+        with_pooler = has_pooler(config, head)
         self.mlm = MlmHead(config, rngs=rngs) if head == "mlm" else None
         self.pooler = _dense(config, config.d_model, ("embed", "mlp"), rngs) if with_pooler else None
         self.nsp = _dense(config, 2, ("embed", "classes"), rngs) if head == "mlm" and with_pooler else None
@@ -266,77 +267,145 @@ class Bert(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face weights
+# Hugging Face BertFor* <-> our parameters (pure nested dicts, as `nnx.to_pure_dict` gives)
+
+# HF `hidden_act` -> our activation.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# HF tensors that hold nothing of their own: the MLM decoder's tied copies and an old position buffer.
+HF_IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "embeddings.position_ids")
+# HF names of the heads (outside the `bert.` prefix of the encoder and pooler).
+_HF_HEAD_PREFIXES = ("cls.", "classifier.")
 
 
-def params_from_hf(weights: Mapping[str, np.ndarray], config: BertConfig, head: str = "mlm") -> dict:
+def hf_name(name: str) -> str:
+    """A HF tensor name as `hf_mapping` spells it: no `bert.` prefix, `.weight`/`.bias` for old TF-era
+    layer norms' `.gamma`/`.beta`."""
+    name = name.removeprefix("bert.")
+    if name.endswith("LayerNorm.gamma"):
+        return name.removesuffix("gamma") + "weight"
+    return name.removesuffix("beta") + "bias" if name.endswith("LayerNorm.beta") else name
+
+
+def hf_mapping(config: BertConfig, head: str, pooler: bool) -> list[tuple[str, tuple, str]]:
+    """(HF tensor name as `hf_name` gives it, our parameter path, layout) for the encoder, the pooler
+    if `pooler`, and the layers of `head`. Layouts: "same"; "linear" (torch [out, in] -> our [in, out]);
+    "qkv" / "qkv_bias" (split per head: [embed, heads, head_dim] / [heads, head_dim]); "out" ([heads,
+    head_dim, embed])."""
+    items: list[tuple[str, tuple, str]] = []
+
+    def linear(hf: str, ours: tuple, kernel: str = "linear", bias: str = "same") -> None:
+        items.extend([(f"{hf}.weight", (*ours, "kernel"), kernel), (f"{hf}.bias", (*ours, "bias"), bias)])
+
+    def norm(hf: str, ours: tuple) -> None:
+        items.extend([(f"{hf}.weight", (*ours, "scale"), "same"), (f"{hf}.bias", (*ours, "bias"), "same")])
+
+    for table in ("word", "position", "token_type"):
+        items.append((f"embeddings.{table}_embeddings.weight", ("embeddings", f"{table}_embeddings", "embedding"), "same"))
+    norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
+    for i in range(config.num_layers):
+        hf, ours = f"encoder.layer.{i}", ("layers", i)
+        for name in ("query", "key", "value"):
+            linear(f"{hf}.attention.self.{name}", (*ours, "attention", name), "qkv", "qkv_bias")
+        linear(f"{hf}.attention.output.dense", (*ours, "attention", "out"), "out")
+        norm(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
+        linear(f"{hf}.intermediate.dense", (*ours, "mlp", "wi"))
+        linear(f"{hf}.output.dense", (*ours, "mlp", "wo"))
+        norm(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
+    if pooler:
+        linear("pooler.dense", ("pooler",))
+    if head == "mlm":
+        linear("cls.predictions.transform.dense", ("mlm", "transform"))
+        norm("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
+        items.append(("cls.predictions.bias", ("mlm", "bias"), "same"))
+        if config.next_sentence_prediction:
+            linear("cls.seq_relationship", ("nsp",))
+    elif head in ("classification", "tagging"):
+        linear("classifier", ("classifier" if head == "classification" else "tagger",))
+    return items
+
+
+def has_pooler(config: BertConfig, head: str) -> bool:
+    """Whether the network of `head` has the pooler (as `Bert.__init__` decides)."""
+    return head == "classification" or (head == "mlm" and config.next_sentence_prediction)
+
+
+def params_head(params: Mapping) -> str:
+    """The head (`HEADS`) whose parameters `params` hold."""
+    for key, head in (("classifier", "classification"), ("tagger", "tagging"), ("mlm", "mlm")):
+        if key in params:
+            return head
+    return "none"
+
+
+def _to_ours(layout: str, value: np.ndarray, config: BertConfig) -> np.ndarray:
+    h, d = config.num_heads, config.head_dim
+    if layout == "linear":
+        return value.T
+    if layout == "qkv":
+        return value.T.reshape(-1, h, d)
+    if layout == "qkv_bias":
+        return value.reshape(h, d)
+    if layout == "out":
+        return value.T.reshape(h, d, -1)
+    return value
+
+
+def _to_hf(layout: str, value: np.ndarray) -> np.ndarray:
+    if layout in ("linear", "qkv", "out"):
+        kernel = value.reshape(value.shape[0], -1) if layout == "qkv" else value.reshape(-1, value.shape[-1])
+        return kernel.T
+    return value.reshape(-1) if layout == "qkv_bias" else value
+
+
+def params_from_hf(
+    weights: Mapping[str, np.ndarray], config: BertConfig, head: str = "mlm", pooler: bool | None = None
+) -> dict:
     """Our parameters (a pure nested dict of numpy arrays, for `nnx.update`) from a Hugging Face BERT
     state dict (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`, `BertFor{Sequence,Token}Classification`;
-    names with or without the `bert.` prefix). torch Linear weights are [out, in]; our kernels are
-    [in, out], with attention q/k/v as [embed, heads, head_dim] and the output as [heads, head_dim, embed].
-    The tied MLM decoder weight is the word embedding; its bias is `cls.predictions.bias`.
+    names with or without the `bert.` prefix), for the network with `head` (and the pooler if `pooler`;
+    default: when that network has one). Tensors of other heads are not read. The tied MLM decoder
+    weight is the word embedding; its bias is `cls.predictions.bias`. A missing tensor is a ValueError.
     """
-    w = {name.removeprefix("bert."): np.asarray(value) for name, value in weights.items()}
-
-    def get(name: str) -> np.ndarray:
+    w = {hf_name(name): value for name, value in weights.items()}
+    params: dict = {}
+    for name, path, layout in hf_mapping(config, head, has_pooler(config, head) if pooler is None else pooler):
         if name not in w:
-            raise KeyError(f"Hugging Face BERT weights have no {name!r} (needed for the {head!r} head).")
-        return w[name]
-
-    def linear(prefix: str, in_shape: tuple[int, ...] = (), out_shape: tuple[int, ...] = ()) -> dict:
-        kernel = get(f"{prefix}.weight").T
-        kernel = kernel.reshape(*(in_shape or kernel.shape[:1]), *(out_shape or kernel.shape[1:]))
-        return {"kernel": kernel, "bias": get(f"{prefix}.bias").reshape(out_shape or kernel.shape[-1:])}
-
-    def norm(prefix: str) -> dict:
-        return {"scale": get(f"{prefix}.weight"), "bias": get(f"{prefix}.bias")}
-
-    heads = (config.num_heads, config.head_dim)
-    params: dict = {
-        "embeddings": {
-            "word_embeddings": {"embedding": get("embeddings.word_embeddings.weight")},
-            "position_embeddings": {"embedding": get("embeddings.position_embeddings.weight")},
-            "token_type_embeddings": {"embedding": get("embeddings.token_type_embeddings.weight")},
-            "layer_norm": norm("embeddings.LayerNorm"),
-        },
-        "layers": {},
-    }
-    for i in range(config.num_layers):
-        p = f"encoder.layer.{i}"
-        params["layers"][i] = {
-            "attention": {
-                "query": linear(f"{p}.attention.self.query", out_shape=heads),
-                "key": linear(f"{p}.attention.self.key", out_shape=heads),
-                "value": linear(f"{p}.attention.self.value", out_shape=heads),
-                "out": linear(f"{p}.attention.output.dense", in_shape=heads),
-            },
-            "attention_norm": norm(f"{p}.attention.output.LayerNorm"),
-            "mlp": {"wi": linear(f"{p}.intermediate.dense"), "wo": linear(f"{p}.output.dense")},
-            "mlp_norm": norm(f"{p}.output.LayerNorm"),
-        }
-    if head == "mlm":
-        params["mlm"] = {
-            "transform": linear("cls.predictions.transform.dense"),
-            "layer_norm": norm("cls.predictions.transform.LayerNorm"),
-            "bias": get("cls.predictions.bias"),
-        }
-        if config.next_sentence_prediction:
-            params["pooler"] = linear("pooler.dense")
-            params["nsp"] = linear("cls.seq_relationship")
-    elif head == "classification":
-        params["pooler"] = linear("pooler.dense")
-        params["classifier"] = linear("classifier")
-    elif head == "tagging":
-        params["tagger"] = linear("classifier")
+            raise ValueError(
+                f"The BERT checkpoint has no tensor {name!r} (needed for {'/'.join(map(str, path))} of the {head!r} head)."
+            )
+        tree = params
+        for key in path[:-1]:
+            tree = tree.setdefault(key, {})
+        tree[path[-1]] = _to_ours(layout, np.asarray(w[name], np.float32), config)
     return params
+
+
+def params_to_hf(params: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
+    """Hugging Face tensors from our parameters, named as the `BertFor*` class of their head expects
+    (`bert.`-prefixed encoder; `BertModel` names, unprefixed, for the "none" head); the inverse of
+    `params_from_hf`. The tied MLM decoder weight and bias are left out, as transformers writes them."""
+    head = params_head(params)
+    prefix = "" if head == "none" else "bert."
+
+    def get(path: tuple) -> np.ndarray:
+        tree = params
+        for key in path:
+            tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
+        return np.asarray(tree, np.float32)
+
+    return {
+        (name if name.startswith(_HF_HEAD_PREFIXES) else prefix + name): _to_hf(layout, get(path))
+        for name, path, layout in hf_mapping(config, head, "pooler" in params)
+    }
 
 
 def config_from_hf(hf_config: Mapping, **overrides) -> BertConfig:
     """Our `BertConfig` from a Hugging Face BERT `config.json` dict (plus our own fields as overrides)."""
     d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    activations = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-    if hf_config.get("hidden_act", "gelu") not in activations:
-        raise ValueError(f"BERT hidden_act={hf_config['hidden_act']!r} is not supported; supported: {sorted(activations)}.")
+    if hf_config.get("hidden_act", "gelu") not in HF_ACTIVATIONS:
+        raise ValueError(
+            f"BERT hidden_act={hf_config['hidden_act']!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}."
+        )
     fields = {
         "vocab_size": hf_config["vocab_size"],
         "d_model": d_model,
@@ -346,8 +415,9 @@ def config_from_hf(hf_config: Mapping, **overrides) -> BertConfig:
         "num_layers": hf_config["num_hidden_layers"],
         "max_position_embeddings": hf_config["max_position_embeddings"],
         "type_vocab_size": hf_config["type_vocab_size"],
+        "dropout_rate": float(hf_config.get("hidden_dropout_prob", 0.0)),
         "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12),
-        "activation": activations[hf_config.get("hidden_act", "gelu")],
+        "activation": HF_ACTIVATIONS[hf_config.get("hidden_act", "gelu")],
         "initializer_range": hf_config.get("initializer_range", 0.02),
         "num_labels": len(hf_config.get("id2label") or {0: 0, 1: 1}),
     }

@@ -1,4 +1,5 @@
-"""End to end: fine-tune a Hugging Face T5 selectively from `hf:`, convert with tools/convert_hf.py, export back."""
+"""End to end: fine-tune a Hugging Face T5 selectively from `hf:`, convert with tools/convert_hf.py, export back;
+fine-tune a classifier on a Hugging Face BERT masked LM from `hf:`."""
 
 import json
 import shutil
@@ -95,3 +96,30 @@ def test_selective_finetune_from_hf_then_export(tmp_path):
     ours_logits = np.asarray(network(enc, dec))
     assert np.abs(ours_logits - hf_logits(reloaded, enc, dec)).max() < 1e-4
     assert np.abs(hf_logits(reloaded, enc, dec) - hf_logits(model, enc, dec)).max() > 1e-3  # it did train
+
+
+@pytest.mark.slow
+def test_train_a_classifier_from_an_hf_masked_lm(tmp_path):
+    """The whole path: `python -m t5x_lite.train` with INITIAL_CHECKPOINT_PATH='hf:DIR' of a BertForMaskedLM
+    shaped like models/bert/tiny.gin, fine-tuning `EncoderClassificationModel` on a bundled task."""
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=512, max_position_embeddings=512)
+    model = transformers.BertForMaskedLM(hf_config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    gin.clear_config()
+    config.parse_gin(
+        ["examples/bert_tiny_classify.gin"],
+        [f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = 'hf:{tmp_path / 'hf'}'", "TRAIN_STEPS = 2",
+         "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 1}", "train.eval_period = 0",
+         "train.checkpoint_period = 2", "train.best_metric = None", "train.progress_bar = False"],
+    )
+    try:
+        train_lib.train()
+    finally:
+        gin.clear_config()
+    params = final_params(tmp_path / "run", 2)
+    # Two warm-up steps move the loaded encoder by far less than its distance from a fresh initialisation.
+    hf_kernel = model.bert.encoder.layer[1].intermediate.dense.weight.detach().numpy().T
+    assert np.abs(params["layers"]["1"]["mlp"]["wi"]["kernel"] - hf_kernel).max() < 1e-3
+    assert params["classifier"]["kernel"].shape == (128, 2)
