@@ -33,7 +33,7 @@ def evaluate_checkpoint(
     rules = partitioning.logical_axis_rules()
     graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
     evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls)
-    runner = evaluation.ModelRunner(model, graphdef, mesh, rules)
+    runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(provider))
     metrics, _ = evaluation.evaluate(evaluator, runner, params, task_feature_lengths["targets"])
     hf_checkpoint = checkpoint_path.startswith("hf:")
     checkpoint_step = "0" if hf_checkpoint else checkpoints.find_state_dir(checkpoint_path).parent.name

@@ -23,7 +23,7 @@ from t5x_lite import partitioning
 from t5x_lite.models.base import BaseModel
 
 
-@gin.configurable(denylist=["model", "graphdef", "mesh", "rules"])
+@gin.configurable(denylist=["model", "graphdef", "mesh", "rules", "eos_id"])
 class ModelRunner:
     """Predicts tokens and scores targets for batches of converted features, jitted once per shape.
 
@@ -44,12 +44,16 @@ class ModelRunner:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        eos_id: int = 1,
     ):
         self.batch_size = batch_size
         self.predict_features = model.predict_features
         self.replicate = jax.process_count() > 1
         self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
-        decode = dict(method=method, beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p)
+        decode = dict(
+            method=method, beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_id=eos_id,
+        )
 
         def predict(params, batch, rng, max_decode_length):
             network = nnx.merge(graphdef, params)
@@ -91,6 +95,13 @@ class ModelRunner:
             scores = np.asarray(jax.device_get(self._score(params, self._to_device(batch))))
             outputs.extend((int(idx), float(s)) for idx, s in zip(indices[:rows], scores[:rows]))
         return outputs
+
+
+def targets_eos_id(provider: seqio.Task | seqio.Mixture) -> int:
+    """The id that ends a decoded target: the targets vocabulary's EOS (1 for SentencePiece; e.g. 2 for
+    BART's and 50256 for GPT-2's Hugging Face tokenizers), so decoding stops where the text ends."""
+    eos_id = provider.output_features["targets"].vocabulary.eos_id
+    return 1 if eos_id is None else int(eos_id)
 
 
 def has_metrics(provider: seqio.Task | seqio.Mixture) -> bool:

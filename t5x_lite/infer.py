@@ -89,7 +89,7 @@ def infer(
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
-    runner = evaluation.ModelRunner(model, graphdef, mesh, rules)
+    runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(tasks[0]))
     converter = model.feature_converter_cls(pack=False)
     written = 0
     with open(output, "w", encoding="utf-8") as out:

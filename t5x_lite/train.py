@@ -165,7 +165,8 @@ def train(
     if eval_period and evaluation.has_metrics(provider):
         evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls,
                                               split=eval_split)
-        task_eval = (evaluator, evaluation.ModelRunner(model, graphdef, mesh, rules))
+        runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(provider))
+        task_eval = (evaluator, runner)
     best_manager = checkpoints.best_checkpoint_manager(model_dir, best_metric, best_mode) if best_metric else None
     writer = metric_writers.create_writer(model_dir)
     tokens_per_step = batch_size * sum(task_feature_lengths.values())

@@ -297,6 +297,28 @@ def test_model_runner_predicts_and_scores_a_text_to_text_task():
     assert len(predictions) == 4
 
 
+def test_model_runner_stops_decoding_at_its_eos_id():
+    """eval/infer pass the targets vocabulary's EOS (e.g. 2 for BART's tokenizer) down to decoding."""
+    model = DecoderOnlyModel(dataclasses.replace(TINY, vocab_size=64))
+    graphdef, params = nnx.split(model.build_network(nnx.Rngs(0)), nnx.Param)
+    mesh = partitioning.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = partitioning.logical_axis_rules()
+    examples = tf.data.Dataset.from_tensor_slices({"decoder_input_tokens": np.full((4, 6), 5, np.int32)})
+    features = examples.enumerate()
+
+    def predict(eos_id):
+        runner = evaluation.ModelRunner(model, graphdef, mesh, rules, batch_size=8, eos_id=eos_id)
+        return [tokens for _, tokens in runner.predict(params, features, max_decode_length=8)]
+
+    unconstrained = predict(eos_id=-1)  # never produced: every row runs to the full length
+    assert all(len(row) == 8 and 0 not in row for row in unconstrained)
+    eos = unconstrained[0][2]  # a token the model emits mid-sequence
+    for free, stopped in zip(unconstrained, predict(eos_id=eos)):
+        end = free.index(eos) + 1 if eos in free else len(free)
+        assert stopped == free[:end] + [0] * (len(free) - end)
+    assert evaluation.targets_eos_id(seqio.get_mixture_or_task("bundled_qa_yes_no")) == 1
+
+
 # ------------------------------------------------------------------ gin files and training through t5x_lite.train
 
 
