@@ -4,11 +4,16 @@ Importing the package registers the bundled seqio tasks and the gin configurable
 model families.
 """
 
-from t5x_lite.data import tasks  # noqa: F401
-from t5x_lite.models import encoder_decoder  # noqa: F401
+from t5x_lite.data import (
+    classification_tasks,  # noqa: F401
+    family_tasks,  # noqa: F401
+    qa_tasks,  # noqa: F401
+    tasks,  # noqa: F401
+)
+from t5x_lite.models import (  # noqa: F401
+    bart,
+    decoder_only,
+    encoder_decoder,
+    encoder_only,
+)
 from t5x_lite.training import freezing  # noqa: F401
-from t5x_lite.data import qa_tasks  # noqa: F401
-from t5x_lite.data import family_tasks  # noqa: F401
-from t5x_lite.data import classification_tasks  # noqa: F401
-from t5x_lite.models import encoder_only  # noqa: F401
-from t5x_lite.models import bart, decoder_only  # noqa: F401

@@ -50,10 +50,10 @@ class ModelRunner:
         self.predict_features = model.predict_features
         self.replicate = jax.process_count() > 1
         self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
-        decode = dict(
-            method=method, beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_id=eos_id,
-        )
+        decode = {
+            "method": method, "beam_size": beam_size, "alpha": alpha, "temperature": temperature, "top_k": top_k,
+            "top_p": top_p, "eos_id": eos_id,
+        }
 
         def predict(params, batch, rng, max_decode_length):
             network = nnx.merge(graphdef, params)

@@ -14,7 +14,7 @@ def readme_block(after: str, language: str) -> str:
     """The first fenced code block of `language` after the heading text `after`."""
     text = (REPO / "README.md").read_text()
     section = text[text.index(after):]
-    return re.search(rf"```{language}\n(.*?)```", section, re.S).group(1)
+    return re.search(rf"```{language}\n(.*?)```", section, re.DOTALL).group(1)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import configparser
 import dataclasses
 import pathlib
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 DEFAULT_OUTPUT_DIR = pathlib.Path(__file__).resolve().parent.parent / "t5x_lite" / "data" / "bundled"
 MIN_CHARS = 100

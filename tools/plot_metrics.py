@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DEFAULT_METRICS = ("train/loss", "eval/loss", "train/accuracy", "train/learning_rate")
 

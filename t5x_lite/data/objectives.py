@@ -16,7 +16,7 @@ SeqIO, so `Task.get_dataset(seed=...)` is reproducible.
 """
 
 import functools
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import gin
 import seqio
@@ -204,7 +204,7 @@ def split_token_stream(dataset: tf.data.Dataset, chunk_length: int) -> tf.data.D
 @gin.configurable
 def pack_tokens_for_span_corruption(
     dataset: tf.data.Dataset,
-    sequence_length: Optional[Mapping[str, int]],
+    sequence_length: Mapping[str, int] | None,
     noise_density: float = NOISE_DENSITY,
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
 ) -> tf.data.Dataset:
@@ -278,8 +278,8 @@ def span_corruption(
 
 
 def span_corruption_preprocessors(
-    noise_density: Optional[float] = None,
-    mean_noise_span_length: Optional[float] = None,
+    noise_density: float | None = None,
+    mean_noise_span_length: float | None = None,
 ) -> list[Callable[..., tf.data.Dataset]]:
     """Returns the preprocessors of a span-corruption Task over a `text` field.
 

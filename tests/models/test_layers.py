@@ -51,7 +51,7 @@ def test_init_scales():
     attn = layers.MultiHeadAttention(d_model, heads, head_dim, rngs=rngs)
     mlp = layers.MlpBlock(d_model, d_ff, rngs=rngs)
     embed = layers.Embed(1000, d_model, rngs=rngs)
-    std = lambda p: float(jnp.std(p[...]))  # noqa: E731
+    std = lambda p: float(jnp.std(p[...]))
     assert std(attn.query.kernel) == pytest.approx(1 / math.sqrt(d_model * head_dim), rel=0.05)
     assert std(attn.key.kernel) == pytest.approx(1 / math.sqrt(d_model), rel=0.05)
     assert std(attn.out.kernel) == pytest.approx(1 / math.sqrt(heads * head_dim), rel=0.05)

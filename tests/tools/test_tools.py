@@ -12,15 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-import plot_metrics  # noqa: E402
-import show_task  # noqa: E402
+import plot_metrics
+import show_task
 
 
 def write_run(model_dir: Path, losses: list[float]) -> None:
     model_dir.mkdir()
     with open(model_dir / "metrics.jsonl", "w") as f:
-        for step, loss in enumerate(losses, start=1):
-            f.write(json.dumps({"step": step * 10, "time": 0.0, "train/loss": loss}) + "\n")
+        f.writelines(json.dumps({"step": step * 10, "time": 0.0, "train/loss": loss}) + "\n" for step, loss in enumerate(losses, start=1))
         f.write(json.dumps({"step": 30, "time": 0.0, "eval/loss": 1.5}) + "\n")
 
 

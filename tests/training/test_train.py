@@ -83,11 +83,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_checkpoint_restores_identical_params(tmp_path):
+    import tensorflow as tf
+    from clu.data.dataset_iterator import TfDatasetIterator
+
     from t5x_lite import checkpoints, partitioning
     from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
     from t5x_lite.training import optimizers, train_state
-    from clu.data.dataset_iterator import TfDatasetIterator
-    import tensorflow as tf
 
     model = EncoderDecoderModel(T5Config(vocab_size=256, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                                          num_encoder_layers=1, num_decoder_layers=1))
