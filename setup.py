@@ -41,6 +41,7 @@ setuptools.setup(
         # The tests compare against transformers (PyTorch, CPU wheel) and exercise the hf extra.
         "test": [
             "pytest",
+            "pytest-xdist==3.8.0",  # pytest.ini runs the suite on parallel workers (compilation is single-threaded)
             "torch==2.13.0",
             "transformers==5.23.0",
             *HF,
