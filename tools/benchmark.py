@@ -20,6 +20,9 @@ What is measured, and how:
   step, so load on a shared machine hits both alike; their ratio is the robust figure. Beside wall times
   the report gives the process CPU seconds of the same runs (`step_cpu_s`, `cpu_s`), which on an
   oversubscribed machine track the work done better than wall time.
+- kernels (with --compare-hf): each matmul form of the step (projection, feed-forward, weight gradient,
+  attention logits and values) alone, ours (`layers.einsum`) vs the product HF computes, in GFLOP/s: tells
+  a gap in the matmul kernels apart from a gap in the rest of the step.
 - data: the bundled span-corruption task through `pipeline.get_dataset` with packing (seqio
   EncDecFeatureConverter), rows/s over `--data_batches` batches after a warm-up, beside the rows/s the
   train step consumes.
@@ -403,6 +406,76 @@ def bench_data(batch: int, inputs_length: int, targets_length: int, num_batches:
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernels: the step's matmul forms alone, t5x_lite vs PyTorch
+
+
+def kernel_shapes(config: T5Config, batch: int, inputs_length: int) -> dict[str, tuple[str, tuple, tuple]]:
+    """The encoder's matmul forms at this shape: name -> (the einsum the model runs, lhs shape, rhs shape).
+
+    The weight gradient is the backward form contracting over the tokens (e.g. the feed-forward's)."""
+    b, s, d, h, k, ff = batch, inputs_length, config.d_model, config.num_heads, config.head_dim, config.d_ff
+    return {
+        "projection (q/k/v)": ("abi,imn->abmn", (b, s, d), (d, h, k)),
+        "feed-forward in": ("abi,im->abm", (b, s, d), (d, ff)),
+        "feed-forward out": ("abi,im->abm", (b, s, ff), (ff, d)),
+        "weight gradient": ("abi,abm->im", (b, s, ff), (b, s, d)),
+        "attention logits": ("bqhd,bkhd->bhqk", (b, s, h, k), (b, s, h, k)),
+        "attention values": ("bhqk,bkhd->bqhd", (b, h, s, s), (b, s, h, k)),
+    }
+
+
+def _torch_kernel(torch, name: str, x: np.ndarray, y: np.ndarray, device: str, dtype) -> Callable[[], Any]:
+    """The product HF's T5 computes for kernel `name`, on our operands in HF's layouts: `nn.Linear` with an
+    [out, in] weight, autograd's grad_output^T @ input, heads-major attention on a transposed view."""
+    as_tensor = functools.partial(torch.as_tensor, device=device, dtype=dtype)
+    if name == "weight gradient":  # dW [d, ff] = g^T @ x over the flattened tokens
+        x, y = as_tensor(x.reshape(-1, x.shape[-1])), as_tensor(y.reshape(-1, y.shape[-1]))
+        return lambda: torch.mm(y.t(), x)
+    if name == "attention logits":  # [b, h, q, d] @ [b, h, d, k]
+        q, k = as_tensor(x.transpose(0, 2, 1, 3).copy()), as_tensor(y.transpose(0, 2, 1, 3).copy())
+        return lambda: torch.matmul(q, k.transpose(3, 2))
+    if name == "attention values":  # [b, h, q, k] @ [b, h, k, d]
+        p, v = as_tensor(x), as_tensor(y.transpose(0, 2, 1, 3).copy())
+        return lambda: torch.matmul(p, v)
+    weight = as_tensor(y.reshape(y.shape[0], -1).T.copy())  # projections: nn.Linear's [out, in]
+    x = as_tensor(x)
+    return lambda: torch.nn.functional.linear(x, weight)
+
+
+def bench_kernels(config: T5Config, batch: int, inputs_length: int, repeats: int = 7) -> list[dict[str, Any]]:
+    """GFLOP/s of each matmul form of the step (`kernel_shapes`) alone, operands already in the run's dtype:
+    ours (jitted `layers.einsum`, float32 accumulation, attention logits in float32 like the model) and HF's
+    PyTorch product (under autocast for bf16, as in HF's step).
+    Separates how much of a train-step gap is matmul kernels from how much is the rest of the step."""
+    torch, _ = _import_hf()
+    device = _torch_device(torch)
+    rows = []
+    for name, (spec, x_shape, y_shape) in kernel_shapes(config, batch, inputs_length).items():
+        rng = np.random.default_rng(0)
+        x, y = rng.standard_normal(x_shape, np.float32), rng.standard_normal(y_shape, np.float32)
+        out_dtype = jnp.float32 if name == "attention logits" else None
+        ours = jax.jit(functools.partial(layers.einsum, spec, dtype=config.dtype, out_dtype=out_dtype))
+        jx, jy = jnp.asarray(x, config.dtype), jnp.asarray(y, config.dtype)
+        seconds, _ = median_time(lambda ours=ours, jx=jx, jy=jy: ours(jx, jy).block_until_ready(), repeats + 1)
+        product = _torch_kernel(torch, name, x, y, device, getattr(torch, jnp.dtype(config.dtype).name))
+
+        def theirs(product=product):
+            with _autocast(torch, device, config.dtype):
+                out = product()
+            _torch_sync(torch, device)
+            return out
+
+        torch_seconds, _ = median_time(theirs, repeats + 1)
+        x_spec, y_spec = spec.split("->")[0].split(",")
+        flops = 2 * math.prod({**dict(zip(x_spec, x_shape)), **dict(zip(y_spec, y_shape))}.values())  # 2 x every index
+        rows.append({"kernel": name, "einsum": spec, "lhs": list(x_shape), "rhs": list(y_shape), "flops": flops,
+                     "flops_per_s": flops / seconds, "hf_flops_per_s": flops / torch_seconds,
+                     "ratio_vs_hf": torch_seconds / seconds})
+        progress(f"kernel {name}: {flops / seconds / 1e9:.0f} vs torch {flops / torch_seconds / 1e9:.0f} GFLOP/s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -535,6 +608,12 @@ def format_table(results: dict[str, Any]) -> str:
             )
         for rate, ratio in r.get("ratio_vs_hf_by_dropout", {}).items():
             lines.append(f"  t5x_lite / HF tokens/s at dropout {rate}: {ratio:.2f}x")
+    if r.get("kernels"):
+        lines += ["", f"{'kernel (alone)':<22}{'lhs x rhs':>34}{'GFLOP/s':>10}{'HF':>8}{'ratio':>8}"]
+        for row in r["kernels"]:
+            shapes = f"{'x'.join(map(str, row['lhs']))} . {'x'.join(map(str, row['rhs']))}"
+            lines.append(f"{row['kernel']:<22}{shapes:>34}{row['flops_per_s'] / 1e9:>10.0f}"
+                         f"{row['hf_flops_per_s'] / 1e9:>8.0f}{row['ratio_vs_hf']:>7.2f}x")
     if r.get("data"):
         d = r["data"]
         lines += ["", (f"data pipeline ({d['task']}, packed): {d['rows_per_s']:.1f} rows/s, "
@@ -586,7 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode_batch", type=int, default=None, help="decode batch size (default --batch)")
     parser.add_argument("--decode_repeats", type=int, default=2, help="timed runs per decode setting")
     parser.add_argument("--beam_size", type=int, default=4, help="beam search width (1 skips beam search)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "data", "decode"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["train", "data", "decode", "kernels"])
     args = parser.parse_args(argv)
     if args.dtype is not None:
         try:
@@ -651,6 +730,8 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         if args.compare_hf:
             results["ratio_vs_hf_by_dropout"] = ratios
             results["ratio_vs_hf"] = ratios[str(args.dropout[0])]
+    if args.compare_hf and "kernels" not in args.skip:
+        results["kernels"] = bench_kernels(config, args.batch, args.inputs_length)
     if "decode" not in args.skip:
         results["decode"], decode_ratios = bench_decode(args)
         if args.compare_hf:

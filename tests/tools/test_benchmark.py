@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -18,6 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchmark
 
 from t5x_lite.config import UserError
+from t5x_lite.models import layers
 from t5x_lite.models.encoder_decoder import T5
 
 
@@ -108,6 +111,13 @@ def test_tiny_run_reports_every_figure(capsys):
     assert r["decode_ratio_vs_hf"] == r["decode_ratio_vs_hf_by_method"]["greedy"]["4"]
     assert _positive(r["decode_ratio_vs_hf"])
 
+    kernels = {row["kernel"]: row for row in r["kernels"]}
+    assert set(kernels) == set(benchmark.kernel_shapes(benchmark.model_config("tiny", "float32", 0.0), 2, 16))
+    for row in kernels.values():
+        assert _positive(row["flops_per_s"]) and _positive(row["hf_flops_per_s"])
+        assert row["ratio_vs_hf"] == pytest.approx(row["flops_per_s"] / row["hf_flops_per_s"])
+    assert kernels["feed-forward in"]["flops"] == 2 * 2 * 16 * 128 * 256
+
     data = r["data"]
     assert _positive(data["rows_per_s"]) and 0.5 < data["fill"] <= 1.0
     assert data["ratio_vs_step"] == pytest.approx(data["rows_per_s"] / (2 / r["train"][0]["step_s"]))
@@ -127,3 +137,22 @@ def test_bf16_train_step_runs_against_hf_autocast(capsys):
     assert [row["impl"] for row in r["train"]] == ["t5x_lite", "hf"]
     assert all(0 < row["loss"] < 3 * math.log(2048) for row in r["train"])
     assert _positive(r["ratio_vs_hf"]) and "decode" not in r and "data" not in r
+
+
+def test_kernel_forms_compute_the_same_products_on_both_sides():
+    """Each kernel of the side-by-side (ours: `layers.einsum` in model layouts; HF's torch product in its
+    layouts) computes the same numbers, so the GFLOP/s compare like for like."""
+    torch = pytest.importorskip("torch")
+    config = benchmark.model_config("tiny", "float32", 0.0)
+    # Our result -> HF's layout.
+    to_hf = {
+        "projection (q/k/v)": lambda o: o.reshape(*o.shape[:2], -1),
+        "weight gradient": lambda o: o.T,
+        "attention values": lambda o: o.transpose(0, 2, 1, 3),
+    }
+    rng = np.random.default_rng(0)
+    for name, (spec, x_shape, y_shape) in benchmark.kernel_shapes(config, 2, 16).items():
+        x, y = rng.standard_normal(x_shape, np.float32), rng.standard_normal(y_shape, np.float32)
+        ours = np.asarray(layers.einsum(spec, jnp.asarray(x), jnp.asarray(y), dtype=jnp.float32))
+        theirs = benchmark._torch_kernel(torch, name, x, y, "cpu", torch.float32)().numpy()
+        np.testing.assert_allclose(to_hf.get(name, lambda o: o)(ours), theirs, rtol=1e-4, atol=1e-4, err_msg=name)
