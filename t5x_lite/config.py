@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from t5x_lite import checkpoints, partitioning
+from t5x_lite import checkpoints, host_memory, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 
@@ -91,7 +91,9 @@ def define_flags() -> None:
 
 
 def apply_runtime_flags() -> None:
-    """Quiet library logs unless -v was given, join a multi-host run, point seqio at TFDS data."""
+    """Keep freed host memory for XLA's buffers (`host_memory`), quiet library logs unless -v was given,
+    join a multi-host run, point seqio at TFDS data."""
+    host_memory.keep_freed_host_memory()
     if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
         logging.set_verbosity(logging.WARNING)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from t5x_lite import partitioning
+from t5x_lite import host_memory, partitioning
 from t5x_lite.config import UserError
 from t5x_lite.models import layers
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
@@ -748,6 +748,7 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    host_memory.keep_freed_host_memory()  # as the CLIs do; PyTorch in this process gets it too
     threads = limit_threads(args.threads)  # before JAX starts its CPU thread pool
     if args.compare_hf:  # on a GPU, leave memory for PyTorch instead of preallocating most of it for JAX
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

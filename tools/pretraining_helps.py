@@ -192,6 +192,9 @@ def main(argv=None) -> dict:
     from plot_metrics import plot
 
     import t5x_lite  # noqa: F401  (registers the tasks and configurables)
+    from t5x_lite import host_memory
+
+    host_memory.keep_freed_host_memory()  # as `python -m t5x_lite.train` does
 
     # As the CLI (absl.app) does: library logs through absl, INFO chatter off.
     logging.use_absl_handler()
