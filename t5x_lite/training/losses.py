@@ -25,7 +25,10 @@ def cross_entropy(
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     vocab_size = logits.shape[-1]
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    # One max over the vocabulary serves both the normaliser and the prediction: the first index holding
+    # the maximum is exactly argmax, without a second (value, index) reduction over the logits.
+    max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     target_log_prob = target_logit - log_z
     if label_smoothing:
@@ -40,7 +43,9 @@ def cross_entropy(
     else:
         token_loss = -target_log_prob
     token_z_loss = z_loss * jnp.square(log_z)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    predicted = jnp.min(jnp.where(logits == max_logit[..., None], vocab_ids, vocab_size), axis=-1)
+    correct = (predicted == targets).astype(jnp.float32)
     return {
         "loss_sum": jnp.sum((token_loss + token_z_loss) * weights),
         "z_loss_sum": jnp.sum(token_z_loss * weights),

@@ -115,6 +115,23 @@ def test_float32_einsum_vjp_equals_autodiff(spec):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_vjp_equals_autodiff():
+    """`layers.softmax` (backward from the saved probabilities) matches autodiff of jax.nn.softmax, masked keys too."""
+    logits = 4.0 * jax.random.normal(jax.random.key(0), (2, 3, 5, 7))
+    logits = logits.at[..., -2:].add(layers.NEG_INF)  # padded keys, as the attention bias makes them
+    cotangent = jax.random.normal(jax.random.key(1), logits.shape)
+
+    def vjp(fn):
+        probs, pullback = jax.vjp(fn, logits)
+        return probs, pullback(cotangent)[0]
+
+    probs, grad = vjp(layers.softmax)
+    want_probs, want_grad = vjp(lambda x: jax.nn.softmax(x, axis=-1))
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert not np.any(grad[..., -2:])
+
+
 def test_dropout_statistics_and_determinism():
     x = jnp.ones((64, 1000))
     assert layers.dropout(x, 0.1, None) is x

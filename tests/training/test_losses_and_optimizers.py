@@ -29,6 +29,27 @@ def test_cross_entropy_matches_optax():
     np.testing.assert_allclose(sums["correct_sum"], correct.sum())
 
 
+def test_accuracy_counts_argmax_hits_first_index_on_ties():
+    """A tied maximum predicts its first index, as argmax does: all-equal logits are right only for token 0."""
+    logits = jnp.zeros((1, 3, 4)).at[0, 2, 1].set(5.0).at[0, 2, 3].set(5.0)
+    targets = jnp.array([[0, 2, 1]])
+    sums = losses.cross_entropy(logits, targets, jnp.ones((1, 3)))
+    assert float(sums["correct_sum"]) == 2.0  # row 0: tie -> 0 (hit); row 1: tie -> 0 (miss); row 2: 1 (hit)
+
+
+def test_cross_entropy_gradient_matches_optax():
+    logits, targets, weights = random_batch(3)
+
+    def ours(x):
+        return losses.cross_entropy(x, targets, weights, z_loss=1e-4)["loss_sum"]
+
+    def reference(x):
+        token = optax.softmax_cross_entropy_with_integer_labels(x, targets) + 1e-4 * jax.nn.logsumexp(x, -1) ** 2
+        return jnp.sum(token * weights)
+
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(reference)(logits), rtol=1e-5, atol=1e-6)
+
+
 def test_label_smoothing_is_kl_to_the_smoothed_distribution():
     logits, targets, weights = random_batch(1)
     vocab, smoothing = logits.shape[-1], 0.1
