@@ -12,6 +12,8 @@ its fusion kind, output shape and the JAX operation it came from. A table, then 
 
 The matmul FLOPs counted from the HLO equal `benchmark.model_flops` (tested), so a group's FLOP/s is exact;
 compare it with the peak `tools/benchmark.py` measures to see which products run below the machine's speed.
+One blind spot: a dot XLA leaves unfused on the CPU (kind `dot`, run by Eigen) returns to the runtime before
+its thread-pool work ends, so its time lands on the ops after it; a rate above the machine's peak marks that.
 """
 
 from __future__ import annotations
