@@ -8,8 +8,9 @@ and trimming off, freed blocks stay on malloc's free lists and the next step reu
 PyTorch's caching allocators do). Measured on 2 CPU cores: T5-small train step 8.0 -> 6.7 s, tiny
 72 -> 52 ms, attention-logit matmuls 45 -> 113 GFLOP/s. The cost: the process keeps its peak footprint.
 
-The entry points (`python -m t5x_lite.train` and the other CLIs, `tools/`) call `keep_freed_host_memory()`
-first; library users can call it too. `T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
+The entry points (`python -m t5x_lite.train` and the other CLIs; `tools/benchmark.py`, `tools/profile_step.py`
+and `tools/pretraining_helps.py`) call `keep_freed_host_memory()` first; library users can call it too.
+`T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
 """
 
 from __future__ import annotations
