@@ -13,7 +13,8 @@ its fusion kind, output shape and the JAX operation it came from. A table, then 
 The matmul FLOPs counted from the HLO equal `benchmark.model_flops` (tested), so a group's FLOP/s is exact;
 compare it with the peak `tools/benchmark.py` measures to see which products run below the machine's speed.
 One blind spot: a dot XLA leaves unfused on the CPU (kind `dot`, run by Eigen) returns to the runtime before
-its thread-pool work ends, so its time lands on the ops after it; a rate above the machine's peak marks that.
+its thread-pool work ends, so its time lands on the ops after it; the "run by" column names the op kind, and a
+rate above the machine's peak marks the blind spot.
 """
 
 from __future__ import annotations
@@ -146,21 +147,21 @@ def trace_events(trace_dir: str, ops: dict[str, HloOp]) -> list[dict]:
 def summarize(ops: dict[str, HloOp], events: Sequence[dict], steps: int) -> dict[str, Any]:
     """Per-step wall time by matmul shape and by other op group, largest first."""
     shares = wall_shares(events)
-    matmuls: dict[str, dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "flops": 0, "ops": 0})
+    matmuls: dict[tuple, dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "flops": 0, "ops": 0})
     others: dict[tuple, dict[str, float]] = collections.defaultdict(lambda: {"ms": 0.0, "ops": 0})
     for event, share in zip(events, shares):
         op = ops[event["name"]]
         if op.flops:
-            group = matmuls[op.matmul or f"{op.kind} (several dots)"]
+            group = matmuls[(op.matmul or "several dots", op.kind)]
             group["flops"] += op.flops / steps
         else:
             group = others[(op.kind, op.shape, op.source)]
         group["ms"] += share / 1e3 / steps
         group["ops"] += 1 / steps
     matmul_rows = [
-        {"matmul": key, "ms": g["ms"], "ops": round(g["ops"]), "gflop": g["flops"] / 1e9,
+        {"matmul": matmul, "kind": kind, "ms": g["ms"], "ops": round(g["ops"]), "gflop": g["flops"] / 1e9,
          "gflop_per_s": g["flops"] / g["ms"] / 1e6 if g["ms"] else 0.0}
-        for key, g in matmuls.items()
+        for (matmul, kind), g in matmuls.items()
     ]
     other_rows = [
         {"kind": kind, "shape": shape, "source": source, "ms": g["ms"], "ops": round(g["ops"])}
@@ -220,13 +221,16 @@ def format_report(report: dict[str, Any], top: int) -> str:
         header,
         totals,
         "",
-        f"{'matmul (output, contraction)':36s} {'ms':>9s} {'ops':>5s} {'GFLOP':>8s} {'GFLOP/s':>8s}",
+        f"{'matmul (output, contraction)':36s} {'ms':>9s} {'ops':>5s} {'GFLOP':>8s} {'GFLOP/s':>8s}  run by",
     ]
     for row in report["matmuls"][:top]:
-        lines.append(f"{row['matmul']:36s} {row['ms']:9.1f} {row['ops']:5d} {row['gflop']:8.2f} {row['gflop_per_s']:8.1f}")
-    lines += ["", f"{'other ops (kind, output shape, from)':36s} {'ms':>9s} {'ops':>5s}"]
+        lines.append(
+            f"{row['matmul']:36s} {row['ms']:9.1f} {row['ops']:5d} {row['gflop']:8.2f} {row['gflop_per_s']:8.1f}  "
+            f"{row['kind']}"
+        )
+    lines += ["", f"{'other ops (kind, output shape, from)':44s} {'ms':>9s} {'ops':>5s}"]
     for row in report["others"][:top]:
-        lines.append(f"{row['kind'] + ' ' + row['shape']:36s} {row['ms']:9.1f} {row['ops']:5d}  {row['source'][-60:]}")
+        lines.append(f"{row['kind'] + ' ' + row['shape']:44s} {row['ms']:9.1f} {row['ops']:5d}  {row['source'][-60:]}")
     return "\n".join(lines)
 
 

@@ -65,5 +65,5 @@ def test_tiny_profile_accounts_for_the_model_flops(capsys):
     # Every matmul the compiled step runs was found and counted: exactly the analytic model count.
     assert report["matmul_gflop"] * 1e9 == pytest.approx(benchmark.model_flops(config, 2, 32, 8)["train_step"], rel=1e-6)
     assert 0 < report["matmul_ms"] <= report["busy_ms"] <= report["traced_ms"] * 1.001
-    assert report["matmuls"] and all(row["gflop_per_s"] > 0 for row in report["matmuls"])
+    assert report["matmuls"] and all(row["gflop_per_s"] > 0 and row["kind"] for row in report["matmuls"])
     assert report["others"] and sum(row["ms"] for row in report["others"]) > 0
