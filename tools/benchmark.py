@@ -12,12 +12,15 @@ What is measured, and how:
   run's dtype (a bf16 run multiplies bf16 x bf16 with float32 accumulation, the way the model's matmuls do).
 - train: the real `steps.make_train_step` (jitted, donated state, AdamW or Adafactor from `optimizers`) on
   one device, on synthetic full-length unpacked rows (every token real). Compile time is reported apart;
-  then `--warmup` steps, then `--steps` timed steps (each includes the host->device batch transfer), median.
+  then `--warmup` steps (and at least `--turn_s` seconds of them), then at least `--steps` timed steps (each
+  includes the host->device batch transfer), median.
   tokens/s = batch x (inputs_length + targets_length) / step time. FLOPs are `model_flops` (analytic).
 - --compare-hf: HF `transformers` T5ForConditionalGeneration (PyTorch) with the same shape, dropout,
   AdamW (same hyperparameters, fused kernel where torch has one), global-norm clipping and thread count;
-  bf16 runs use `torch.autocast(bfloat16)` (float32 params, like ours). The two sides alternate step by
-  step, so load on a shared machine hits both alike; their ratio is the robust figure. Beside wall times
+  bf16 runs use `torch.autocast(bfloat16)` (float32 params, like ours). The two sides alternate in turns
+  of `--turn_s` seconds (one step per turn when a step takes longer), so load on a shared machine hits both
+  alike; their ratio is the robust figure. (Switching every step charges each step for the caches the other
+  side evicted, which squeezes the ratio of short steps toward 1.) Beside wall times
   the report gives the process CPU seconds of the same runs (`step_cpu_s`, `cpu_s`), which on an
   oversubscribed machine track the work done better than wall time.
 - kernels (with --compare-hf): each matmul form of the step (projection, feed-forward, weight gradient,
@@ -153,23 +156,37 @@ def median_time(fn: Timed, repeats: int) -> tuple[float, list[float]]:
 
 
 def time_alternating(
-    runners: dict[str, Timed], warmup: int, repeats: int
+    runners: dict[str, Timed], warmup: int, repeats: int, turn_s: float = 1.0
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warms each runner up, then times them in turn (a, b, a, b, ...), so load that comes and goes on
-    a shared machine lands on every side alike. Returns each runner's wall times and this process's CPU
-    times (all threads) for the same runs: on an oversubscribed machine CPU time tracks the work done
-    while wall time also counts the waits for a core."""
-    for fn in runners.values():
-        for _ in range(warmup):
+    """Warms each runner up, then times them in turns (a's, b's, a's, ...) until each has at least
+    `repeats` timed runs, so load that comes and goes on a shared machine lands on every side alike.
+
+    A turn is as many consecutive runs as fill `turn_s` seconds (one run when a run takes longer), and
+    warm-up lasts at least `warmup` runs and, if `warmup` > 0, `turn_s` seconds. Switching sides every
+    run charges each run for the caches the other side evicted: on the 2-core CPU that added ~15 ms to
+    both sides' 40-55 ms tiny steps and pulled their ratio from ~1.3x to ~1.1x; a multi-second step
+    hardly notices. `turn_s=0` switches every run. Returns each runner's wall times and this process's
+    CPU times (all threads) for the same runs: on an oversubscribed machine CPU time tracks the work
+    done while wall time also counts the waits for a core.
+    """
+    runs_per_turn = {}
+    for name, fn in runners.items():
+        runs, spent, last = 0, 0.0, math.inf
+        while runs < warmup or (warmup > 0 and spent < turn_s):
+            start = time.perf_counter()
             fn()
+            last = time.perf_counter() - start
+            runs, spent = runs + 1, spent + last
+        runs_per_turn[name] = 1 if last >= turn_s else math.ceil(turn_s / max(last, 1e-6))
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    while min(len(times) for times in wall.values()) < repeats:
         for name, fn in runners.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+            for _ in range(runs_per_turn[name]):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     return wall, cpu
 
 
@@ -353,7 +370,9 @@ def bench_train(
         trainers: dict[str, Any] = {"t5x_lite": ours}
         if args.compare_hf:
             trainers["hf"] = HFTrainer(config, host_batch, args.learning_rate)
-        times, cpu = time_alternating({k: v.step for k, v in trainers.items()}, args.warmup, args.steps)
+        times, cpu = time_alternating(
+            {k: v.step for k, v in trainers.items()}, args.warmup, args.steps, args.turn_s
+        )
         result = {}
         for impl, trainer in trainers.items():
             step_s = statistics.median(times[impl])
@@ -530,6 +549,17 @@ class HFDecoder:
         return out[:, 1:].cpu().numpy()
 
 
+def _checked_decode(decoder: T5xDecoder | HFDecoder, impl: str, label: str, shape: tuple[int, int]) -> Timed:
+    """`decoder.run` that raises unless it made `shape` tokens (EOS disabled: every row decodes the full length)."""
+
+    def run() -> None:
+        made = decoder.run().shape
+        if made != shape:
+            raise RuntimeError(f"{impl} {label} decoding made tokens of shape {made}, not {shape}.")
+
+    return run
+
+
 def bench_decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Greedy and beam decoding tokens/s for each length (HF alternating under --compare-hf), plus the
     marginal seconds per decode step between consecutive lengths (flat = constant per-token cost)."""
@@ -550,12 +580,8 @@ def bench_decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
             decoders = {"t5x_lite": with_attention_fallback(build, config)[0]}
             if args.compare_hf:
                 decoders["hf"] = HFDecoder(config, inputs, method, length, args.beam_size)
-            for impl, decoder in decoders.items():  # a warm-up run that must make `length` tokens per row
-                shape = decoder.run().shape
-                if shape != (batch, length):
-                    raise RuntimeError(f"{impl} {label} decoding made tokens of shape {shape}, not {(batch, length)}.")
-            runners = {k: v.run for k, v in decoders.items()}
-            times, cpu = time_alternating(runners, max(args.warmup - 1, 0), args.decode_repeats)
+            runners = {impl: _checked_decode(decoder, impl, label, (batch, length)) for impl, decoder in decoders.items()}
+            times, cpu = time_alternating(runners, max(args.warmup, 1), args.decode_repeats, args.turn_s)
             result = {}
             for impl, decoder in decoders.items():
                 seconds = statistics.median(times[impl])
@@ -654,7 +680,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default="auto", help="auto (cuDNN fused on GPU in bf16), einsum, xla, cudnn")
     parser.add_argument("--optimizer", default="adamw", help="adamw or adafactor (--compare-hf needs adamw)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each timed thing, after compiling")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs of each timed thing after compiling (at least --turn_s seconds of them)")
+    parser.add_argument("--turn_s", type=float, default=1.0,
+                        help="with --compare-hf, each side runs for this long before the other's turn (0: every run)")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: all cores)")
     parser.add_argument("--peak_repeats", type=int, default=10)
@@ -674,6 +703,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--dtype {args.dtype!r} is not a dtype name; use float32 or bfloat16.") from None
     if args.compare_hf and args.optimizer != "adamw":
         raise UserError(f"--compare-hf times AdamW on both sides; drop --optimizer {args.optimizer!r}.")
+    if args.turn_s < 0:
+        raise UserError(f"--turn_s must be >= 0 seconds, got {args.turn_s}.")
     for name in ("batch", "inputs_length", "targets_length", "steps", "data_batches", "decode_repeats", "beam_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}.")

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -46,6 +47,41 @@ def test_synthetic_batch_is_a_shifted_full_batch():
     assert (batch["decoder_loss_weights"] == 1).all()
 
 
+def _fake_clock(monkeypatch) -> tuple[types.SimpleNamespace, list[str]]:
+    """benchmark's `time` replaced by a clock that only the fake runners advance; returns it and the call log."""
+    clock = types.SimpleNamespace(now=0.0)
+    clock.perf_counter = clock.process_time = lambda: clock.now
+    monkeypatch.setattr(benchmark, "time", clock)
+    return clock, []
+
+
+def _fake_runner(clock: types.SimpleNamespace, calls: list[str], name: str, seconds: float):
+    def run():
+        calls.append(name)
+        clock.now += seconds
+
+    return run
+
+
+def test_time_alternating_runs_sides_in_turns_of_turn_s(monkeypatch):
+    """A 0.3 s side warms up for 1 s (4 runs) and then runs 4 at a turn; a 2 s side warms up and runs one at a
+    time; turns alternate until each side has `repeats` timed runs."""
+    clock, calls = _fake_clock(monkeypatch)
+    runners = {"fast": _fake_runner(clock, calls, "f", 0.3), "slow": _fake_runner(clock, calls, "s", 2.0)}
+    wall, cpu = benchmark.time_alternating(runners, warmup=1, repeats=2, turn_s=1.0)
+    assert "".join(calls) == "ffff" + "s" + "ffffs" * 2
+    assert wall["fast"] == pytest.approx([0.3] * 8) and wall["slow"] == pytest.approx([2.0] * 2)
+    assert cpu == wall
+
+
+def test_time_alternating_with_turn_s_zero_switches_every_run(monkeypatch):
+    clock, calls = _fake_clock(monkeypatch)
+    runners = {"a": _fake_runner(clock, calls, "a", 0.01), "b": _fake_runner(clock, calls, "b", 0.02)}
+    wall, _ = benchmark.time_alternating(runners, warmup=2, repeats=3, turn_s=0.0)
+    assert "".join(calls) == "aabb" + "ab" * 3
+    assert len(wall["a"]) == len(wall["b"]) == 3
+
+
 @pytest.mark.parametrize(
     "argv,match",
     [
@@ -54,6 +90,7 @@ def test_synthetic_batch_is_a_shifted_full_batch():
         (["--decode_lengths", "8", "4"], "increasing"),
         (["--dtype", "float33"], "float33"),
         (["--steps", "0"], "--steps"),
+        (["--turn_s", "-1"], "--turn_s"),
         (["--inputs_length", "512", "--targets_length", "100"], "targets_length >= 114"),
     ],
 )
@@ -83,6 +120,7 @@ def test_tiny_run_reports_every_figure(capsys):
         "--config", "tiny", "--batch", "2", "--inputs_length", "16", "--targets_length", "6", "--compare-hf",
         "--dropout", "0.0", "0.1", "--steps", "2", "--warmup", "1", "--peak_size", "256", "--peak_repeats", "2",
         "--decode_lengths", "2", "4", "--decode_repeats", "1", "--beam_size", "2", "--data_batches", "2",
+        "--turn_s", "0.05",
     ]
     try:
         r = _run(capsys, argv)
@@ -96,7 +134,7 @@ def test_tiny_run_reports_every_figure(capsys):
         ("t5x_lite", 0.0), ("hf", 0.0), ("t5x_lite", 0.1), ("hf", 0.1)
     ]
     for row in r["train"]:
-        assert len(row["step_s_all"]) == 2 and all(_positive(t) for t in row["step_s_all"])
+        assert len(row["step_s_all"]) >= 2 and all(_positive(t) for t in row["step_s_all"])
         assert row["tokens_per_s"] == pytest.approx(2 * (16 + 6) / row["step_s"])
         assert row["mfu"] == pytest.approx(r["flops"]["train_step"] / row["step_s"] / r["peak"]["flops_per_s"])
         assert 0 < row["loss"] < 3 * math.log(2048)  # both models start near uniform predictions
@@ -129,8 +167,8 @@ def test_bf16_train_step_runs_against_hf_autocast(capsys):
     pytest.importorskip("transformers")
     argv = [
         "--config", "tiny", "--batch", "2", "--inputs_length", "16", "--targets_length", "4", "--compare-hf",
-        "--dtype", "bfloat16", "--dropout", "0.1", "--steps", "1", "--warmup", "1", "--peak_size", "256",
-        "--skip", "data", "decode",
+        "--dtype", "bfloat16", "--dropout", "0.1", "--steps", "1", "--warmup", "1", "--turn_s", "0",
+        "--peak_size", "256", "--skip", "data", "decode",
     ]
     r = _run(capsys, argv)
     assert r["peak"]["dtype"] == "bfloat16" and r["model"]["dtype"] == "bfloat16"
