@@ -1,4 +1,6 @@
 """Installs t5x_lite: pre-training and fine-tuning of transformer LMs in JAX/Flax."""
+import pathlib
+
 import setuptools
 
 HF = ["safetensors==0.8.0", "tokenizers==0.23.3", "datasets==5.2.0"]
@@ -7,7 +9,7 @@ setuptools.setup(
     name="t5x_lite",
     version="0.1.0",
     description="A small, fast JAX/Flax codebase for pre-training and fine-tuning T5-style models.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["t5x_lite", "t5x_lite.*"]),

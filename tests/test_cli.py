@@ -22,7 +22,7 @@ def run_cli(*args: str, cwd: Path = REPO, module: str = "t5x_lite.train") -> sub
     full_env = dict(os.environ, XLA_FLAGS="")
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600,
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, check=False,
     )
 
 

@@ -1,5 +1,6 @@
 """Tests of the span-corruption objective (t5x_lite/data/objectives.py)."""
 
+import itertools
 import math
 import uuid
 
@@ -60,7 +61,7 @@ def _uncorrupt(inputs, targets, min_sentinel=MAX_TOKEN):
             spans[sentinel].append(token)
     restored = []
     for token in inputs:
-        restored.extend(spans[token] if token in spans else [token])
+        restored.extend(spans.get(token, [token]))
     return restored
 
 
@@ -96,14 +97,14 @@ def test_corrupted_lengths_are_exactly_the_predicted_lengths(inputs_length):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(inputs_length=2),
-        dict(inputs_length=0),
-        dict(inputs_length=-5),
-        dict(inputs_length=512, noise_density=0.0),
-        dict(inputs_length=512, noise_density=1.0),
-        dict(inputs_length=512, noise_density=-0.1),
-        dict(inputs_length=512, noise_density=1.5),
-        dict(inputs_length=512, mean_noise_span_length=0.5),
+        {"inputs_length": 2},
+        {"inputs_length": 0},
+        {"inputs_length": -5},
+        {"inputs_length": 512, "noise_density": 0.0},
+        {"inputs_length": 512, "noise_density": 1.0},
+        {"inputs_length": 512, "noise_density": -0.1},
+        {"inputs_length": 512, "noise_density": 1.5},
+        {"inputs_length": 512, "mean_noise_span_length": 0.5},
     ],
 )
 def test_random_spans_lengths_rejects_bad_arguments(kwargs):
@@ -206,7 +207,7 @@ def test_short_sequences():
 )
 def test_packing_concatenates_and_splits_the_stream(document_lengths, chunk_lengths):
     starts = np.cumsum([0] + document_lengths)
-    documents = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+    documents = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
     ds = tf.data.Dataset.from_tensor_slices(
         {"targets": tf.ragged.constant(documents, dtype=tf.int32), "targets_pretokenized": [str(d) for d in documents]}
     )
@@ -261,7 +262,7 @@ def span_corruption_task(request):
 
 
 @pytest.mark.parametrize(
-    "span_corruption_task", [{}, dict(noise_density=0.3, mean_noise_span_length=2.0)], indirect=True
+    "span_corruption_task", [{}, {"noise_density": 0.3, "mean_noise_span_length": 2.0}], indirect=True
 )
 def test_end_to_end_through_seqio(span_corruption_task):
     task, lines, noise_args = span_corruption_task

@@ -85,7 +85,7 @@ def test_bf16_grads_execute_and_match_float32(block):
         else:
             graphdef, state = nnx.split(layers.MlpBlock(32, 48, dtype=dtype, rngs=nnx.Rngs(0)))
 
-        def loss(state, x, kv):
+        def loss(state, x, kv, graphdef=graphdef):
             module = nnx.merge(graphdef, state)
             out = module(x, kv, bias) if block == "attention" else module(x)
             return jnp.sum(jnp.sin(out.astype(jnp.float32)))
