@@ -389,7 +389,7 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         positions = jnp.arange(x.shape[1])
-        bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(mask)
+        bias = layers.broadcast_add(self.relpos_bias(positions, positions), layers.mask_to_bias(mask))
         x = layers.dropout(x, self.dropout_rate, dropout_rngs)
         x = _apply_layers(
             self.layers, x, (bias,), dropout_rngs, scan=self.scan_layers, remat_policy=self.remat_policy
@@ -420,7 +420,7 @@ class Decoder(nnx.Module):
         dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
         positions = jnp.arange(y.shape[1])
-        self_bias = self.relpos_bias(positions, positions) + layers.mask_to_bias(self_mask)
+        self_bias = layers.broadcast_add(self.relpos_bias(positions, positions), layers.mask_to_bias(self_mask))
         cross_bias = layers.mask_to_bias(cross_mask)
         y = layers.dropout(y, self.dropout_rate, dropout_rngs)
         y = _apply_layers(

@@ -132,6 +132,25 @@ def test_softmax_vjp_equals_autodiff():
     assert not np.any(grad[..., -2:])
 
 
+@pytest.mark.parametrize(
+    "x_shape, y_shape",
+    [((1, 6, 8, 8), (8, 1, 8, 8)), ((1, 5, 3, 3), (7, 1, 3, 3)), ((3,), (4, 2, 3)), ((4, 1, 3), (1, 5, 3))],
+)
+def test_broadcast_add_gradient_sums_broadcast_axes(x_shape, y_shape):
+    """`layers.broadcast_add`'s backward (sums over broadcast axes as products with ones) equals autodiff's,
+    for missing leading axes too."""
+    x, y = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate((x_shape, y_shape)))
+    weights = jax.random.normal(jax.random.key(2), jnp.broadcast_shapes(x_shape, y_shape))
+
+    def grads(add):
+        return jax.jit(jax.grad(lambda x, y: jnp.sum(add(x, y) * weights), argnums=(0, 1)))(x, y)
+
+    np.testing.assert_array_equal(layers.broadcast_add(x, y), x + y)
+    for got, want in zip(grads(layers.broadcast_add), grads(jnp.add), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_statistics_and_determinism():
     x = jnp.ones((64, 1000))
     assert layers.dropout(x, 0.1, None) is x
