@@ -64,12 +64,19 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
-def _dot(instruction: re.Match, shapes: dict[str, str]) -> tuple[int, str]:
-    """FLOPs of one dot (2 x output elements x contraction size) and "f32[m,n] K=k"; `shapes` names its operands."""
-    lhs = _dims(shapes.get(instruction.group("args").split(",")[0].strip().lstrip("%"), ""))
+def _dot(instruction: re.Match, shapes: dict[str, str]) -> tuple[int, str] | None:
+    """FLOPs of one dot (2 x output elements x contraction size) and "f32[m,n] K=k"; `shapes` names its operands.
+
+    None for a matrix-vector product (one operand has no free dimension, e.g. the sums with a vector of
+    ones in `layers.broadcast_add`'s backward): a memory-bound reduction, not one of the model's matmuls.
+    """
+    operands = [_dims(shapes.get(arg.strip().lstrip("%"), "")) for arg in instruction.group("args").split(",")[:2]]
+    lhs = operands[0]
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.group("rest"))
     k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) if contracting and lhs else 1
     out = instruction.group("shape").split("{")[0]
+    if any(dims and math.prod(_dims(out)) * k == math.prod(dims) for dims in operands):
+        return None
     return 2 * math.prod(_dims(out)) * k, f"{out} K={k}"
 
 
@@ -86,7 +93,8 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
 
     def dots(body: list[re.Match], only: re.Match | None = None) -> list[tuple[int, str]]:
         shapes = {m.group("name"): m.group("shape") for m in body}
-        return [_dot(m, shapes) for m in body if m.group("op") == "dot" and only in (None, m)]
+        found = (_dot(m, shapes) for m in body if m.group("op") == "dot" and only in (None, m))
+        return [dot for dot in found if dot is not None]
 
     ops = {}
     for body in computations.values():

@@ -23,7 +23,7 @@ def test_overlapping_ops_share_the_interval_they_run_together():
     assert shares == [4.0 + 3.0, 3.0 + 4.0, 2.0]  # [4, 10) is split in two; the gap [14, 20) is nobody's
 
 
-def test_hlo_parsing_counts_fused_and_unfused_dots():
+def test_hlo_parsing_counts_fused_and_unfused_dots_but_not_matrix_vector_products():
     hlo = """HloModule m
 
 %fused_computation.1 (p0: f32[8,6,512,64], p1: f32[8,6,64,512]) -> f32[8,6,512,512] {
@@ -32,12 +32,14 @@ def test_hlo_parsing_counts_fused_and_unfused_dots():
   ROOT %dot.1 = f32[8,6,512,512]{3,2,1,0} dot(%p0, %p1), lhs_batch_dims={0,1}, lhs_contracting_dims={3}, rhs_batch_dims={0,1}, rhs_contracting_dims={2}
 }
 
-ENTRY %main (a: f32[8,6,512,64], b: f32[8,6,64,512], x: f32[16,32], w: f32[32,8]) -> f32[8,6,512,512] {
+ENTRY %main (a: f32[8,6,512,64], b: f32[8,6,64,512], x: f32[16,32], w: f32[32,8], v: f32[32,1]) -> f32[8,6,512,512] {
   %a = f32[8,6,512,64]{3,2,1,0} parameter(0)
   %b = f32[8,6,64,512]{3,2,1,0} parameter(1)
   %x = f32[16,32]{1,0} parameter(2)
   %w = f32[32,8]{1,0} parameter(3)
+  %v = f32[32,1]{1,0} parameter(4)
   %dot.2 = f32[16,8]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
+  %dot.4 = f32[16,1]{1,0} dot(%x, %v), lhs_contracting_dims={1}, rhs_contracting_dims={0}
   ROOT %ynn_fusion.3 = f32[8,6,512,512]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(f)/jvp(bqhd,bkhd->bhqk)/dot_general"}
 }
 """
@@ -47,6 +49,7 @@ ENTRY %main (a: f32[8,6,512,64], b: f32[8,6,64,512], x: f32[16,32], w: f32[32,8]
     assert fused.source == "jvp(bqhd,bkhd->bhqk)/dot_general"
     assert (ops["dot.2"].kind, ops["dot.2"].flops) == ("dot", 2 * 16 * 8 * 32)
     assert ops["x"].flops == 0
+    assert ops["dot.4"].flops == 0  # a sum with a vector of ones (layers.broadcast_add's backward), not a matmul
 
 
 @pytest.mark.parametrize("argv,match", [(["--config", "huge"], "--config 'huge'"), (["--steps", "0"], "--steps")])
