@@ -2,7 +2,8 @@
 
 Each line holds `inputs`, `targets` (when known), `prediction` and `score` (the log-likelihood of
 the targets), for a task or mixture split or for a file of inputs (plain text, one input per
-line, or JSONL with an `inputs` and optional `targets` field).
+line, or JSONL with an `inputs` and optional `targets` field). Classification tasks write label
+names (`"prediction": "milton"`), tagging tasks one tag name per word.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 
 import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
 from t5x_lite import config, evaluation, partitioning
-from t5x_lite.data import vocab
+from t5x_lite.data import special_tokens, vocab
+from t5x_lite.data.classification_tasks import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
 
@@ -64,6 +67,46 @@ def task_examples(
     return ds, converter(ds, lengths).enumerate()
 
 
+def readable(vocabulary: seqio.Vocabulary, ids: list[int], gold: list[int]) -> str | list[str]:
+    """Text for a row of target or predicted ids: decoded text, a label's name, or (tagging: one tag per
+    position) the tag names at the positions the gold tags label, i.e. one per word."""
+    if not isinstance(vocabulary, LabelVocabulary):
+        return vocabulary.decode(ids)
+    if vocabulary.first_id == 0:
+        return vocabulary.label_name(ids[0])
+    return [vocabulary.label_name(ids[i]) for i, tag in enumerate(gold) if tag > 0]
+
+
+def readable_bert_inputs(vocabulary: seqio.Vocabulary, ids: list[int]) -> str:
+    """`[CLS] A [SEP] (B [SEP])` word pieces -> "A" or "A [SEP] B" (the specials are extra ids that
+    would otherwise print as sentinels)."""
+    special = special_tokens.bert_special_ids(vocabulary)
+    segments, current = [], []
+    for token in ids:
+        if token == special.sep:
+            segments.append(current)
+            current = []
+        elif token not in (special.cls, vocabulary.pad_id):
+            current.append(token)
+    return " [SEP] ".join(vocabulary.decode(segment) for segment in [*segments, current] if segment)
+
+
+def example_record(task: seqio.Task, example: Mapping[str, np.ndarray], prediction: list[int], score: float) -> dict:
+    """One output line: the example's text, the prediction made readable, and the targets' score."""
+    vocabulary = task.output_features["targets"].vocabulary
+    input_vocabulary = task.output_features["inputs"].vocabulary
+    targets, inputs = example["targets"].tolist(), example["inputs"].tolist()
+    labelled = isinstance(vocabulary, LabelVocabulary)  # BERT classification or tagging
+    return {
+        "task": task.name,
+        "inputs": readable_bert_inputs(input_vocabulary, inputs) if labelled else input_vocabulary.decode(inputs),
+        "targets": readable(vocabulary, targets, targets),
+        "prediction": readable(vocabulary, prediction, targets),
+        # A text target of one id is EOS alone (an input file without targets): nothing to score.
+        "score": score if labelled or len(targets) > 1 else None,
+    }
+
+
 @gin.configurable
 def infer(
     *,
@@ -97,17 +140,11 @@ def infer(
             raw, features = task_examples(task, split, task_feature_lengths, converter)
             predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
             scores = dict(runner.score(params, features))
-            vocabulary = task.output_features["targets"].vocabulary
-            input_vocabulary = task.output_features["inputs"].vocabulary
             for index, example in enumerate(raw.as_numpy_iterator()):
-                targets = example["targets"].tolist()
-                line = {
-                    "task": task.name,
-                    "inputs": input_vocabulary.decode(example["inputs"].tolist()),
-                    "targets": vocabulary.decode(targets),
-                    "prediction": vocabulary.decode(predictions[index]),
-                    "score": scores[index] if len(targets) > 1 else None,
-                }
+                try:
+                    line = example_record(task, example, predictions[index], scores[index])
+                except ValueError as error:
+                    raise config.UserError(f"Task {task.name!r}, example {index}: {error}") from None
                 out.write(json.dumps(line) + "\n")
                 written += 1
     print(f"Wrote {written} predictions to {output}.")

@@ -328,11 +328,37 @@ def tagging_metrics_fn(tag_names: Sequence[str]) -> Callable[[Sequence[Sequence[
 # ------------------------------------------------------------------ registering tasks
 
 
-def classification_output_features(num_labels: int, vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
-    """`inputs` (word pieces, no EOS: BERT ends with [SEP]) and `targets` (label or tag ids)."""
+class LabelVocabulary(seqio.PassThroughVocabulary):
+    """Label or tag ids that pass through unchanged (as metrics want them) and know their names,
+    which `t5x_lite.infer` writes. `first_id` is the id of `names[0]` (tags start at 1: 0 means
+    "no label")."""
+
+    def __init__(self, names: Sequence[str], first_id: int = 0):
+        super().__init__(size=first_id + len(names))
+        self.names = tuple(names)
+        self.first_id = first_id
+
+    def label_name(self, label_id: int) -> str:
+        """The name of one label or tag id; a clear error for an id the task does not define."""
+        index = int(label_id) - self.first_id
+        if not 0 <= index < len(self.names):
+            raise ValueError(
+                f"Label id {label_id} is not one of this task's ids {self.first_id}..{self.size - 1} "
+                f"({', '.join(self.names)}); does the model's BertConfig.num_labels ({len(self.names)} here) match the task?"
+            )
+        return self.names[index]
+
+    def __str__(self) -> str:
+        return f"LabelVocabulary({', '.join(self.names)}; first id {self.first_id})"
+
+
+def classification_output_features(
+    label_names: Sequence[str], vocabulary: seqio.Vocabulary | None = None, first_id: int = 0
+) -> dict[str, seqio.Feature]:
+    """`inputs` (word pieces, no EOS: BERT ends with [SEP]) and `targets` (label or tag ids, named)."""
     return {
         "inputs": seqio.Feature(vocabulary=vocabulary or vocab.get_vocabulary(), add_eos=False),
-        "targets": seqio.Feature(vocabulary=seqio.PassThroughVocabulary(num_labels), add_eos=False),
+        "targets": seqio.Feature(vocabulary=LabelVocabulary(label_names, first_id), add_eos=False),
     }
 
 
@@ -368,7 +394,7 @@ def register_classification_task(
             functools.partial(label_names_to_ids, label_names=tuple(label_names)),
             functools.partial(to_bert_inputs, text_keys=columns[1:]),
         ],
-        output_features=classification_output_features(len(label_names), vocabulary),
+        output_features=classification_output_features(label_names, vocabulary),
         postprocess_fn=postprocess_label,
         metric_fns=[classification_metrics],
     )
@@ -396,7 +422,7 @@ def register_tagging_task(
             functools.partial(parse_tsv_lines, columns=("tokens", "tags")),
             functools.partial(to_tagging_inputs, tag_names=tuple(tag_names)),
         ],
-        output_features=classification_output_features(len(tag_names) + 1, vocabulary),
+        output_features=classification_output_features(tag_names, vocabulary, first_id=1),
         postprocess_fn=postprocess_tags,
         metric_fns=[tagging_metrics_fn(tuple(tag_names))],
     )
@@ -429,7 +455,7 @@ def _register_defaults() -> None:
                     functools.partial(_glue_record, text_keys=text_keys),
                     functools.partial(to_bert_inputs, text_keys=text_keys),
                 ],
-                output_features=classification_output_features(len(labels)),
+                output_features=classification_output_features(labels),
                 postprocess_fn=postprocess_label,
                 metric_fns=[classification_metrics],
             )

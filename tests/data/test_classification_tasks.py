@@ -75,7 +75,7 @@ def test_classification_converter_never_packs_and_checks_the_targets_length():
 
 
 def test_truncation_keeps_special_tokens_longest_first():
-    features = ct.classification_output_features(2)
+    features = ct.classification_output_features(("no", "yes"))
     ds = tf.data.Dataset.from_tensors({"a": " ".join(["to"] * 30), "b": "be or not", "label": 1})
     (row,) = list(ct.to_bert_inputs(ds, features, {"inputs": 12}, text_keys=("a", "b")).as_numpy_iterator())
     b_ids = VOCAB.encode("be or not")
@@ -197,3 +197,22 @@ def test_build_tool_reproduces_the_bundled_files(tmp_path):
     build_classification.build_files(ct.CLS_DIR.parent, tmp_path)
     for path in sorted(ct.CLS_DIR.glob("*.tsv")):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_label_vocabulary_names_labels_and_tags_for_infer():
+    from t5x_lite import infer
+
+    labels = ct.LabelVocabulary(ct.AUTHOR_LABELS)
+    assert labels.size == 2 and labels.decode([1]) == [1]  # ids pass through for the metrics
+    assert infer.readable(labels, [1], [0]) == "milton"
+    tags = ct.LabelVocabulary(ct.SPEAKER_TAGS, first_id=1)
+    gold = [0, 2, 0, 3, 1, 0]  # [CLS], three words (one of two pieces), [SEP]
+    assert infer.readable(tags, [4, 2, 1, 3, 1, 4], gold) == ["B-SPK", "I-SPK", "O"]
+    assert infer.readable(tags, gold, gold) == ["B-SPK", "I-SPK", "O"]
+    with pytest.raises(ValueError, match=r"Label id 5 is not one of this task's ids 1\.\.4 .*num_labels"):
+        infer.readable(tags, [0, 5, 0, 1, 1, 0], gold)
+    features = seqio.get_mixture_or_task("bundled_tagging").output_features
+    assert features["targets"].vocabulary.names == ct.SPEAKER_TAGS
+    to_be, question = VOCAB.encode("to be"), VOCAB.encode("that is the question")
+    assert infer.readable_bert_inputs(VOCAB, [CLS, *to_be, SEP, *question, SEP, 0, 0]) == "to be [SEP] that is the question"
+    assert infer.readable_bert_inputs(VOCAB, [CLS, *to_be, SEP]) == "to be"

@@ -398,3 +398,26 @@ def test_classification_fine_tune_beats_chance(tmp_path):
     # Balanced two-class validation set (333 + 333 excerpts of held-out text): chance is 50%.
     assert final["eval/bundled_cls_single/accuracy"] > 65.0, final
     assert final["eval/bundled_cls_single/macro_f1"] > 60.0, final
+
+    from t5x_lite import config
+    from t5x_lite import infer as infer_lib
+    from t5x_lite.data import classification_tasks as ct
+
+    out = tmp_path / "predictions.jsonl"
+    gin.clear_config()
+    config.parse_gin([str(config.GIN_CONFIGS_DIR / "runs/infer.gin"), str(config.GIN_CONFIGS_DIR / "models/bert/tiny.gin")],
+                     ["MODEL = @EncoderClassificationModel()", "BertConfig.num_labels = 2", f"CHECKPOINT_PATH = '{tmp_path}'",
+                      "MIXTURE_OR_TASK_NAME = 'bundled_cls_single'", "TASK_FEATURE_LENGTHS = {'inputs': 96, 'targets': 1}",
+                      f"INFER_OUTPUT_FILE = '{out}'"])
+    try:
+        assert infer_lib.infer() == 666
+    finally:
+        gin.clear_config()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["targets"] for line in lines} == set(ct.AUTHOR_LABELS)
+    assert {line["prediction"] for line in lines} <= set(ct.AUTHOR_LABELS)
+    assert all(line["score"] < 0 for line in lines)
+    assert "[SEP]" not in lines[0]["inputs"] and "<extra_id" not in lines[0]["inputs"]
+    # The written names are the predictions the evaluation scored (the last checkpoint is the last eval's).
+    accuracy = 100 * np.mean([line["prediction"] == line["targets"] for line in lines])
+    assert accuracy == pytest.approx(final["eval/bundled_cls_single/accuracy"]), final
