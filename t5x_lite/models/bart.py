@@ -27,7 +27,7 @@ import seqio
 from flax import nnx
 
 from t5x_lite import decoding
-from t5x_lite.models import layers
+from t5x_lite.models import layers, stacks
 from t5x_lite.models.base import BaseModel
 from t5x_lite.models.encoder_decoder import DecodeState
 
@@ -54,8 +54,10 @@ class BartConfig:
     scale_embedding: bool = False  # multiply token embeddings by sqrt(d_model) (HF `scale_embedding`)
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
+    remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
 
     def __post_init__(self):
+        stacks.check_remat_policy("BartConfig", self.remat_policy)
         positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                     "num_decoder_layers", "max_position_embeddings")
         for name in positive:
@@ -204,9 +206,9 @@ class Bart(nnx.Module):
         positions = jnp.arange(encoder_input_tokens.shape[1])[None] if encoder_positions is None else encoder_positions
         x = self.encoder_embedder(self.token_embedder(encoder_input_tokens), positions, dropout_rngs)
         bias = layers.mask_to_bias(mask)
-        for layer in self.encoder_layers:
-            x = layer(x, bias, dropout_rngs)
-        return x
+        return stacks.apply_layers(
+            self.encoder_layers, x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy
+        )
 
     def decode(
         self,
@@ -234,8 +236,10 @@ class Bart(nnx.Module):
         positions = jnp.arange(decoder_input_tokens.shape[1])[None] if decoder_positions is None else decoder_positions
         y = self.decoder_embedder(self.token_embedder(decoder_input_tokens), positions, dropout_rngs)
         self_bias, cross_bias = layers.mask_to_bias(self_mask), layers.mask_to_bias(cross_mask)
-        for layer in self.decoder_layers:
-            y = layer(y, encoded, self_bias, cross_bias, dropout_rngs)
+        y = stacks.apply_layers(
+            self.decoder_layers, y, (encoded, self_bias, cross_bias), dropout_rngs,
+            scan=False, remat_policy=self.config.remat_policy,
+        )
         return self._logits(y)
 
     def _logits(self, y: jax.Array) -> jax.Array:

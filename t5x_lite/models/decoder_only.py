@@ -25,7 +25,7 @@ import seqio
 from flax import nnx
 
 from t5x_lite import decoding
-from t5x_lite.models import layers
+from t5x_lite.models import layers, stacks
 from t5x_lite.models.base import BaseModel
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
@@ -46,8 +46,10 @@ class GPTConfig:
     activation: str = "gelu_tanh"  # GPT-2's "gelu_new"; "gelu" (erf) or "relu" also work
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
+    remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
 
     def __post_init__(self):
+        stacks.check_remat_policy("GPTConfig", self.remat_policy)
         for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be a positive integer.")
@@ -94,7 +96,11 @@ class GPTBlock(nnx.Module):
         )
         self.dropout_rate = config.dropout_rate
 
-    def __call__(
+    def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
+        """[b, s, e] -> [b, s, e] (training: no cache)."""
+        return self.with_keys_values(x, bias, dropout_rngs)[0]
+
+    def with_keys_values(
         self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """[b, s, e] -> (output [b, s, e], this layer's keys and values [b, s, h, d] for a cache)."""
@@ -150,19 +156,9 @@ class GPT(nnx.Module):
         self.layers = nnx.List([GPTBlock(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_layer_norm = layers.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=config.dtype)
 
-    def _forward(
-        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None
-    ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-        """Final-normed hidden states [b, s, e] and every layer's keys and values [b, s, h, d]."""
+    def _embed(self, tokens: jax.Array, positions: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         x = self.token_embedder(tokens) + self.position_embedder(positions)
-        x = layers.dropout(x, self.config.dropout_rate, dropout_rngs)
-        bias = layers.mask_to_bias(mask)
-        keys, values = [], []
-        for layer in self.layers:
-            x, k, v = layer(x, bias, dropout_rngs)
-            keys.append(k)
-            values.append(v)
-        return self.final_layer_norm(x), keys, values
+        return layers.dropout(x, self.config.dropout_rate, dropout_rngs)
 
     def __call__(
         self,
@@ -180,9 +176,10 @@ class GPT(nnx.Module):
         """
         length = decoder_input_tokens.shape[1]
         positions = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
-        mask = decoder_mask(length, decoder_segment_ids, decoder_causal_attention)
-        y, _, _ = self._forward(decoder_input_tokens, positions, mask, dropout_rngs)
-        return self.token_embedder.attend(y)
+        bias = layers.mask_to_bias(decoder_mask(length, decoder_segment_ids, decoder_causal_attention))
+        x = self._embed(decoder_input_tokens, positions, dropout_rngs)
+        x = stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy)
+        return self.token_embedder.attend(self.final_layer_norm(x))
 
     def prefill(
         self, prompts: jax.Array, prompt_lengths: jax.Array, max_decode_length: int, *, bidirectional: bool = False
@@ -202,7 +199,12 @@ class GPT(nnx.Module):
         mask = (source >= 0)[:, None, None, :]
         if not bidirectional:
             mask = mask & layers.causal_mask(p)
-        _, keys, values = self._forward(tokens, jnp.maximum(source, 0), mask, None)
+        x, bias = self._embed(tokens, jnp.maximum(source, 0), None), layers.mask_to_bias(mask)
+        keys, values = [], []
+        for layer in self.layers:
+            x, key, value = layer.with_keys_values(x, bias, None)
+            keys.append(key)
+            values.append(value)
         cache_length = p + max_decode_length - 1  # the last generated token is never fed back
 
         def cache(x: jax.Array) -> jax.Array:

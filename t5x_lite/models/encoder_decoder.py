@@ -25,29 +25,11 @@ import seqio
 from flax import nnx
 
 from t5x_lite import decoding
-from t5x_lite.models import layers
+from t5x_lite.models import layers, stacks
 from t5x_lite.models.base import BaseModel
 
 FEED_FORWARDS = ("gated-gelu", "relu")
 
-# Per-layer rematerialisation: name -> what `jax.checkpoint` may keep from the forward pass.
-#   "none": no remat (autodiff keeps every intermediate the backward pass needs);
-#   "full": keep nothing, the backward pass reruns each layer's forward from its input;
-#   "dots": keep the outputs of the weight matmuls (q/k/v/out and feed-forward projections, i.e.
-#           the dots with no batch dimensions: what `dots_with_no_batch_dims_saveable` keeps) and
-#           recompute the rest: norms, activations, dropout masks and the batched attention dots
-#           (whose [b, h, q, k] outputs are the largest activations). The projections are matched
-#           by name (`layers.DENSE_OUTPUT`), because in bf16 they are custom-VJP calls that the
-#           dot-based policies do not see (with those, bf16 "dots" would silently equal "full").
-# Memory is saved reliably only with `scan_layers=True`, where the backward loop recomputes each layer
-# just before its gradient. In the unrolled loop XLA decides: XLA:CPU drops the optimization barriers
-# that keep the recomputation apart and CSEs it with the forward pass (8+8 layers, tiny width, batch
-# 8, 512/114, f32: peak temp 1430 -> 1393 MiB unrolled vs 1396 -> 242 MiB scanned, "full").
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.save_only_these_names(layers.DENSE_OUTPUT),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +50,7 @@ class T5Config:
     tie_word_embeddings: bool = False  # v1.0 True: logits = decoder_out * d_model**-0.5 @ embedding.T
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
-    remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see REMAT_POLICIES)
+    remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see stacks.REMAT_POLICIES)
     scan_layers: bool = False  # stacked layer params (leading "layers" axis) applied with lax.scan
     attention_impl: str = "auto"  # "auto" (cuDNN fused on GPU in bf16, else einsum), "einsum", "xla", "cudnn"
 
@@ -90,11 +72,7 @@ class T5Config:
                 f"T5Config.attention_impl={self.attention_impl!r} is not supported; use one of "
                 f"{list(layers.ATTENTION_IMPLS)}."
             )
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"T5Config.remat_policy={self.remat_policy!r} is not supported; use one of "
-                f"{list(REMAT_POLICIES)} (e.g. --gin.T5Config.remat_policy=\"'full'\")."
-            )
+        stacks.check_remat_policy("T5Config", self.remat_policy)
         try:
             jnp.dtype(self.dtype)
         except TypeError as e:
@@ -129,76 +107,6 @@ def _relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layer
         bidirectional=bidirectional,
         rngs=rngs,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer stacks: a list of layers, or one scanned module with stacked params; optional remat.
-
-# nnx.vmap metadata: the stacked axis is named "layers" in every param's `logical_axes` (the rule
-# tables leave it replicated), so `partitioning.param_shardings` works for both layouts.
-_SCAN_METADATA = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
-
-
-def _make_layers(make_layer, num_layers: int, scan: bool, rngs: nnx.Rngs) -> nnx.Module:
-    """`num_layers` layers from `make_layer(rngs)`: an `nnx.List`, or (scan) ONE module whose params
-    carry a leading `layers` axis, each layer initialised from its own split of one params key."""
-    if not scan:
-        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
-    keys = jax.random.split(rngs.params(), num_layers)
-    create = nnx.vmap(
-        lambda key: make_layer(nnx.Rngs(params=key)), in_axes=0, out_axes=0, transform_metadata=_SCAN_METADATA
-    )
-    return create(keys)
-
-
-def _apply_layers(
-    stack: nnx.Module,
-    x: jax.Array,
-    args: tuple,
-    dropout_rngs: nnx.Rngs | None,
-    *,
-    scan: bool,
-    remat_policy: str,
-) -> jax.Array:
-    """x <- layer(x, *args, dropout_rngs) for every layer of `stack` in order (see `_make_layers`).
-
-    With remat or scan each layer runs as a pure function of (layer params, x, dropout RNG state),
-    wrapped in `jax.checkpoint` when `remat_policy` != "none" and scanned over the stacked params
-    when `scan`. The dropout RNG state (key and counter) is threaded through as a carry, so every
-    layer draws the same keys, hence the same masks, as the plain loop: remat and scan change
-    neither the masks (each layer's differ, the counter advances) nor the numbers.
-    """
-    if not scan and remat_policy == "none":
-        for layer in stack:
-            x = layer(x, *args, dropout_rngs)
-        return x
-    rngs_graphdef, rngs_state = (None, None) if dropout_rngs is None else nnx.split(dropout_rngs)
-
-    def apply(graphdef, layer_state, x, rngs_state, args):
-        rngs = None if dropout_rngs is None else nnx.merge(rngs_graphdef, rngs_state)
-        x = nnx.merge(graphdef, layer_state)(x, *args, rngs)
-        return x, (None if rngs is None else nnx.state(rngs))
-
-    def pure(graphdef):
-        fn = functools.partial(apply, graphdef)
-        if remat_policy == "none":
-            return fn
-        # Inside scan, the loop already keeps the recomputation from being CSE'd with the forward.
-        return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
-
-    if scan:
-        graphdef, stacked = nnx.split(stack)
-        body = pure(graphdef)
-        (x, rngs_state), _ = jax.lax.scan(
-            lambda carry, layer_state: (body(layer_state, *carry, args), None), (x, rngs_state), stacked
-        )
-    else:
-        for layer in stack:
-            graphdef, layer_state = nnx.split(layer)
-            x, rngs_state = pure(graphdef)(layer_state, x, rngs_state, args)
-    if dropout_rngs is not None:
-        nnx.update(dropout_rngs, rngs_state)
-    return x
 
 
 def _layer_keys(layers_dict: Mapping) -> list:
@@ -379,7 +287,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos_bias(config, bidirectional=True, rngs=rngs)
-        self.layers = _make_layers(
+        self.layers = stacks.make_layers(
             lambda rngs: EncoderLayer(config, rngs=rngs), config.num_encoder_layers, config.scan_layers, rngs
         )
         self.encoder_norm = _norm(config)
@@ -391,7 +299,7 @@ class Encoder(nnx.Module):
         positions = jnp.arange(x.shape[1])
         bias = layers.broadcast_add(self.relpos_bias(positions, positions), layers.mask_to_bias(mask))
         x = layers.dropout(x, self.dropout_rate, dropout_rngs)
-        x = _apply_layers(
+        x = stacks.apply_layers(
             self.layers, x, (bias,), dropout_rngs, scan=self.scan_layers, remat_policy=self.remat_policy
         )
         return layers.dropout(self.encoder_norm(x), self.dropout_rate, dropout_rngs)
@@ -402,7 +310,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos_bias(config, bidirectional=False, rngs=rngs)
-        self.layers = _make_layers(
+        self.layers = stacks.make_layers(
             lambda rngs: DecoderLayer(config, rngs=rngs), config.num_decoder_layers, config.scan_layers, rngs
         )
         self.decoder_norm = _norm(config)
@@ -423,7 +331,7 @@ class Decoder(nnx.Module):
         self_bias = layers.broadcast_add(self.relpos_bias(positions, positions), layers.mask_to_bias(self_mask))
         cross_bias = layers.mask_to_bias(cross_mask)
         y = layers.dropout(y, self.dropout_rate, dropout_rngs)
-        y = _apply_layers(
+        y = stacks.apply_layers(
             self.layers, y, (encoded, self_bias, cross_bias), dropout_rngs,
             scan=self.scan_layers, remat_policy=self.remat_policy,
         )

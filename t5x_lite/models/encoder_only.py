@@ -30,9 +30,8 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from t5x_lite.models import layers
+from t5x_lite.models import layers, stacks
 from t5x_lite.models.base import BaseModel
-from t5x_lite.models.encoder_decoder import REMAT_POLICIES, _apply_layers
 from t5x_lite.training import losses
 
 HEADS = ("mlm", "classification", "tagging", "none")
@@ -57,7 +56,7 @@ class BertConfig:
     num_labels: int = 2  # classes of the classification head, or tags of the tagging head
     next_sentence_prediction: bool = False  # the MLM network also gets the pooler and NSP head
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
-    remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see encoder_decoder)
+    remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see stacks.REMAT_POLICIES)
     attention_impl: str = "auto"  # "auto" (cuDNN fused on GPU in bf16, else einsum), "einsum", "xla", "cudnn"
 
     def __post_init__(self):
@@ -67,10 +66,7 @@ class BertConfig:
             raise ValueError(f"BertConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
         if self.num_labels < 1:
             raise ValueError(f"BertConfig.num_labels={self.num_labels} must be at least 1.")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"BertConfig.remat_policy={self.remat_policy!r} is not supported; use one of {list(REMAT_POLICIES)}."
-            )
+        stacks.check_remat_policy("BertConfig", self.remat_policy)
         if self.attention_impl not in layers.ATTENTION_IMPLS:
             raise ValueError(
                 f"BertConfig.attention_impl={self.attention_impl!r} is not supported; use one of {list(layers.ATTENTION_IMPLS)}."
@@ -208,7 +204,7 @@ class Bert(nnx.Module):
         x = self.embeddings(tokens, positions, token_type_ids, dropout_rngs)
         hidden_states = [x]
         for layer in self.layers:
-            x = _apply_layers([layer], x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy)
+            x = stacks.apply_layers([layer], x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy)
             hidden_states.append(x)
         return (x, hidden_states) if return_hidden_states else x
 

@@ -1,5 +1,6 @@
-"""Tests for T5Config.remat_policy and T5Config.scan_layers: same numbers (logits, grads, dropout
-masks, cached decoding) as the plain layer loop, stacked-param layout and metadata, flat program size."""
+"""Tests for T5Config.remat_policy and T5Config.scan_layers (and the other families' remat_policy): same
+numbers (logits, grads, dropout masks, cached decoding) as the plain layer loop, stacked-param layout and
+metadata, flat program size."""
 
 import dataclasses
 
@@ -12,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
 from t5x_lite.models import encoder_decoder as ed
-from t5x_lite.models import layers
+from t5x_lite.models import bart, decoder_only, encoder_only, layers, stacks
 from t5x_lite.models.encoder_decoder import T5, EncoderDecoderModel, T5Config
 
 TINY = T5Config(
@@ -82,10 +83,10 @@ class MaskLayer(nnx.Module):
 def test_dropout_masks_differ_per_layer_and_match_across_modes():
     n, results = 4, {}
     for scan in (False, True):
-        stack = ed._make_layers(MaskLayer, n, scan, nnx.Rngs(0))
-        for policy in ed.REMAT_POLICIES:
+        stack = stacks.make_layers(MaskLayer, n, scan, nnx.Rngs(0))
+        for policy in stacks.REMAT_POLICIES:
             rngs = nnx.Rngs(dropout=jax.random.key(3))
-            out = ed._apply_layers(stack, jnp.zeros((n, 256)), (), rngs, scan=scan, remat_policy=policy)
+            out = stacks.apply_layers(stack, jnp.zeros((n, 256)), (), rngs, scan=scan, remat_policy=policy)
             # The RNG counter advanced as in the plain loop, so later draws match too.
             results[scan, policy] = (np.asarray(out) > 0, np.asarray(jax.random.key_data(rngs.dropout())))
     masks, after = results[False, "none"]
@@ -104,6 +105,43 @@ def test_remat_same_logits_and_grads(base_params, reference, policy):
                                      jax.random.key(7))
     np.testing.assert_allclose(logits, reference[0], atol=1e-6, rtol=1e-6)
     assert_trees_close(grads, reference[1], atol=1e-6)
+
+
+FAMILY_TOKENS = jax.random.randint(jax.random.key(4), (2, 10), 1, 64)
+FAMILIES = {  # config class, network, logits with dropout
+    "gpt": (decoder_only.GPTConfig, decoder_only.GPT, lambda net, rngs: net(FAMILY_TOKENS, dropout_rngs=rngs)),
+    "bart": (bart.BartConfig, bart.Bart, lambda net, rngs: net(FAMILY_TOKENS, FAMILY_TOKENS[:, :6], dropout_rngs=rngs)),
+    "bert": (encoder_only.BertConfig, encoder_only.Bert,
+             lambda net, rngs: net.mlm_logits(net.encode(FAMILY_TOKENS, dropout_rngs=rngs))),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_families_remat_same_logits_and_grads(family):
+    """GPT, BART and BERT take the same `remat_policy` values, with the same numbers and dropout masks."""
+    config_cls, network_cls, logits_fn = FAMILIES[family]
+    sizes = {"vocab_size": 64, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 48, "max_position_embeddings": 16}
+    depth = {"num_encoder_layers": 2, "num_decoder_layers": 2} if family == "bart" else {"num_layers": 2}
+    results = {}
+    for policy in stacks.REMAT_POLICIES:
+        config = config_cls(**sizes, **depth, dropout_rate=0.2, remat_policy=policy)
+        graphdef, state = nnx.split(network_cls(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+        def loss(state):
+            logits = logits_fn(nnx.merge(graphdef, state), nnx.Rngs(dropout=jax.random.key(5)))
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        remat_calls = str(jax.make_jaxpr(grad_fn)(state)).count("remat2[")
+        assert remat_calls == (0 if policy == "none" else sum(depth.values())), (policy, remat_calls)  # one per layer
+        (_, logits), grads = jax.jit(grad_fn)(state)
+        results[policy] = logits, nnx.to_pure_dict(grads)
+    reference_logits, reference_grads = results["none"]
+    for policy in ("full", "dots"):
+        np.testing.assert_allclose(results[policy][0], reference_logits, atol=1e-6, rtol=1e-6)
+        assert_trees_close(results[policy][1], reference_grads, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"{config_cls.__name__}.remat_policy='some'.*--gin.{config_cls.__name__}"):
+        config_cls(remat_policy="some")
 
 
 @pytest.mark.parametrize("policy", ["none", "dots"])
