@@ -12,8 +12,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
-from t5x_lite.models import encoder_decoder as ed
 from t5x_lite.models import bart, decoder_only, encoder_only, layers, stacks
+from t5x_lite.models import encoder_decoder as ed
 from t5x_lite.models.encoder_decoder import T5, EncoderDecoderModel, T5Config
 
 TINY = T5Config(
@@ -127,7 +127,7 @@ def test_other_families_remat_same_logits_and_grads(family):
         config = config_cls(**sizes, **depth, dropout_rate=0.2, remat_policy=policy)
         graphdef, state = nnx.split(network_cls(config, rngs=nnx.Rngs(0)), nnx.Param)
 
-        def loss(state):
+        def loss(state, graphdef=graphdef):
             logits = logits_fn(nnx.merge(graphdef, state), nnx.Rngs(dropout=jax.random.key(5)))
             return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
