@@ -2,7 +2,7 @@
 
 Each line holds `inputs`, `targets` (when known), `prediction` and `score` (the log-likelihood of
 the targets), for a task or mixture split or for a file of inputs (plain text, one input per
-line, or JSONL with an `inputs` and optional `targets` field). Classification tasks write label
+line, or JSONL with an `inputs` and optional `targets` field; text-to-text models only). Classification tasks write label
 names (`"prediction": "milton"`), tagging tasks one tag name per word.
 """
 
@@ -123,6 +123,12 @@ def infer(
     if (mixture_or_task_name is None) == (input_file is None):
         raise config.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
     if input_file is not None:
+        if not model.text_to_text:
+            raise config.UserError(
+                f"INFER_INPUT_FILE holds text-to-text inputs, but {type(model).__name__} predicts for a task's "
+                "examples (labels, tags or masked pieces): register the file as a task (e.g. "
+                "register_classification_task / register_tagging_task) and set MIXTURE_OR_TASK_NAME instead."
+            )
         tasks, split = [file_task(read_input_file(input_file))], "infer"
     else:
         provider = config.lookup_task(mixture_or_task_module, mixture_or_task_name, task_feature_lengths)

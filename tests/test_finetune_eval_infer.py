@@ -145,6 +145,20 @@ def test_infer_rejects_an_empty_input_file(tmp_path):
         infer_lib.read_input_file(str(empty))
 
 
+def test_infer_rejects_an_input_file_for_a_classifier(tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("To be, or not to be\n")
+    parse(["runs/infer.gin", "models/bert/tiny.gin"], "MODEL = @EncoderClassificationModel()",
+          f"CHECKPOINT_PATH = '{tmp_path}'", f"INFER_INPUT_FILE = '{lines}'",
+          "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 1}", f"INFER_OUTPUT_FILE = '{tmp_path / 'out.jsonl'}'")
+    try:
+        with pytest.raises(config.UserError, match="EncoderClassificationModel predicts for a task's examples.*MIXTURE_OR_TASK_NAME"):
+            infer_lib.infer()
+    finally:
+        gin.clear_config()
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_eval_needs_a_task_with_metrics(pretrained, tmp_path):
     parse(["runs/eval.gin", TINY], f"CHECKPOINT_PATH = '{pretrained}'", "MIXTURE_OR_TASK_NAME = 'bundled_span_corruption'",
           "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", f"EVAL_OUTPUT_DIR = '{tmp_path}'")

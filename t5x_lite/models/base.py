@@ -22,6 +22,9 @@ class BaseModel(abc.ABC):
     """A model family: network construction plus the loss over a feature-converted batch."""
 
     feature_converter_cls: type[seqio.FeatureConverter]
+    # Whether inputs and targets are text (so `infer` can take a file of raw inputs); BERT's heads
+    # predict masked pieces, labels or tags of a task's examples instead.
+    text_to_text = True
     targets_key = "decoder_target_tokens"
     weights_key = "decoder_loss_weights"
 

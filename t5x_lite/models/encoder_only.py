@@ -447,6 +447,7 @@ class _BertModel(BaseModel):
     """What the three BERT models share: the config, the network's head, the input features."""
 
     head = "mlm"
+    text_to_text = False
     # Parameter prefixes a fine-tuning run may start without (fresh heads on a pre-trained encoder).
     fresh_param_prefixes: tuple[str, ...] = ()
 
