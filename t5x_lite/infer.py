@@ -1,9 +1,9 @@
 """`python -m t5x_lite.infer --gin_file=runs/infer.gin ...`: one JSON line per example.
 
 Each line holds `inputs`, `targets` (when known), `prediction` and `score` (the log-likelihood of
-the targets), for a task or mixture split or for a file of inputs (plain text, one input per
-line, or JSONL with an `inputs` and optional `targets` field; text-to-text models only). Classification tasks write label
-names (`"prediction": "milton"`), tagging tasks one tag name per word.
+the targets), for a task or mixture split or (text-to-text models) for a file of inputs: plain
+text, one input per line, or JSONL with an `inputs` and optional `targets` field. Classification
+tasks write label names (`"prediction": "milton"`), tagging tasks one tag name per word.
 """
 
 from __future__ import annotations
