@@ -12,8 +12,8 @@ What is measured, and how:
   run's dtype (a bf16 run multiplies bf16 x bf16 with float32 accumulation, the way the model's matmuls do).
 - train: the real `steps.make_train_step` (jitted, donated state, AdamW or Adafactor from `optimizers`) on
   one device, on synthetic full-length unpacked rows (every token real). Compile time is reported apart;
-  then `--warmup` steps (and at least `--turn_s` seconds of them), then at least `--steps` timed steps (each
-  includes the host->device batch transfer), median.
+  then `--warmup` steps (and at least `--turn_s` seconds of them), then at least `--steps` timed steps in at
+  least `--turns` turns (each step includes the host->device batch transfer), median.
   tokens/s = batch x (inputs_length + targets_length) / step time. FLOPs are `model_flops` (analytic).
 - --compare-hf: HF `transformers` T5ForConditionalGeneration (PyTorch) with the same shape, dropout,
   AdamW (same hyperparameters, fused kernel where torch has one), global-norm clipping and thread count;
@@ -156,10 +156,11 @@ def median_time(fn: Timed, repeats: int) -> tuple[float, list[float]]:
 
 
 def time_alternating(
-    runners: dict[str, Timed], warmup: int, repeats: int, turn_s: float = 1.0
+    runners: dict[str, Timed], warmup: int, repeats: int, turn_s: float = 1.0, turns: int = 1
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warms each runner up, then times them in turns (a's, b's, a's, ...) until each has at least
-    `repeats` timed runs, so load that comes and goes on a shared machine lands on every side alike.
+    `repeats` timed runs and `turns` turns, so load that comes and goes on a shared machine lands on
+    every side alike (a single one-second turn per side let the tiny ratio swing from 1.27x to 1.58x).
 
     A turn is as many consecutive runs as fill `turn_s` seconds (one run when a run takes longer), and
     warm-up lasts at least `warmup` runs and, if `warmup` > 0, `turn_s` seconds. Switching sides every
@@ -180,7 +181,9 @@ def time_alternating(
         runs_per_turn[name] = 1 if last >= turn_s else math.ceil(turn_s / max(last, 1e-6))
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
-    while min(len(times) for times in wall.values()) < repeats:
+    done = 0
+    while done < turns or min(len(times) for times in wall.values()) < repeats:
+        done += 1
         for name, fn in runners.items():
             for _ in range(runs_per_turn[name]):
                 start, start_cpu = time.perf_counter(), time.process_time()
@@ -371,7 +374,7 @@ def bench_train(
         if args.compare_hf:
             trainers["hf"] = HFTrainer(config, host_batch, args.learning_rate)
         times, cpu = time_alternating(
-            {k: v.step for k, v in trainers.items()}, args.warmup, args.steps, args.turn_s
+            {k: v.step for k, v in trainers.items()}, args.warmup, args.steps, args.turn_s, args.turns
         )
         result = {}
         for impl, trainer in trainers.items():
@@ -581,7 +584,7 @@ def bench_decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
             if args.compare_hf:
                 decoders["hf"] = HFDecoder(config, inputs, method, length, args.beam_size)
             runners = {impl: _checked_decode(decoder, impl, label, (batch, length)) for impl, decoder in decoders.items()}
-            times, cpu = time_alternating(runners, max(args.warmup, 1), args.decode_repeats, args.turn_s)
+            times, cpu = time_alternating(runners, max(args.warmup, 1), args.decode_repeats, args.turn_s, args.turns)
             result = {}
             for impl, decoder in decoders.items():
                 seconds = statistics.median(times[impl])
@@ -685,6 +688,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turn_s", type=float, default=1.0,
                         help="with --compare-hf, each side runs for this long before the other's turn (0: every run)")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (median reported)")
+    parser.add_argument("--turns", type=int, default=5,
+                        help="at least this many turns per side for every timed thing (train steps and decodes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: all cores)")
     parser.add_argument("--peak_repeats", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=None)
@@ -705,7 +710,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--compare-hf times AdamW on both sides; drop --optimizer {args.optimizer!r}.")
     if args.turn_s < 0:
         raise UserError(f"--turn_s must be >= 0 seconds, got {args.turn_s}.")
-    for name in ("batch", "inputs_length", "targets_length", "steps", "data_batches", "decode_repeats", "beam_size"):
+    for name in ("batch", "inputs_length", "targets_length", "steps", "turns", "data_batches", "decode_repeats", "beam_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.decode_lengths is None:

@@ -74,6 +74,15 @@ def test_time_alternating_runs_sides_in_turns_of_turn_s(monkeypatch):
     assert cpu == wall
 
 
+def test_time_alternating_takes_at_least_turns_turns(monkeypatch):
+    """Enough runs after one turn, but every side still gets `turns` turns, interleaved."""
+    clock, calls = _fake_clock(monkeypatch)
+    runners = {"fast": _fake_runner(clock, calls, "f", 0.5), "slow": _fake_runner(clock, calls, "s", 2.0)}
+    wall, _ = benchmark.time_alternating(runners, warmup=1, repeats=1, turn_s=1.0, turns=3)
+    assert "".join(calls) == "ff" + "s" + "ffs" * 3
+    assert len(wall["fast"]) == 6 and len(wall["slow"]) == 3
+
+
 def test_time_alternating_with_turn_s_zero_switches_every_run(monkeypatch):
     clock, calls = _fake_clock(monkeypatch)
     runners = {"a": _fake_runner(clock, calls, "a", 0.01), "b": _fake_runner(clock, calls, "b", 0.02)}
@@ -91,6 +100,7 @@ def test_time_alternating_with_turn_s_zero_switches_every_run(monkeypatch):
         (["--dtype", "float33"], "float33"),
         (["--steps", "0"], "--steps"),
         (["--turn_s", "-1"], "--turn_s"),
+        (["--turns", "0"], "--turns"),
         (["--inputs_length", "512", "--targets_length", "100"], "targets_length >= 114"),
     ],
 )
