@@ -5,7 +5,8 @@ A selection names parameters by their paths in the params tree, e.g. `encoder/la
 list of terms; the trainable set is the union of the terms, minus the terms written with a leading `-`
 (only `-` terms: everything minus those). Terms:
   all                          every parameter
-  top_k_layers=K               the last K layers of every layer stack (encoder and decoder)
+  top_k_layers=K               the last K layers of every layer stack (T5/BART: encoder and decoder;
+                               GPT, BERT: their one stack)
   top_k_encoder_layers=K       the last K encoder layers (top_k_decoder_layers=K likewise)
   layer_norms                  every norm's scale (and bias): `layer_norms_only` is the same
   heads                        the output head (T5: `logits_dense`; classification heads of other
@@ -50,7 +51,6 @@ HEAD_PATTERN = r"^(logits_dense|lm_head|classifier|classification_head|qa_head|p
 EMBEDDING_PATTERN = r"(^|/)[^/]*embedder/"
 ALIASES = {"layer_norms_only": "layer_norms", "heads_only": "heads"}
 PATTERNS = {"layer_norms": LAYER_NORM_PATTERN, "heads": HEAD_PATTERN, "embeddings": EMBEDDING_PATTERN}
-LAYER_STACKS = ("encoder", "decoder")
 
 
 def param_paths(params) -> list[str]:
@@ -61,20 +61,32 @@ def param_paths(params) -> list[str]:
     ]
 
 
-def _top_layers(term: str, stacks: Sequence[str], k: int, paths: Sequence[str]) -> set[str]:
+def _layer_stacks(paths: Sequence[str]) -> dict[str, list[str]]:
+    """Paths by layer stack: the path prefix ending in a `...layers` module (T5 `encoder/layers`, GPT and
+    BERT `layers`, BART `encoder_layers`)."""
+    stacks: dict[str, list[str]] = {}
+    for path in paths:
+        if match := re.match(r"((?:[^/]+/)*?[^/]*layers)/", path):
+            stacks.setdefault(match.group(1), []).append(path)
+    return stacks
+
+
+def _top_layers(term: str, which: str | None, k: int, paths: Sequence[str]) -> set[str]:
+    """The last `k` layers of every layer stack (only the encoder's or decoder's when `which` says so)."""
     if k < 1:
         raise ValueError(f"Selection term {term!r}: K must be >= 1.")
     selected: set[str] = set()
-    for stack in stacks:
-        in_stack = [p for p in paths if p.startswith(f"{stack}/layers/")]
-        numbers = {int(m.group(1)) for p in in_stack if (m := re.match(rf"{stack}/layers/(\d+)/", p))}
-        if in_stack and not numbers:
+    for stack, in_stack in _layer_stacks(paths).items():
+        if which and not stack.startswith(which):
+            continue
+        layer_of = {p: int(m.group(1)) for p in in_stack if (m := re.match(rf"{re.escape(stack)}/(\d+)/", p))}
+        if not layer_of:
             raise ValueError(
-                f"Selection term {term!r} needs per-layer parameters, but the {stack} layers are stacked "
-                "(scan_layers=True); set T5Config.scan_layers = False to select layers."
+                f"Selection term {term!r} needs per-layer parameters, but the {stack} are stacked "
+                "(scan_layers=True); set the config's scan_layers = False to select layers."
             )
-        top = sorted(numbers)[-k:]
-        selected |= {p for p in in_stack if int(p.split("/")[2]) in top}
+        top = sorted(set(layer_of.values()))[-k:]
+        selected |= {p for p, layer in layer_of.items() if layer in top}
     return selected
 
 
@@ -85,8 +97,7 @@ def _match(term: str, paths: Sequence[str]) -> set[str]:
     if name == "all":
         selected = set(paths)
     elif top:
-        stacks = (top.group(1)[1:],) if top.group(1) else LAYER_STACKS
-        selected = _top_layers(term, stacks, int(top.group(2)), paths)
+        selected = _top_layers(term, top.group(1) and top.group(1)[1:], int(top.group(2)), paths)
     else:
         try:
             pattern = re.compile(PATTERNS.get(name, name))

@@ -45,6 +45,31 @@ def test_presets_select_what_they_say():
     }
 
 
+def test_top_layers_in_every_family():
+    """GPT and BERT name their one stack `layers`, BART its two `encoder_layers`/`decoder_layers`."""
+    from t5x_lite.models import bart, decoder_only, encoder_only
+
+    sizes = {"vocab_size": 64, "d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "max_position_embeddings": 16}
+    networks = {
+        "gpt": decoder_only.GPT(decoder_only.GPTConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
+        "bert": encoder_only.Bert(encoder_only.BertConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
+        "bart": bart.Bart(bart.BartConfig(**sizes, num_encoder_layers=2, num_decoder_layers=3), rngs=nnx.Rngs(0)),
+    }
+    top = {}
+    for name, network in networks.items():
+        params = nnx.to_pure_dict(nnx.state(network, nnx.Param))
+        top[name] = freezing.select(params, "top_k_layers=2")
+        assert top[name] and all(p.split("/")[0].endswith("layers") for p in top[name]), name
+    assert {p.split("/")[1] for p in top["gpt"]} == {p.split("/")[1] for p in top["bert"]} == {"1", "2"}
+    assert {tuple(p.split("/")[:2]) for p in top["bart"]} == {
+        ("encoder_layers", "0"), ("encoder_layers", "1"), ("decoder_layers", "1"), ("decoder_layers", "2")}
+    bart_params = nnx.to_pure_dict(nnx.state(networks["bart"], nnx.Param))
+    assert {p.split("/")[:2][1] for p in freezing.select(bart_params, "top_k_decoder_layers=1")} == {"2"}
+    scanned = decoder_only.GPT(decoder_only.GPTConfig(**sizes, num_layers=3, scan_layers=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs per-layer parameters, but the layers are stacked"):
+        freezing.select(nnx.to_pure_dict(nnx.state(scanned, nnx.Param)), "top_k_layers=1")
+
+
 def test_bad_selections_are_clear_errors():
     params = abstract_params()
     with pytest.raises(ValueError, match=r"'decoder/layers_3/' matches no parameter. Parameter paths look like"):
