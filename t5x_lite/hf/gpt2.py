@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from t5x_lite.hf import registry
-from t5x_lite.models import decoder_only
+from t5x_lite.models import decoder_only, stacks
 from t5x_lite.models.decoder_only import DecoderOnlyModel, GPTConfig
 
 # HF `activation_function` -> ours, and ours -> the name written on export.
@@ -102,6 +102,8 @@ FAMILY = registry.register(
             "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
             "activation", "layer_norm_epsilon",
         ),
+        stack_layers=stacks.stack_layer_params,
+        unstack_layers=stacks.unstack_layer_params,
         model_names=("DecoderOnlyModel", "PrefixLMModel"),
     )
 )

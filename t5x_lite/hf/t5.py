@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 
 from t5x_lite.hf import registry
-from t5x_lite.models import encoder_decoder
+from t5x_lite.models import stacks
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
 
 FEED_FORWARD_PROJ = ("relu", "gated-gelu")
@@ -207,7 +207,7 @@ FAMILY = registry.register(
             "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward",
             "tie_word_embeddings", "layer_norm_epsilon",
         ),
-        stack_layers=encoder_decoder.stack_layer_params,
-        unstack_layers=encoder_decoder.unstack_layer_params,
+        stack_layers=stacks.stack_layer_params,
+        unstack_layers=stacks.unstack_layer_params,
     )
 )

@@ -8,7 +8,8 @@ segment ids (0 = padding) and in-segment positions.
 
 The parameters map one to one onto Hugging Face's `GPT2LMHeadModel` (`params_from_hf` /
 `params_to_hf`), so its checkpoints import directly. Decoding prefills the prompt in one pass and
-then runs the cached `decode_step` inside `t5x_lite.decoding`'s while loops.
+then runs the cached `decode_step` inside `t5x_lite.decoding`'s while loops. For large models,
+`GPTConfig.scan_layers` and `remat_policy` work as T5's (see `t5x_lite.models.stacks`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis), trained with lax.scan
 
     def __post_init__(self):
         stacks.check_remat_policy("GPTConfig", self.remat_policy)
@@ -153,7 +155,9 @@ class GPT(nnx.Module):
         self.position_embedder = layers.PositionEmbed(
             config.max_position_embeddings, config.d_model, stddev=0.01, dtype=config.dtype, rngs=rngs
         )
-        self.layers = nnx.List([GPTBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = stacks.make_layers(
+            lambda rngs: GPTBlock(config, rngs=rngs), config.num_layers, config.scan_layers, rngs
+        )
         self.final_layer_norm = layers.LayerNorm(config.d_model, eps=config.layer_norm_epsilon, dtype=config.dtype)
 
     def _embed(self, tokens: jax.Array, positions: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
@@ -178,7 +182,9 @@ class GPT(nnx.Module):
         positions = jnp.arange(length)[None] if decoder_positions is None else decoder_positions
         bias = layers.mask_to_bias(decoder_mask(length, decoder_segment_ids, decoder_causal_attention))
         x = self._embed(decoder_input_tokens, positions, dropout_rngs)
-        x = stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy)
+        x = stacks.apply_layers(
+            self.layers, x, (bias,), dropout_rngs, scan=self.config.scan_layers, remat_policy=self.config.remat_policy
+        )
         return self.token_embedder.attend(self.final_layer_norm(x))
 
     def prefill(
@@ -201,7 +207,7 @@ class GPT(nnx.Module):
             mask = mask & layers.causal_mask(p)
         x, bias = self._embed(tokens, jnp.maximum(source, 0), None), layers.mask_to_bias(mask)
         keys, values = [], []
-        for layer in self.layers:
+        for layer in stacks.layer_views(self.layers, self.config.scan_layers):
             x, key, value = layer.with_keys_values(x, bias, None)
             keys.append(key)
             values.append(value)
@@ -231,7 +237,7 @@ class GPT(nnx.Module):
         visible = (slots[None] >= state.first_slot[:, None]) & (slots[None] <= index)
         bias = layers.mask_to_bias(visible)[:, None, None, :]
         keys, values = [], []
-        for layer, key, value in zip(self.layers, state.keys, state.values):
+        for layer, key, value in zip(stacks.layer_views(self.layers, self.config.scan_layers), state.keys, state.values):
             x, key, value = layer.decode_step(x, key, value, index, bias)
             keys.append(key)
             values.append(value)

@@ -9,7 +9,7 @@ Two options for large configs (both off by default; neither changes the numbers)
   per layer) instead of keeping them, trading FLOPs for activation memory.
 - `T5Config.scan_layers`: each stack's layers are ONE module whose params carry a leading `layers`
   axis, applied with `jax.lax.scan`, so the program (and its compile time) does not grow with depth.
-  `stack_layer_params` / `unstack_layer_params` convert params between the two layouts.
+  `stacks.stack_layer_params` / `stacks.unstack_layer_params` convert params between the two layouts.
 """
 
 import dataclasses
@@ -20,7 +20,6 @@ from typing import NamedTuple
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import seqio
 from flax import nnx
 
@@ -107,61 +106,6 @@ def _relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layer
         bidirectional=bidirectional,
         rngs=rngs,
     )
-
-
-def _layer_keys(layers_dict: Mapping) -> list:
-    """The keys of an unscanned stack's per-layer dict in layer order (ints, or digit strings after
-    a round trip through some checkpoint formats); raises if the stack is already stacked."""
-    if not layers_dict or not all(str(k).isdigit() for k in layers_dict):
-        raise ValueError(
-            f"Expected per-layer params keyed 0..n-1 under 'layers', got keys {sorted(map(str, layers_dict))[:5]}: "
-            "these params look stacked already (scan_layers=True layout)."
-        )
-    return sorted(layers_dict, key=int)
-
-
-def _stacks(params: Mapping) -> list[str]:
-    stacks = [name for name in ("encoder", "decoder") if name in params and "layers" in params[name]]
-    if not stacks:
-        raise ValueError(f"No 'encoder'/'decoder' stack with 'layers' in params (top-level keys {sorted(params)}).")
-    return stacks
-
-
-def _stack(*xs):
-    """Stacks on the host when given host (numpy) arrays, e.g. a checkpoint converted offline."""
-    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
-
-
-def stack_layer_params(params: Mapping) -> dict:
-    """Unscanned -> scanned parameter layout (e.g. to load an unscanned checkpoint or HF import into a
-    `scan_layers=True` model): each stack's `layers/{0..n-1}/...` leaves are stacked along a new
-    leading axis into `layers/...`. Takes and returns pure nested dicts (`nnx.to_pure_dict` form);
-    only parameters convert (optimizer statistics of stacked kernels are shaped differently)."""
-    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    out = dict(params)
-    for name in _stacks(params):
-        per_layer = params[name]["layers"]
-        layer_params = [per_layer[k] for k in _layer_keys(per_layer)]
-        stacked = jax.tree.map(_stack, *layer_params)
-        out[name] = {**params[name], "layers": stacked}
-    return out
-
-
-def unstack_layer_params(params: Mapping) -> dict:
-    """Scanned -> unscanned parameter layout, the inverse of `stack_layer_params`: each stack's
-    `layers/...` leaves [n, ...] become `layers/{i}/...` (int keys, as `nnx.to_pure_dict` gives)."""
-    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    out = dict(params)
-    for name in _stacks(params):
-        stacked = params[name]["layers"]
-        if all(str(k).isdigit() for k in stacked):
-            raise ValueError(f"params[{name!r}]['layers'] is already per-layer (unscanned layout).")
-        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
-        if len(sizes) != 1:
-            raise ValueError(f"params[{name!r}]['layers'] leaves disagree on the layer count: {sorted(sizes)}.")
-        n = sizes.pop()
-        out[name] = {**params[name], "layers": {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
-    return out
 
 
 class EncoderLayer(nnx.Module):

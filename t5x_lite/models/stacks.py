@@ -8,8 +8,11 @@ Remat and scan change neither the numbers nor the dropout masks, only what the b
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from t5x_lite.models import layers
@@ -108,3 +111,73 @@ def apply_layers(
     if dropout_rngs is not None:
         nnx.update(dropout_rngs, rngs_state)
     return x
+
+
+def layer_views(stack: nnx.Module, scan: bool) -> list[nnx.Module]:
+    """The layers one by one, e.g. for a cached decoding loop; for a scanned stack, modules over each
+    layer's slice of the stacked params."""
+    if not scan:
+        return list(stack)
+    graphdef, state = nnx.split(stack)
+    count = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter layouts: per-layer `layers/{i}/...` (unscanned) <-> stacked `layers/...` [n, ...] (scanned).
+
+
+def _layer_keys(layers_dict: Mapping) -> list:
+    """The keys of an unscanned stack's per-layer dict in layer order (ints, or digit strings after
+    a round trip through some checkpoint formats); raises if the stack is already stacked."""
+    if not layers_dict or not all(str(k).isdigit() for k in layers_dict):
+        raise ValueError(
+            f"Expected per-layer params keyed 0..n-1 under 'layers', got keys {sorted(map(str, layers_dict))[:5]}: "
+            "these params look stacked already (scan_layers=True layout)."
+        )
+    return sorted(layers_dict, key=int)
+
+
+def _map_stacks(params: Mapping, convert: Callable[[Mapping, str], dict]) -> dict:
+    """`params` with every layer stack's `layers` dict replaced by `convert(layers, where)`: the top-level
+    `layers` (GPT) or those of the `encoder` and `decoder` (T5)."""
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else dict(params)
+    if "layers" in params:
+        return {**params, "layers": convert(params["layers"], "params['layers']")}
+    names = [name for name in ("encoder", "decoder") if name in params and "layers" in params[name]]
+    if not names:
+        raise ValueError(f"No layer stack ('layers', or 'encoder'/'decoder' with 'layers') in params (top-level keys {sorted(params)}).")
+    return {**params, **{name: {**params[name], "layers": convert(params[name]["layers"], f"params[{name!r}]['layers']")}
+                         for name in names}}
+
+
+def _stack(*xs):
+    """Stacks on the host when given host (numpy) arrays, e.g. a checkpoint converted offline."""
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def stack_layer_params(params: Mapping) -> dict:
+    """Unscanned -> scanned parameter layout (e.g. to load an unscanned checkpoint or HF import into a
+    `scan_layers=True` model): each stack's `layers/{0..n-1}/...` leaves are stacked along a new
+    leading axis into `layers/...`. Takes and returns pure nested dicts (`nnx.to_pure_dict` form);
+    only parameters convert (optimizer statistics of stacked kernels are shaped differently)."""
+
+    def stack(per_layer: Mapping, where: str) -> dict:
+        return jax.tree.map(_stack, *[per_layer[k] for k in _layer_keys(per_layer)])
+
+    return _map_stacks(params, stack)
+
+
+def unstack_layer_params(params: Mapping) -> dict:
+    """Scanned -> unscanned parameter layout, the inverse of `stack_layer_params`: each stack's
+    `layers/...` leaves [n, ...] become `layers/{i}/...` (int keys, as `nnx.to_pure_dict` gives)."""
+
+    def unstack(stacked: Mapping, where: str) -> dict:
+        if all(str(k).isdigit() for k in stacked):
+            raise ValueError(f"{where} is already per-layer (unscanned layout).")
+        sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+        if len(sizes) != 1:
+            raise ValueError(f"{where} leaves disagree on the layer count: {sorted(sizes)}.")
+        return {i: jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(sizes.pop())}
+
+    return _map_stacks(params, unstack)

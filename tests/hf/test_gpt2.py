@@ -51,9 +51,11 @@ def hf_logits(model, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(real)).logits.numpy()
 
 
-def test_imported_logits_match_hf(gpt2_dir):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_imported_logits_match_hf(gpt2_dir, scan_layers):
     model, folder = gpt2_dir
-    network, _ = hf.from_pretrained(folder)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    assert network.config.scan_layers is scan_layers
     assert (network.config.d_ff, network.config.head_dim, network.config.activation) == (128, 8, "gelu_tanh")
     tokens, real = right_padded()
     logits = np.asarray(network(jnp.asarray(tokens)))  # unpacked rows: causal attention never sees the padding
@@ -73,9 +75,10 @@ def hf_greedy(model, prompts: list[list[int]], length: int, eos: int | None) -> 
     return out
 
 
-def test_greedy_decode_matches_hf_generate(gpt2_dir):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_decode_matches_hf_generate(gpt2_dir, scan_layers):
     model, folder = gpt2_dir
-    network, _ = hf.from_pretrained(folder)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
     length, prompts = 10, [[5, 17, 250, 9, 31, 64], [88, 3], [140, 141, 142, 200], [7, 7, 7]]
     # As EOS, a token that some rows emit early and others never: the padding after EOS is compared too.
     free = hf_greedy(model, prompts, length, None)
@@ -86,7 +89,7 @@ def test_greedy_decode_matches_hf_generate(gpt2_dir):
     causal = np.zeros_like(batch)
     for row, prompt in enumerate(prompts):
         batch[row, : len(prompt)], causal[row, : len(prompt)] = prompt, 1
-    ours = hf.load_model(folder)
+    ours = hf.load_model(folder, scan_layers=scan_layers)
     predict = nnx.jit(lambda m, b: ours.predict_batch(m, b, max_decode_length=length, eos_id=eos))
     got = predict(network, {"decoder_input_tokens": jnp.asarray(batch), "decoder_causal_attention": jnp.asarray(causal)})
     np.testing.assert_array_equal(np.asarray(got), expected)

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from t5x_lite import features
-from t5x_lite.models import encoder_decoder as ed
 from t5x_lite.models import encoder_only as eo
+from t5x_lite.models import stacks
 from t5x_lite.models.encoder_decoder import T5, T5Config
 
 torch = pytest.importorskip("torch")
@@ -133,7 +133,7 @@ def test_frozen_features_of_the_t5_encoder():
     assert not np.allclose(np.asarray(got[1]), np.asarray(got[0]))
     # The scanned layout (stacked layer params) gives the same states.
     scanned = nnx.eval_shape(lambda: T5(dataclasses.replace(config, scan_layers=True), rngs=nnx.Rngs(0)))
-    nnx.update(scanned, ed.stack_layer_params(nnx.to_pure_dict(nnx.state(network, nnx.Param))))
+    nnx.update(scanned, stacks.stack_layer_params(nnx.to_pure_dict(nnx.state(network, nnx.Param))))
     for layer, states in features.extract_features(scanned, tokens, [0, 1, 2]).items():
         np.testing.assert_allclose(np.asarray(states), np.asarray(got[layer]), atol=1e-5)
 

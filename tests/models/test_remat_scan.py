@@ -13,7 +13,6 @@ from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
 from t5x_lite.models import bart, decoder_only, encoder_only, layers, stacks
-from t5x_lite.models import encoder_decoder as ed
 from t5x_lite.models.encoder_decoder import T5, EncoderDecoderModel, T5Config
 
 TINY = T5Config(
@@ -32,7 +31,7 @@ def base_params():
 
 def model_with(config: T5Config, params: dict) -> T5:
     model = T5(config, rngs=nnx.Rngs(0))
-    nnx.update(model, ed.stack_layer_params(params) if config.scan_layers else params)
+    nnx.update(model, stacks.stack_layer_params(params) if config.scan_layers else params)
     return model
 
 
@@ -48,7 +47,7 @@ def logits_and_grads(model: T5, dropout_key=None):
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
     grads = nnx.to_pure_dict(grads)
-    return logits, (ed.unstack_layer_params(grads) if model.config.scan_layers else grads)
+    return logits, (stacks.unstack_layer_params(grads) if model.config.scan_layers else grads)
 
 
 def assert_trees_close(a, b, atol):
@@ -144,6 +143,33 @@ def test_other_families_remat_same_logits_and_grads(family):
         config_cls(remat_policy="some")
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_gpt_scan_same_logits_and_grads(policy):
+    """A scanned GPT (GPTConfig.scan_layers) given the stacked params of a plain one: same logits and
+    grads with dropout on, one scan in the program."""
+    config = decoder_only.GPTConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=3,
+                                    max_position_embeddings=16, dropout_rate=0.2)
+    results = {}
+    plain = nnx.to_pure_dict(nnx.state(decoder_only.GPT(config, rngs=nnx.Rngs(0)), nnx.Param))
+    for scan in (False, True):
+        variant = dataclasses.replace(config, scan_layers=scan, remat_policy=policy if scan else "none")
+        network = decoder_only.GPT(variant, rngs=nnx.Rngs(1))
+        nnx.update(network, stacks.stack_layer_params(plain) if scan else plain)
+        graphdef, state = nnx.split(network, nnx.Param)
+
+        def loss(state, graphdef=graphdef):
+            logits = nnx.merge(graphdef, state)(FAMILY_TOKENS, dropout_rngs=nnx.Rngs(dropout=jax.random.key(5)))
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        assert str(jax.make_jaxpr(grad_fn)(state)).count(" scan[") == (2 if scan else 0)  # forward and backward
+        (_, logits), grads = jax.jit(grad_fn)(state)
+        grads = nnx.to_pure_dict(grads)
+        results[scan] = logits, (stacks.unstack_layer_params(grads) if scan else grads)
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=1e-5)
+    assert_trees_close(results[True][1], results[False][1], atol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["none", "dots"])
 def test_scan_same_logits_and_grads(base_params, reference, policy):
     config = dataclasses.replace(TINY, scan_layers=True, remat_policy=policy)
@@ -153,7 +179,7 @@ def test_scan_same_logits_and_grads(base_params, reference, policy):
 
 
 def test_stack_unstack_round_trip(base_params):
-    stacked = ed.stack_layer_params(base_params)
+    stacked = stacks.stack_layer_params(base_params)
     kernel = stacked["decoder"]["layers"]["self_attention"]["query"]["kernel"]
     assert kernel.shape == (TINY.num_decoder_layers, TINY.d_model, TINY.num_heads, TINY.head_dim)
     np.testing.assert_array_equal(kernel[1], base_params["decoder"]["layers"][1]["self_attention"]["query"]["kernel"])
@@ -161,19 +187,19 @@ def test_stack_unstack_round_trip(base_params):
     expected = nnx.to_pure_dict(nnx.state(scanned_model, nnx.Param))
     assert jax.tree.structure(stacked) == jax.tree.structure(expected)
     assert [x.shape for x in jax.tree.leaves(stacked)] == [x.shape for x in jax.tree.leaves(expected)]
-    round_trip = ed.unstack_layer_params(stacked)
+    round_trip = stacks.unstack_layer_params(stacked)
     assert jax.tree.structure(round_trip) == jax.tree.structure(base_params)
     for x, y in zip(jax.tree.leaves(round_trip), jax.tree.leaves(base_params)):
         np.testing.assert_array_equal(x, y)
     # String layer keys (as some checkpoint formats restore them) stack the same way.
     as_strings = {**base_params, "encoder": {**base_params["encoder"], "layers": {
         str(k): v for k, v in base_params["encoder"]["layers"].items()}}}
-    np.testing.assert_array_equal(ed.stack_layer_params(as_strings)["encoder"]["layers"]["mlp"]["wo"]["kernel"],
+    np.testing.assert_array_equal(stacks.stack_layer_params(as_strings)["encoder"]["layers"]["mlp"]["wo"]["kernel"],
                                   stacked["encoder"]["layers"]["mlp"]["wo"]["kernel"])
     with pytest.raises(ValueError, match="stacked already"):
-        ed.stack_layer_params(stacked)
+        stacks.stack_layer_params(stacked)
     with pytest.raises(ValueError, match="already per-layer"):
-        ed.unstack_layer_params(base_params)
+        stacks.unstack_layer_params(base_params)
 
 
 def test_scanned_param_logical_axes_and_shardings():
