@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from t5x_lite.hf import registry
-from t5x_lite.models import bart
+from t5x_lite.models import bart, stacks
 from t5x_lite.models.bart import BartConfig, BartModel
 
 # HF `activation_function` -> ours, and ours -> the name written on export.
@@ -136,6 +136,8 @@ FAMILY = registry.register(
             "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
             "max_position_embeddings", "activation", "scale_embedding", "layer_norm_epsilon",
         ),
+        stack_layers=stacks.stack_layer_params,
+        unstack_layers=stacks.unstack_layer_params,
         model_names=("BartModel",),
     )
 )

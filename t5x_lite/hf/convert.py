@@ -16,6 +16,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from t5x_lite.hf import files, registry, vocabularies
+from t5x_lite.models import stacks
 from t5x_lite.models.base import BaseModel
 
 
@@ -52,10 +53,10 @@ def param_name(path: tuple) -> str:
 
 
 def _looks_stacked(params: Mapping) -> bool:
-    """True when some `layers` entry is not keyed by layer numbers (the scan_layers layout)."""
+    """True when some layer stack is not keyed by layer numbers (the scan_layers layout)."""
     for key, value in params.items():
         if isinstance(value, Mapping):
-            if key == "layers" and not all(str(k).isdigit() for k in value):
+            if stacks.is_stack_key(key) and not all(str(k).isdigit() for k in value):
                 return True
             if _looks_stacked(value):
                 return True

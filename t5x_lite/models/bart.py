@@ -9,7 +9,8 @@ The parameters map one to one onto Hugging Face's `BartForConditionalGeneration`
 `params_to_hf`). HF's position tables have 2 extra leading rows (fairseq's padding offset: position p
 reads row p + 2); ours start at position 0, so the import drops those rows. Decoding encodes once,
 projects every layer's cross-attention keys/values once, then runs the cached `decode_step` inside
-`t5x_lite.decoding`'s while loops.
+`t5x_lite.decoding`'s while loops. For large models, `BartConfig.scan_layers` and `remat_policy` work
+as T5's (see `t5x_lite.models.stacks`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class BartConfig:
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis), trained with lax.scan
 
     def __post_init__(self):
         stacks.check_remat_policy("BartConfig", self.remat_policy)
@@ -185,9 +187,13 @@ class Bart(nnx.Module):
         self.config = config
         self.token_embedder = layers.Embed(config.vocab_size, config.d_model, stddev=0.02, dtype=config.dtype, rngs=rngs)
         self.encoder_embedder = Embedder(config, rngs=rngs)
-        self.encoder_layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_encoder_layers)])
+        self.encoder_layers = stacks.make_layers(
+            lambda rngs: EncoderLayer(config, rngs=rngs), config.num_encoder_layers, config.scan_layers, rngs
+        )
         self.decoder_embedder = Embedder(config, rngs=rngs)
-        self.decoder_layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_decoder_layers)])
+        self.decoder_layers = stacks.make_layers(
+            lambda rngs: DecoderLayer(config, rngs=rngs), config.num_decoder_layers, config.scan_layers, rngs
+        )
         self.final_logits_bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
 
     def encode(
@@ -207,7 +213,8 @@ class Bart(nnx.Module):
         x = self.encoder_embedder(self.token_embedder(encoder_input_tokens), positions, dropout_rngs)
         bias = layers.mask_to_bias(mask)
         return stacks.apply_layers(
-            self.encoder_layers, x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy
+            self.encoder_layers, x, (bias,), dropout_rngs,
+            scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
 
     def decode(
@@ -238,7 +245,7 @@ class Bart(nnx.Module):
         self_bias, cross_bias = layers.mask_to_bias(self_mask), layers.mask_to_bias(cross_mask)
         y = stacks.apply_layers(
             self.decoder_layers, y, (encoded, self_bias, cross_bias), dropout_rngs,
-            scan=False, remat_policy=self.config.remat_policy,
+            scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
         return self._logits(y)
 
@@ -257,8 +264,8 @@ class Bart(nnx.Module):
             )
         shape = (encoded.shape[0], self.config.num_heads, max_decode_length, self.config.head_dim)
         dtype = jnp.dtype(self.config.dtype)
-        cross = [layer.cross_attention.project_kv(encoded) for layer in self.decoder_layers]
-        n = len(self.decoder_layers)
+        cross = [layer.cross_attention.project_kv(encoded) for layer in stacks.layer_views(self.decoder_layers, self.config.scan_layers)]
+        n = self.config.num_decoder_layers
         return DecodeState(
             self_keys=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
             self_values=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
@@ -278,7 +285,7 @@ class Bart(nnx.Module):
         self_bias = layers.mask_to_bias(key_positions <= index)[None, None, None, :]
         cross_bias = layers.mask_to_bias(state.encoder_mask[:, None, None, :])
         self_keys, self_values = [], []
-        for i, layer in enumerate(self.decoder_layers):
+        for i, layer in enumerate(stacks.layer_views(self.decoder_layers, self.config.scan_layers)):
             cache = (state.self_keys[i], state.self_values[i], state.cross_keys[i], state.cross_values[i])
             y, key, value = layer.decode_step(y, cache, index, self_bias, cross_bias)
             self_keys.append(key)
@@ -460,8 +467,9 @@ def _get(tree: Mapping, path: tuple) -> np.ndarray:
 
 
 def _shapes(config: BartConfig) -> dict[tuple, tuple[int, ...]]:
-    """Our parameter shapes by path (from an abstract network: nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: Bart(config, rngs=nnx.Rngs(0)))
+    """Our per-layer (unscanned) parameter shapes by path (from an abstract network: nothing is allocated)."""
+    per_layer = dataclasses.replace(config, scan_layers=False)
+    abstract = nnx.eval_shape(lambda: Bart(per_layer, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return {tuple(path): tuple(value.shape) for path, value in flat}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -138,17 +139,30 @@ def _layer_keys(layers_dict: Mapping) -> list:
     return sorted(layers_dict, key=int)
 
 
+def is_stack_key(key: Any) -> bool:
+    """A layer stack's params sit under `layers` (T5's encoder/decoder, GPT, BERT) or `*_layers` (BART)."""
+    return isinstance(key, str) and (key == "layers" or key.endswith("_layers"))
+
+
 def _map_stacks(params: Mapping, convert: Callable[[Mapping, str], dict]) -> dict:
-    """`params` with every layer stack's `layers` dict replaced by `convert(layers, where)`: the top-level
-    `layers` (GPT) or those of the `encoder` and `decoder` (T5)."""
-    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else dict(params)
-    if "layers" in params:
-        return {**params, "layers": convert(params["layers"], "params['layers']")}
-    names = [name for name in ("encoder", "decoder") if name in params and "layers" in params[name]]
-    if not names:
-        raise ValueError(f"No layer stack ('layers', or 'encoder'/'decoder' with 'layers') in params (top-level keys {sorted(params)}).")
-    return {**params, **{name: {**params[name], "layers": convert(params[name]["layers"], f"params[{name!r}]['layers']")}
-                         for name in names}}
+    """`params` (pure dicts) with every layer stack's dict replaced by `convert(stack, where)`."""
+    found = []
+
+    def walk(tree: Mapping, where: str) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping) and is_stack_key(key):
+                found.append(key)
+                out[key] = convert(value, f"{where}[{key!r}]")
+            else:
+                out[key] = walk(value, f"{where}[{key!r}]") if isinstance(value, Mapping) else value
+        return out
+
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    converted = walk(params, "params")
+    if not found:
+        raise ValueError(f"No layer stack ('layers' or '*_layers') in params (top-level keys {sorted(params)}).")
+    return converted
 
 
 def _stack(*xs):

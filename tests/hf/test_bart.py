@@ -60,9 +60,11 @@ def hf_logits(model, enc: np.ndarray, dec: np.ndarray) -> np.ndarray:
                      decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
 
 
-def test_imported_logits_match_hf(bart_dir):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_imported_logits_match_hf(bart_dir, scan_layers):
     model, folder = bart_dir
-    network, _ = hf.from_pretrained(folder)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    assert network.config.scan_layers is scan_layers
     assert (network.config.num_heads, network.config.d_ff, network.config.vocab_size) == (4, 64, VOCAB)
     enc, dec = random_inputs()
     diff = float(np.abs(np.asarray(network(jnp.asarray(enc), jnp.asarray(dec))) - hf_logits(model, enc, dec)).max())
@@ -83,9 +85,10 @@ def hf_greedy(model, enc: np.ndarray, length: int, eos: int | None) -> np.ndarra
     return out
 
 
-def test_greedy_decode_matches_hf_generate(bart_dir):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_greedy_decode_matches_hf_generate(bart_dir, scan_layers):
     model, folder = bart_dir
-    network, _ = hf.from_pretrained(folder)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
     length = 8
     enc, _ = random_inputs(seed=3)
     # As EOS, a token that some rows emit early and others never: the padding after EOS is compared too.
@@ -93,7 +96,7 @@ def test_greedy_decode_matches_hf_generate(bart_dir):
     eos = next(t for t in free[:, :length // 2].ravel().tolist() if not all(t in row for row in free.tolist()))
     expected = hf_greedy(model, enc, length, eos)
     assert 0 < sum(eos in row for row in expected.tolist()) < len(enc)
-    ours = hf.load_model(folder)
+    ours = hf.load_model(folder, scan_layers=scan_layers)
     predict = nnx.jit(lambda m, e: ours.predict_batch(m, {"encoder_input_tokens": e}, max_decode_length=length,
                                                       eos_id=eos))
     np.testing.assert_array_equal(np.asarray(predict(network, jnp.asarray(enc))), expected)

@@ -143,26 +143,28 @@ def test_other_families_remat_same_logits_and_grads(family):
         config_cls(remat_policy="some")
 
 
-@pytest.mark.parametrize("policy", ["none", "full"])
-def test_gpt_scan_same_logits_and_grads(policy):
-    """A scanned GPT (GPTConfig.scan_layers) given the stacked params of a plain one: same logits and
-    grads with dropout on, one scan in the program."""
-    config = decoder_only.GPTConfig(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=48, num_layers=3,
-                                    max_position_embeddings=16, dropout_rate=0.2)
+@pytest.mark.parametrize("family,policy", [("gpt", "none"), ("gpt", "full"), ("bart", "dots")])
+def test_gpt_and_bart_scan_same_logits_and_grads(family, policy):
+    """A scanned GPT or BART (`scan_layers`) given the stacked params of a plain one: same logits and
+    grads with dropout on, one scan per stack in the forward pass and one in the backward."""
+    config_cls, network_cls, logits_fn = FAMILIES[family]
+    sizes = {"vocab_size": 64, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 48, "max_position_embeddings": 16}
+    depth = {"num_encoder_layers": 2, "num_decoder_layers": 3} if family == "bart" else {"num_layers": 3}
+    config = config_cls(**sizes, **depth, dropout_rate=0.2)
+    plain = nnx.to_pure_dict(nnx.state(network_cls(config, rngs=nnx.Rngs(0)), nnx.Param))
     results = {}
-    plain = nnx.to_pure_dict(nnx.state(decoder_only.GPT(config, rngs=nnx.Rngs(0)), nnx.Param))
     for scan in (False, True):
         variant = dataclasses.replace(config, scan_layers=scan, remat_policy=policy if scan else "none")
-        network = decoder_only.GPT(variant, rngs=nnx.Rngs(1))
+        network = network_cls(variant, rngs=nnx.Rngs(1))
         nnx.update(network, stacks.stack_layer_params(plain) if scan else plain)
         graphdef, state = nnx.split(network, nnx.Param)
 
         def loss(state, graphdef=graphdef):
-            logits = nnx.merge(graphdef, state)(FAMILY_TOKENS, dropout_rngs=nnx.Rngs(dropout=jax.random.key(5)))
+            logits = logits_fn(nnx.merge(graphdef, state), nnx.Rngs(dropout=jax.random.key(5)))
             return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
         grad_fn = jax.value_and_grad(loss, has_aux=True)
-        assert str(jax.make_jaxpr(grad_fn)(state)).count(" scan[") == (2 if scan else 0)  # forward and backward
+        assert str(jax.make_jaxpr(grad_fn)(state)).count(" scan[") == (2 * len(depth) if scan else 0)
         (_, logits), grads = jax.jit(grad_fn)(state)
         grads = nnx.to_pure_dict(grads)
         results[scan] = logits, (stacks.unstack_layer_params(grads) if scan else grads)
