@@ -25,6 +25,7 @@ import numpy as np
 
 from t5x_lite.hf import registry
 from t5x_lite.models import encoder_only as eo
+from t5x_lite.models import stacks
 from t5x_lite.models.base import BaseModel
 from t5x_lite.models.encoder_only import BertConfig
 
@@ -157,6 +158,8 @@ FAMILY = registry.register(
             "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
             "type_vocab_size", "layer_norm_eps", "activation",
         ),
+        stack_layers=stacks.stack_layer_params,
+        unstack_layers=stacks.unstack_layer_params,
         model_names=tuple(model.__name__ for model in MODELS.values()),
         head_from_hf=head_from_hf,
         head_from_params=eo.params_head,

@@ -16,6 +16,7 @@ The trainer-facing models (gin-configurable, module "t5x_lite"):
   * `EncoderClassificationModel`: one label per row from the pooled [CLS] (single sentences or
     pairs `[CLS] A [SEP] B [SEP]` with token types);
   * `EncoderTaggingModel`: one tag per token.
+For large models, `BertConfig.scan_layers` and `remat_policy` work as T5's (`t5x_lite.models.stacks`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class BertConfig:
     next_sentence_prediction: bool = False  # the MLM network also gets the pooler and NSP head
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see stacks.REMAT_POLICIES)
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis), applied with lax.scan
     attention_impl: str = "auto"  # "auto" (cuDNN fused on GPU in bf16, else einsum), "einsum", "xla", "cudnn"
 
     def __post_init__(self):
@@ -167,7 +169,9 @@ class Bert(nnx.Module):
         self.config = config
         self.head = head
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layers = nnx.List([BertLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = stacks.make_layers(
+            lambda rngs: BertLayer(config, rngs=rngs), config.num_layers, config.scan_layers, rngs
+        )
         with_pooler = has_pooler(config, head)
         self.mlm = MlmHead(config, rngs=rngs) if head == "mlm" else None
         self.pooler = _dense(config, config.d_model, ("embed", "mlp"), rngs) if with_pooler else None
@@ -202,11 +206,16 @@ class Bert(nnx.Module):
             mask = layers.padding_mask(segment_ids) & layers.segment_mask(segment_ids, segment_ids)
         bias = layers.mask_to_bias(mask)
         x = self.embeddings(tokens, positions, token_type_ids, dropout_rngs)
+        config = self.config
+        if not return_hidden_states:
+            return stacks.apply_layers(
+                self.layers, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy
+            )
         hidden_states = [x]
-        for layer in self.layers:
-            x = stacks.apply_layers([layer], x, (bias,), dropout_rngs, scan=False, remat_policy=self.config.remat_policy)
+        for layer in stacks.layer_views(self.layers, config.scan_layers):
+            x = stacks.apply_layers([layer], x, (bias,), dropout_rngs, scan=False, remat_policy=config.remat_policy)
             hidden_states.append(x)
-        return (x, hidden_states) if return_hidden_states else x
+        return x, hidden_states
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[b, s, d] -> float32 [b, s, vocab] masked-LM logits."""

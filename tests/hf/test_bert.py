@@ -91,10 +91,12 @@ def our_outputs(network: eo.Bert, tokens: np.ndarray, types: np.ndarray) -> dict
             "seq_relationship_logits": np.asarray(network.nsp_logits(hidden))}
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_imported_logits_match_hf(bert_dirs, variant):
+def test_imported_logits_match_hf(bert_dirs, variant, scan_layers):
     model, folder = bert_dirs[variant]
-    network, _ = hf.from_pretrained(folder)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    assert network.config.scan_layers is scan_layers
     assert network.head == VARIANTS[variant][2]
     assert network.config.next_sentence_prediction == (variant == "pretraining")
     if variant in ("classification", "tagging"):

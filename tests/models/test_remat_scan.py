@@ -143,9 +143,9 @@ def test_other_families_remat_same_logits_and_grads(family):
         config_cls(remat_policy="some")
 
 
-@pytest.mark.parametrize("family,policy", [("gpt", "none"), ("gpt", "full"), ("bart", "dots")])
-def test_gpt_and_bart_scan_same_logits_and_grads(family, policy):
-    """A scanned GPT or BART (`scan_layers`) given the stacked params of a plain one: same logits and
+@pytest.mark.parametrize("family,policy", [("gpt", "none"), ("gpt", "full"), ("bart", "dots"), ("bert", "full")])
+def test_other_families_scan_same_logits_and_grads(family, policy):
+    """A scanned GPT, BART or BERT (`scan_layers`) given the stacked params of a plain one: same logits and
     grads with dropout on, one scan per stack in the forward pass and one in the backward."""
     config_cls, network_cls, logits_fn = FAMILIES[family]
     sizes = {"vocab_size": 64, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 48, "max_position_embeddings": 16}
