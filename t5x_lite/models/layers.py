@@ -333,7 +333,8 @@ def attention_impl(name: str, dtype: jnp.dtype, head_dim: int) -> str:
     """Resolves an attention implementation name: "einsum" (our einsum attention, the low-precision
     matmul path above), "xla" or "cudnn" (`jax.nn.dot_product_attention` with that implementation);
     "auto" picks cuDNN's fused kernel on GPU in bf16/fp16 for head dims it supports, einsum elsewhere
-    (on CPU the einsum form measured faster than `dot_product_attention`'s XLA path)."""
+    (on CPU the einsum form measured faster than `dot_product_attention`'s XLA path); an attention
+    module built with "auto" also runs einsum for odd sequence lengths, which cuDNN rejects."""
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention implementation {name!r}; use one of {list(ATTENTION_IMPLS)}.")
     if name != "auto":
@@ -386,6 +387,7 @@ class MultiHeadAttention(nnx.Module):
         self.dropout_rate = dropout_rate
         self.dtype = jnp.dtype(dtype)
         self.implementation = attention_impl(implementation, self.dtype, head_dim)
+        self.picked_automatically = implementation == "auto"
 
     def __call__(
         self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
@@ -402,10 +404,15 @@ class MultiHeadAttention(nnx.Module):
         self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
     ) -> jax.Array:
         """Attention from projected queries [b, q, h, d] over projected keys/values [b, k, h, d]."""
-        if self.implementation != "einsum" and (dropout_rngs is None or self.dropout_rate == 0.0):
+        fused = self.implementation != "einsum" and (dropout_rngs is None or self.dropout_rate == 0.0)
+        if fused and self.picked_automatically and (q.shape[1] % 2 or k.shape[1] % 2):
+            fused = False  # cuDNN's kernel with a bias (and its gradient) needs even sequence lengths
+        if fused:
             q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-            # Masked logits stay finite in the activation dtype (-1e10 would overflow float16).
+            # Masked logits stay finite in the activation dtype (-1e10 would overflow float16). cuDNN takes
+            # a bias broadcast over batch and heads only, so a padding mask [b, 1, 1, k] is spread over queries.
             bias = jnp.maximum(bias, jnp.finfo(self.dtype).min / 2).astype(self.dtype)
+            bias = jnp.broadcast_to(bias, (*bias.shape[:-2], q.shape[1], k.shape[1]))
             x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=self.implementation)
             return self.out(x)
         logits = broadcast_add(einsum("bqhd,bkhd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32), bias)

@@ -27,13 +27,15 @@ def packed_batch():
     return enc, dec, enc_seg, dec_seg
 
 
-def loss_and_grads(impl: str, dtype: str = "float32"):
-    """Logits of the packed batch and the gradients of a loss on them (jitted, no dropout)."""
+def loss_and_grads(impl: str, dtype: str = "float32", packed: bool = True):
+    """Logits of the packed batch (or its unpacked tokens) and the gradients of a loss on them (jitted, no
+    dropout)."""
     config = dataclasses.replace(CONFIG, attention_impl=impl, dtype=dtype)
     graphdef, params = nnx.split(T5(config, rngs=nnx.Rngs(0)), nnx.Param)
+    batch = packed_batch() if packed else packed_batch()[:2]
 
     def loss(params):
-        logits = nnx.merge(graphdef, params)(*packed_batch())
+        logits = nnx.merge(graphdef, params)(*batch)
         return jnp.mean(jnp.square(logits)), logits
 
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -55,6 +57,44 @@ def test_dot_product_attention_matches_einsum():
     assert [p for p, _ in xla_leaves] == [p for p, _ in leaves]
     for (path, g), (_, xla_g) in zip(leaves, xla_leaves, strict=True):
         np.testing.assert_allclose(xla_g, g, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_fused_attention_gets_a_bias_over_all_query_and_key_positions(monkeypatch):
+    """cuDNN rejects a bias that broadcasts over query or key positions ("Bias must have same seq length as
+    QKV"), e.g. a cross-attention padding mask [b, 1, 1, k]; every call must pass [.., q, k]."""
+    fused = jax.nn.dot_product_attention
+    seen = []
+
+    def checking(query, key, value, *, bias, implementation, **kwargs):
+        seen.append((implementation, bias.shape, query.shape[1], key.shape[1]))
+        return fused(query, key, value, bias=bias, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", checking)
+    for packed in (False, True):
+        logits, _ = loss_and_grads("cudnn", "bfloat16", packed)
+        assert np.isfinite(logits).all()
+    assert len(seen) == 6  # encoder self-, decoder self- and cross-attention, unpacked and packed
+    for implementation, bias_shape, q_len, k_len in seen:
+        assert implementation == "cudnn" and len(bias_shape) == 4 and bias_shape[-2:] == (q_len, k_len)
+
+
+def test_auto_on_gpu_runs_einsum_for_odd_lengths(monkeypatch):
+    """cuDNN's biased attention needs even sequence lengths: "auto" keeps the fused kernel for the 8 x 8
+    encoder self-attention and runs einsum for the decoder's 5-long queries (self- and cross-attention)."""
+    with monkeypatch.context() as gpu:
+        gpu.setattr(jax, "default_backend", lambda: "gpu")
+        model = T5(dataclasses.replace(CONFIG, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    fused = jax.nn.dot_product_attention
+    lengths = []
+
+    def checking(query, key, value, *, implementation, **kwargs):
+        lengths.append((implementation, query.shape[1], key.shape[1]))
+        return fused(query, key, value, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", checking)
+    enc, dec, _, _ = packed_batch()
+    assert np.isfinite(model(enc, dec)).all()
+    assert lengths == [("cudnn", 8, 8)]
 
 
 def test_bf16_dot_product_attention_runs_forward_and_backward():

@@ -137,6 +137,7 @@ def test_tiny_run_reports_every_figure(capsys):
     finally:
         torch.set_num_threads(threads)
     assert r["config"] == "tiny" and r["model"]["vocab_size"] == 2048 and r["dtype"] == "float32"
+    assert not r["model"]["scan_layers"]  # auto: a Python loop over layers on CPU
     assert r["flops"] == benchmark.model_flops(benchmark.model_config("tiny", "float32", 0.0), 2, 16, 6)
     assert _positive(r["peak"]["flops_per_s"])
 
@@ -178,13 +179,29 @@ def test_bf16_train_step_runs_against_hf_autocast(capsys):
     argv = [
         "--config", "tiny", "--batch", "2", "--inputs_length", "16", "--targets_length", "4", "--compare-hf",
         "--dtype", "bfloat16", "--dropout", "0.1", "--steps", "1", "--warmup", "1", "--turn_s", "0",
-        "--peak_size", "256", "--skip", "data", "decode",
+        "--peak_size", "256", "--skip", "data", "decode", "--scan_layers", "on",
     ]
     r = _run(capsys, argv)
-    assert r["peak"]["dtype"] == "bfloat16" and r["model"]["dtype"] == "bfloat16"
+    assert r["peak"]["dtype"] == "bfloat16" and r["model"]["dtype"] == "bfloat16" and r["model"]["scan_layers"]
     assert [row["impl"] for row in r["train"]] == ["t5x_lite", "hf"]
     assert all(0 < row["loss"] < 3 * math.log(2048) for row in r["train"])
     assert _positive(r["ratio_vs_hf"]) and "decode" not in r and "data" not in r
+
+
+def test_failed_cudnn_attention_falls_back_to_einsum_and_says_why():
+    def build(config):
+        if config.attention_impl == "cudnn":
+            raise ValueError("Bias must have same seq length as QKV, got 1 and 16")
+        return config.attention_impl
+
+    config = benchmark.model_config("tiny", "bfloat16", 0.0, "cudnn")
+    built, attention = benchmark.with_attention_fallback(build, config)
+    assert built == "einsum" and attention.startswith("einsum (cudnn failed: ValueError: Bias must have")
+    _, attention = benchmark.with_attention_fallback(build, benchmark.model_config("tiny", "bfloat16", 0.1, "xla"))
+    assert attention == "einsum (fused kernels have no attention dropout)"
+    with pytest.raises(RuntimeError, match="not cudnn"):  # other implementations' errors are not swallowed
+        benchmark.with_attention_fallback(lambda c: (_ for _ in ()).throw(RuntimeError("not cudnn")),
+                                          benchmark.model_config("tiny", "bfloat16", 0.0, "xla"))
 
 
 def test_kernel_forms_compute_the_same_products_on_both_sides():
