@@ -12,8 +12,8 @@ What is measured, and how:
   run's dtype (a bf16 run multiplies bf16 x bf16 with float32 accumulation, the way the model's matmuls do).
 - train: the real `steps.make_train_step` (jitted, donated state, AdamW or Adafactor from `optimizers`) on
   one device, on synthetic full-length unpacked rows (every token real). Compile time is reported apart;
-  then `--warmup` steps (and at least `--turn_s` seconds of them), then at least `--steps` timed steps in at
-  least `--turns` turns (each step includes the host->device batch transfer), median.
+  then `--warmup` untimed turns, then at least `--steps` timed steps in at least `--turns` turns (each step
+  includes the host->device batch transfer), median.
   tokens/s = batch x (inputs_length + targets_length) / step time. FLOPs are `model_flops` (analytic).
 - --compare-hf: HF `transformers` T5ForConditionalGeneration (PyTorch) with the same shape, dropout,
   AdamW (same hyperparameters, fused kernel where torch has one), global-norm clipping and thread count;
@@ -164,27 +164,31 @@ def median_time(fn: Timed, repeats: int) -> tuple[float, list[float]]:
 def time_alternating(
     runners: dict[str, Timed], warmup: int, repeats: int, turn_s: float = 1.0, turns: int = 1
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Warms each runner up, then times them in turns (a's, b's, a's, ...) until each has at least
-    `repeats` timed runs and `turns` turns, so load that comes and goes on a shared machine lands on
-    every side alike (a single one-second turn per side let the tiny ratio swing from 1.27x to 1.58x).
+    """Warms the runners up for `warmup` turns each, then times them in turns (a's, b's, a's, ...) until
+    each has at least `repeats` timed runs and `turns` turns, so load that comes and goes on a shared
+    machine lands on every side alike (a single one-second turn per side let the tiny ratio swing from
+    1.27x to 1.58x).
 
-    A turn is as many consecutive runs as fill `turn_s` seconds (one run when a run takes longer), and
-    warm-up lasts at least `warmup` runs and, if `warmup` > 0, `turn_s` seconds. Switching sides every
+    A turn is as many consecutive runs as fill `turn_s` seconds (one run when a run takes longer). Warm-up
+    turns alternate too: both sides share one malloc heap, whose blocks settle only after a few rounds
+    of both (T5-small: our step page-faulted 840k, 650k, 200k, then ~40 times in its first four turns
+    alternating with HF's, 7.4 / 6.3 / 7.0 / 5.6 s, against 5.1-5.5 s steps alone). Switching sides every
     run charges each run for the caches the other side evicted: on the 2-core CPU that added ~15 ms to
     both sides' 40-55 ms tiny steps and pulled their ratio from ~1.3x to ~1.1x; a multi-second step
     hardly notices. `turn_s=0` switches every run. Returns each runner's wall times and this process's
     CPU times (all threads) for the same runs: on an oversubscribed machine CPU time tracks the work
     done while wall time also counts the waits for a core.
     """
-    runs_per_turn = {}
-    for name, fn in runners.items():
-        runs, spent, last = 0, 0.0, math.inf
-        while runs < warmup or (warmup > 0 and spent < turn_s):
-            start = time.perf_counter()
-            fn()
-            last = time.perf_counter() - start
-            runs, spent = runs + 1, spent + last
-        runs_per_turn[name] = 1 if last >= turn_s else math.ceil(turn_s / max(last, 1e-6))
+    last = dict.fromkeys(runners, math.inf)
+    for _ in range(warmup):
+        for name, fn in runners.items():
+            runs, spent = 0, 0.0
+            while runs == 0 or spent < turn_s:
+                start = time.perf_counter()
+                fn()
+                last[name] = time.perf_counter() - start
+                runs, spent = runs + 1, spent + last[name]
+    runs_per_turn = {name: 1 if last[name] >= turn_s else math.ceil(turn_s / max(last[name], 1e-6)) for name in runners}
     wall: dict[str, list[float]] = {name: [] for name in runners}
     cpu: dict[str, list[float]] = {name: [] for name in runners}
     done = 0
@@ -698,8 +702,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "in seconds instead of minutes there), a Python loop on CPU")
     parser.add_argument("--optimizer", default="adamw", help="adamw or adafactor (--compare-hf needs adamw)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed runs of each timed thing after compiling (at least --turn_s seconds of them)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed turns of each timed thing after compiling, alternating like the timed ones")
     parser.add_argument("--turn_s", type=float, default=1.0,
                         help="with --compare-hf, each side runs for this long before the other's turn (0: every run)")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (median reported)")
