@@ -204,10 +204,11 @@ def time_alternating(
 
 
 def measure_peak(dtype: str, size: int | None = None, repeats: int = 5) -> dict[str, Any]:
-    """This device's matmul FLOP/s: a jitted [n, n] x [n, n] product, median of `repeats` runs (low-precision
-    operands accumulate in float32, the model's fast path)."""
+    """This device's matmul FLOP/s for a `dtype` model: a jitted [n, n] x [n, n] product in the operand dtype
+    the model's dots take (`layers.dot_operand_dtype`; low-precision operands accumulate in float32, the
+    model's fast path), median of `repeats` runs."""
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-    dt = jnp.dtype(dtype)
+    dt = layers.dot_operand_dtype(dtype)
     ka, kb = jax.random.split(jax.random.key(0))
     a, b = jax.random.normal(ka, (size, size), dt), jax.random.normal(kb, (size, size), dt)
     accumulate = None if dt == jnp.float32 else jnp.float32
@@ -630,9 +631,10 @@ def _si(x: float) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The human-readable report of `results` (the dict printed as the final JSON line)."""
     r = results
+    dots = "" if r["dot_dtype"] == r["dtype"] else f" (dots in {r['dot_dtype']}: see layers.dot_operand_dtype)"
     lines = [
         (f"t5x_lite benchmark: config {r['config']}, batch {r['batch']} x {r['inputs_length']} -> "
-         f"{r['targets_length']}, {r['dtype']}, {r['attention']} attention, device {r['device']}, "
+         f"{r['targets_length']}, {r['dtype']}{dots}, {r['attention']} attention, device {r['device']}, "
          f"{r['threads']} threads, {r['date']}"),
         (f"peak matmul ({r['peak']['dtype']}, {r['peak']['size']}^2): {_si(r['peak']['flops_per_s'])}FLOP/s; "
          f"model FLOPs per train step {_si(r['flops']['train_step'])} (forward {_si(r['flops']['forward'])})"),
@@ -775,7 +777,8 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": args.config, "model": {k: v for k, v in dataclasses.asdict(config).items() if k != "dropout_rate"},
         "batch": args.batch, "inputs_length": args.inputs_length, "targets_length": args.targets_length,
-        "dtype": args.dtype, "optimizer": args.optimizer, "device": jax.devices()[0].device_kind,
+        "dtype": args.dtype, "dot_dtype": layers.dot_operand_dtype(args.dtype).name, "optimizer": args.optimizer,
+        "device": jax.devices()[0].device_kind,
         "attention": layers.attention_impl(args.attention, jnp.dtype(args.dtype), config.head_dim),
         "backend": jax.default_backend(), "threads": threads, "date": time.strftime("%Y-%m-%d"),
         "peak": peak, "flops": flops,

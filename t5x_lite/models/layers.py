@@ -7,12 +7,15 @@ configurable `dtype`; softmax, norms and logits run in float32.
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+
+from t5x_lite import cpu_features
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -22,10 +25,37 @@ NEG_INF = -1e10  # additive bias for masked attention logits (finite, so fully m
 # ---------------------------------------------------------------------------------------------
 # Matmul
 
+BF16_DOTS_ENV = "T5X_LITE_BF16_DOTS"  # auto (default), bfloat16 or float32: see `dot_operand_dtype`
+
+
+def dot_operand_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype in which the operands of a `dtype` matmul enter XLA's dot.
+
+    `dtype` itself, except bfloat16 on a CPU without bf16 dot instructions (`cpu_features`), where XLA's
+    bf16 dots run below its float32 ones: there the operands are upcast inside the dot's fusion (exact,
+    and activations stay bf16 in memory). T5X_LITE_BF16_DOTS=bfloat16 or =float32 overrides the choice.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype != jnp.bfloat16:
+        return dtype
+    choice = os.environ.get(BF16_DOTS_ENV, "auto")
+    if choice == "auto":
+        emulated = jax.default_backend() == "cpu" and cpu_features.has_bf16_dot() is False
+        return jnp.dtype(jnp.float32 if emulated else jnp.bfloat16)
+    if choice not in ("bfloat16", "float32"):
+        raise ValueError(f"{BF16_DOTS_ENV}={choice!r}: use auto, bfloat16 or float32")
+    return jnp.dtype(choice)
+
+
+def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """einsum(spec, x, y) accumulating in float32, operands in `dot_operand_dtype`."""
+    operands = dot_operand_dtype(x.dtype)
+    return jnp.einsum(spec, x.astype(operands), y.astype(operands), preferred_element_type=jnp.float32)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
+    return _dot(spec, x, y).astype(out_dtype)
 
 
 def _einsum_fwd(spec, x, y, out_dtype):
@@ -42,7 +72,7 @@ def _grad_einsum(result_spec: str, a_spec: str, a: jax.Array, b_spec: str, b: ja
     first_free = next(c for c in result_spec if (c in a_spec) != (c in b_spec))
     if first_free in b_spec:
         a_spec, a, b_spec, b = b_spec, b, a_spec, a
-    return jnp.einsum(f"{a_spec},{b_spec}->{result_spec}", a, b, preferred_element_type=jnp.float32)
+    return _dot(f"{a_spec},{b_spec}->{result_spec}", a, b)
 
 
 def _einsum_bwd(spec, out_dtype, residuals, g):
@@ -65,8 +95,9 @@ _einsum.defvjp(_einsum_fwd, _einsum_bwd)
 def einsum(
     spec: str, x: jax.Array, y: jax.Array, *, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None
 ) -> jax.Array:
-    """Two-operand einsum with both operands cast to `dtype`, accumulating in float32, with a
-    hand-written VJP whose backward dots keep `dtype` operands and a copy-free output layout.
+    """Two-operand einsum with both operands cast to `dtype` (fed to the dot in `dot_operand_dtype`),
+    accumulating in float32, with a hand-written VJP whose backward dots keep those operand dtypes and
+    a copy-free output layout.
 
     Every index of an operand must appear in the other operand or the output (true for projections
     and attention), so the backward pass can be written as two einsums. XLA CPU runs bf16 x bf16 -> f32

@@ -187,3 +187,60 @@ def test_attention_ignores_masked_keys():
     bias = layers.mask_to_bias(layers.padding_mask(jnp.array([[1, 1, 1, 0]])))
     changed = x.at[0, 3].set(100.0)
     np.testing.assert_allclose(attn(x, x, bias), attn(x, changed, bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "choice, cpu_bf16_dot, expected",
+    [("auto", False, jnp.float32), ("auto", True, jnp.bfloat16), ("auto", None, jnp.bfloat16),
+     ("bfloat16", False, jnp.bfloat16), ("float32", True, jnp.float32)],
+)
+def test_bf16_dot_operands_follow_the_cpu(monkeypatch, choice, cpu_bf16_dot, expected):
+    """bf16 matmuls enter the dot as float32 only on a CPU known to lack bf16 dot instructions, or when asked."""
+    monkeypatch.setenv(layers.BF16_DOTS_ENV, choice)
+    monkeypatch.setattr(layers.cpu_features, "has_bf16_dot", lambda: cpu_bf16_dot)
+    assert layers.dot_operand_dtype(jnp.bfloat16) == expected
+    assert layers.dot_operand_dtype(jnp.float32) == jnp.float32
+
+
+def test_unknown_bf16_dot_choice_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(layers.BF16_DOTS_ENV, "fp8")
+    with pytest.raises(ValueError, match="T5X_LITE_BF16_DOTS='fp8': use auto, bfloat16 or float32"):
+        layers.dot_operand_dtype(jnp.bfloat16)
+
+
+def test_float32_dots_of_bf16_matmuls_give_the_bf16_dots_results(monkeypatch):
+    """Upcasting bf16 operands is exact, so an attention block's loss and gradients barely move (float32
+    accumulation either way), and every dot of the backward pass takes the chosen operands too."""
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    kv = jax.random.normal(jax.random.key(2), (2, 8, 32))
+    bias = layers.mask_to_bias(layers.padding_mask(jnp.array([[1] * 8, [1] * 5 + [0] * 3])))
+    graphdef, state = nnx.split(layers.MultiHeadAttention(32, 2, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+
+    def loss(state, x, kv):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, kv, bias).astype(jnp.float32)))
+
+    def dot_operand_dtypes(jaxpr) -> list[jnp.dtype]:
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(jnp.result_type(*(v.aval.dtype for v in eqn.invars)))
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    found += dot_operand_dtypes(inner)
+        return found
+
+    results = {}
+    for choice in ("bfloat16", "float32"):
+        monkeypatch.setenv(layers.BF16_DOTS_ENV, choice)
+        grad_fn = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        dtypes = dot_operand_dtypes(jax.make_jaxpr(grad_fn)(state, x, kv).jaxpr)
+        # 6 forward dots (4 projections, 2 attention products), 12 backward ones, and the bias gradient's
+        # two float32 sums with a vector of ones (`broadcast_add`).
+        assert len(dtypes) == 6 + 12 + 2
+        assert dtypes.count(jnp.dtype(jnp.bfloat16)) == (18 if choice == "bfloat16" else 0)
+        results[choice] = jax.jit(grad_fn)(state, x, kv)
+    (value16, grads16), (value32, grads32) = results["bfloat16"], results["float32"]
+    assert float(value32) == pytest.approx(float(value16), rel=1e-2)
+    for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
+        assert float(jnp.linalg.norm(g32 - g16)) <= 1e-2 * float(jnp.linalg.norm(g16)) + 1e-6

@@ -183,7 +183,8 @@ def test_bf16_train_step_runs_against_hf_autocast(capsys):
         "--peak_size", "256", "--skip", "data", "decode", "--scan_layers", "on",
     ]
     r = _run(capsys, argv)
-    assert r["peak"]["dtype"] == "bfloat16" and r["model"]["dtype"] == "bfloat16" and r["model"]["scan_layers"]
+    assert r["model"]["dtype"] == "bfloat16" and r["model"]["scan_layers"]
+    assert r["peak"]["dtype"] == r["dot_dtype"] == layers.dot_operand_dtype("bfloat16").name
     assert [row["impl"] for row in r["train"]] == ["t5x_lite", "hf"]
     assert all(0 < row["loss"] < 3 * math.log(2048) for row in r["train"])
     assert _positive(r["ratio_vs_hf"]) and "decode" not in r and "data" not in r
