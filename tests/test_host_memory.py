@@ -66,16 +66,19 @@ FAULTS_PER_RUN = textwrap.dedent("""
     double = jax.jit(lambda x: x * 2.0 + 1.0)
     for _ in range(6):  # until the heap holds every block a run needs
         jax.block_until_ready(double(x))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faulted = []
     for _ in range(10):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         jax.block_until_ready(double(x))
-    print("faulted MiB per run", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10 * 4096 / 2**20)
+        faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096 / 2**20)
+    print("faulted MiB per run", sorted(faulted)[len(faulted) // 2])
 """)
 
 
 def test_cpu_computations_reuse_their_large_buffers(libc):
     """A computation's 96 MiB output, freed after each run, is not page-faulted in again by the next run
-    (with JAX's default asynchronous dispatch a worker thread's arena mmaps it afresh every run)."""
+    (with JAX's default asynchronous dispatch a worker thread's arena mmaps it afresh every run). The median
+    run counts: on a loaded machine the heap may still grow by a block in one of the ten runs."""
     env = {**os.environ, host_memory.OPT_OUT_ENV: "1"}
     result = subprocess.run([sys.executable, "-c", FAULTS_PER_RUN], check=False, capture_output=True, text=True,
                             env=env, timeout=300)
