@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import tokenize
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -207,13 +208,15 @@ def one_line_error(error: UserError | FileNotFoundError) -> str:
 
 
 def prepare_output_dir(path: str) -> Path:
-    """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR) and checks it is writable, before any work."""
+    """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR) and checks it is writable, before any work.
+
+    The probe file's name is unique, so the processes of a multi-host run can check a shared folder at once.
+    """
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
+            pass
     except OSError as e:
         raise UserError(
             f"{path!r} is not writable ({e.strerror}); pick a folder you can write to, e.g. \"'runs/my_run'\"."

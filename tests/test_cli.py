@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -101,6 +102,18 @@ def test_unwritable_model_dir(clean_gin, tmp_path):
     parse(f"MODEL_DIR = '{blocker / 'run'}'")
     with pytest.raises(config.UserError, match="MODEL_DIR .* is not writable"):
         train_lib.train()
+
+
+def test_processes_check_a_shared_model_dir_at_once(tmp_path):
+    """Every process of a multi-host run checks MODEL_DIR is writable; one's check must not break another's."""
+    def check_repeatedly():
+        for _ in range(200):
+            config.prepare_output_dir(str(tmp_path))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(check_repeatedly) for _ in range(4)]:
+            future.result()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_task_module(clean_gin, tmp_path):

@@ -29,14 +29,7 @@ ARGS = [
 
 
 def launch(model_dir: Path, devices_per_process: int, *extra: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-        # Under a loaded 2-core CI machine one process can take minutes longer to start than the other;
-        # JAX's default 2 minutes for the CPU topology exchange then failed the run once.
-        JAX_CPU_GET_LOCAL_TOPOLOGY_TIMEOUT_MINUTES="8",
-        JAX_CPU_GET_GLOBAL_TOPOLOGY_TIMEOUT_MINUTES="9",
-    )
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     return subprocess.Popen(
         [sys.executable, "-m", "t5x_lite.train", *ARGS, f"--gin.MODEL_DIR='{model_dir}'", *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -45,8 +38,12 @@ def launch(model_dir: Path, devices_per_process: int, *extra: str) -> subprocess
 
 def finish(*procs: subprocess.Popen) -> None:
     outputs = [proc.communicate(timeout=900)[0] for proc in procs]
-    for i, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"process {i} of {len(procs)}:\n{out[-3000:]}"
+    # Each failed process's log up to an abort's thread dump (the dump would crowd out why it aborted).
+    failures = [
+        f"process {i} of {len(procs)} exited {proc.returncode}:\n{out.split('Fatal Python error')[0][-4000:]}"
+        for i, (proc, out) in enumerate(zip(procs, outputs, strict=True)) if proc.returncode != 0
+    ]
+    assert not failures, "\n\n".join(failures)
 
 
 def losses(model_dir: Path) -> list[float]:
