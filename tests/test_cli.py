@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,16 @@ import pytest
 
 from t5x_lite import config
 from t5x_lite import train as train_lib
+from tests.subprocess_env import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str, cwd: Path = REPO, module: str = "t5x_lite.train") -> subprocess.CompletedProcess:
     """Runs `python -m MODULE ARGS` on one CPU device, as the README does."""
-    full_env = dict(os.environ, XLA_FLAGS="")
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False,
     )
 
 

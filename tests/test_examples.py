@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import seqio
 from t5x_lite import checkpoints, config
 from t5x_lite import train as train_lib
 from t5x_lite.data import qa_tasks, tasks
+from tests.subprocess_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "t5x_lite" / "data" / "bundled"
@@ -182,7 +182,7 @@ def test_small_task_is_a_seeded_subset(tmp_path):
 
 @pytest.mark.slow
 def test_pretraining_helps_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user runs it
+    env = subprocess_env()  # one CPU device, as a user runs it
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "pretraining_helps.py"), "--out_dir", "demo",  # relative to cwd
          "--pretrain_steps", "2", "--pretrain_batch_size", "8", "--finetune_steps", "2", "--batch_size", "8",

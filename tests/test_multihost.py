@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.subprocess_env import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = [
@@ -29,10 +30,9 @@ ARGS = [
 
 
 def launch(model_dir: Path, devices_per_process: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     return subprocess.Popen(
         [sys.executable, "-m", "t5x_lite.train", *ARGS, f"--gin.MODEL_DIR='{model_dir}'", *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=subprocess_env(devices_per_process), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 

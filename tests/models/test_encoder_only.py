@@ -392,31 +392,33 @@ def check_feature_cli(model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_classification_fine_tune_beats_chance(tmp_path):
-    records = run_training(
-        "examples/bert_tiny_classify.gin", tmp_path,
-        "INITIAL_CHECKPOINT_PATH = None", "TRAIN_STEPS = 120", "train.eval_period = 120", "train.log_period = 20",
-        "train.checkpoint_period = 120",
+    # From the command line on one device, as a user runs it (in this process, 8 simulated devices on two
+    # cores would take twice as long for the 120 steps).
+    from t5x_lite.data import classification_tasks as ct
+    from tests.test_cli import run_cli
+
+    trained = run_cli(
+        "--gin_file=examples/bert_tiny_classify.gin", f"--gin.MODEL_DIR='{tmp_path}'", "--gin.INITIAL_CHECKPOINT_PATH=None",
+        "--gin.TRAIN_STEPS=120", "--gin.train.eval_period=120", "--gin.train.log_period=20",
+        "--gin.train.checkpoint_period=120", "--gin.train.progress_bar=False",
     )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if "eval/bundled_cls_single/accuracy" in r][-1]
     # Balanced two-class validation set (333 + 333 excerpts of held-out text): chance is 50%.
     assert final["eval/bundled_cls_single/accuracy"] > 65.0, final
     assert final["eval/bundled_cls_single/macro_f1"] > 60.0, final
 
-    from t5x_lite import config
-    from t5x_lite import infer as infer_lib
-    from t5x_lite.data import classification_tasks as ct
-
     out = tmp_path / "predictions.jsonl"
-    gin.clear_config()
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / "runs/infer.gin"), str(config.GIN_CONFIGS_DIR / "models/bert/tiny.gin")],
-                     ["MODEL = @EncoderClassificationModel()", "BertConfig.num_labels = 2", f"CHECKPOINT_PATH = '{tmp_path}'",
-                      "MIXTURE_OR_TASK_NAME = 'bundled_cls_single'", "TASK_FEATURE_LENGTHS = {'inputs': 96, 'targets': 1}",
-                      f"INFER_OUTPUT_FILE = '{out}'"])
-    try:
-        assert infer_lib.infer() == 666
-    finally:
-        gin.clear_config()
+    inferred = run_cli(
+        "--gin_file=runs/infer.gin", "--gin_file=models/bert/tiny.gin", "--gin.MODEL=@EncoderClassificationModel()",
+        "--gin.BertConfig.num_labels=2", f"--gin.CHECKPOINT_PATH='{tmp_path}'",
+        "--gin.MIXTURE_OR_TASK_NAME='bundled_cls_single'", "--gin.TASK_FEATURE_LENGTHS={'inputs': 96, 'targets': 1}",
+        f"--gin.INFER_OUTPUT_FILE='{out}'", module="t5x_lite.infer",
+    )
+    assert inferred.returncode == 0, inferred.stderr[-3000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 666
     assert {line["targets"] for line in lines} == set(ct.AUTHOR_LABELS)
     assert {line["prediction"] for line in lines} <= set(ct.AUTHOR_LABELS)
     assert all(line["score"] < 0 for line in lines)

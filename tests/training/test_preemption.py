@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.subprocess_env import subprocess_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -34,14 +36,14 @@ def losses(model_dir: Path) -> dict[int, float]:
 
 
 def run(model_dir: Path, train_steps: int) -> subprocess.CompletedProcess:
-    return subprocess.run(command(model_dir, train_steps), check=False, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""),
+    return subprocess.run(command(model_dir, train_steps), check=False, cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(interrupted, 10_000), cwd=REPO, env=dict(os.environ, XLA_FLAGS=""),
+    proc = subprocess.Popen(command(interrupted, 10_000), cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.time() + 300
@@ -67,7 +69,7 @@ KILL_TEST_STEPS = 12
 @pytest.fixture
 def kill_test_env(tmp_path) -> dict[str, str]:
     """One CPU device, unbuffered output, and JAX's compilation cache shared by the runs (halves start-up)."""
-    return dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    return subprocess_env(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
