@@ -5,6 +5,7 @@ metadata, flat program size."""
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,6 +171,53 @@ def test_other_families_scan_same_logits_and_grads(family, policy):
         results[scan] = logits, (stacks.unstack_layer_params(grads) if scan else grads)
     np.testing.assert_allclose(results[True][0], results[False][0], atol=1e-5)
     assert_trees_close(results[True][1], results[False][1], atol=1e-5)
+
+
+def family_config(family: str, scan: bool):
+    config_cls = T5Config if family == "t5" else FAMILIES[family][0]
+    if family == "t5":
+        return dataclasses.replace(TINY, num_decoder_layers=3, scan_layers=scan)
+    sizes = {"vocab_size": 64, "d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 48, "max_position_embeddings": 16}
+    depth = {"num_encoder_layers": 2, "num_decoder_layers": 3} if family == "bart" else {"num_layers": 3}
+    return config_cls(**sizes, **depth, scan_layers=scan)
+
+
+def init_params(family: str, scan: bool) -> dict:
+    network_cls = T5 if family == "t5" else FAMILIES[family][1]
+    network = jax.jit(lambda: nnx.state(network_cls(family_config(family, scan), rngs=nnx.Rngs(3)), nnx.Param))()
+    return nnx.to_pure_dict(network)
+
+
+@pytest.mark.parametrize("family", ["t5", *FAMILIES])
+def test_unrolled_and_scanned_init_give_the_same_params(family):
+    """Both layouts draw every stack's layers from one split of the params key, so switching `scan_layers`
+    keeps the initialisation, up to float rounding in the two compiled programs (and each layer's params
+    differ from the next one's)."""
+    plain, scanned = init_params(family, scan=False), init_params(family, scan=True)
+    assert_trees_close(stacks.stack_layer_params(plain), scanned, atol=1e-6)
+    stack = plain["decoder"]["layers"] if family == "t5" else plain.get("decoder_layers", plain.get("layers"))
+    first, second = (jax.tree.leaves(stack[i]) for i in (0, 1))
+    assert not any(np.array_equal(x, y) for x, y in zip(first, second) if np.std(x) > 0)
+
+
+def random_draws(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """`random_bits` calls in a jaxpr, nested calls included."""
+    return sum(
+        (eqn.primitive.name == "random_bits") + sum(random_draws(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+        for eqn in jaxpr.eqns
+    )
+
+
+def init_random_draws(depth: int) -> int:
+    """How many random draws the init of an unrolled T5 with `depth` encoder and decoder layers makes."""
+    config = dataclasses.replace(TINY, num_encoder_layers=depth, num_decoder_layers=depth)
+    return random_draws(jax.make_jaxpr(lambda: nnx.state(T5(config, rngs=nnx.Rngs(0)), nnx.Param))().jaxpr)
+
+
+def test_unrolled_init_draws_each_parameter_kind_once_whatever_the_depth():
+    """One batched draw per parameter kind for all layers of a stack, so the init's random-number code,
+    which dominates its compile time on CPU, does not grow with depth."""
+    assert init_random_draws(8) == init_random_draws(2)
 
 
 @pytest.mark.parametrize("policy", ["none", "dots"])
