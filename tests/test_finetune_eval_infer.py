@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, config, partitioning
+from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite import eval as eval_lib
 from t5x_lite import infer as infer_lib
-from t5x_lite import train as train_lib
 from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.training import loop
 from tests.test_cli import run_cli
 
 TINY = "models/t5_1_1/tiny.gin"
@@ -23,7 +23,7 @@ QA_LENGTHS = "{'inputs': 96, 'targets': 12}"
 
 def parse(files, *bindings):
     gin.clear_config()
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / f) for f in files], list(bindings))
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / f) for f in files], list(bindings))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def pretrained(tmp_path_factory) -> Path:
     parse(["quickstart.gin"], f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 3", "BATCH_SIZE = 8",
           "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "train.eval_period = 0",
           "train.progress_bar = False")
-    train_lib.train()
+    loop.train()
     gin.clear_config()
     return model_dir
 
@@ -46,7 +46,7 @@ def finetuned(pretrained, tmp_path_factory) -> Path:
           "TRAIN_STEPS = 2", "BATCH_SIZE = 8", "train.eval_period = 2", "train.eval_steps = 1",
           "make_evaluator.num_examples = 8", "ModelRunner.batch_size = 8", "train.progress_bar = False",
           "train.best_metric = 'eval/bundled_qa_extractive/f1'")
-    summary = train_lib.train()
+    summary = loop.train()
     gin.clear_config()
     assert "eval/bundled_qa_extractive/f1" in summary and "eval/bundled_qa_extractive/em" in summary
     return model_dir
@@ -60,7 +60,7 @@ def tiny_model() -> EncoderDecoderModel:
 def test_initial_checkpoint_restores_params_exactly(pretrained):
     mesh = partitioning.make_mesh({"data": -1})
     rules = partitioning.logical_axis_rules()
-    _, params = checkpoints.load_model_params(tiny_model(), str(pretrained), mesh, rules)
+    _, params = checkpoints.load_checkpoint_params(tiny_model(), str(pretrained), mesh, rules)
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(pretrained / "checkpoints", item_names=("state", "dataset")) as manager:
@@ -88,8 +88,8 @@ def test_finetune_starts_a_fresh_optimizer_and_keeps_the_best(finetuned):
 def test_missing_initial_checkpoint(tmp_path):
     parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = '{tmp_path / 'nope'}'",
           "MIXTURE_OR_TASK_NAME = 'bundled_qa_extractive'", f"TASK_FEATURE_LENGTHS = {QA_LENGTHS}", "TRAIN_STEPS = 1")
-    with pytest.raises(config.UserError, match=r"INITIAL_CHECKPOINT_PATH: No checkpoint found at .*nope"):
-        train_lib.train()
+    with pytest.raises(cli.UserError, match=r"INITIAL_CHECKPOINT_PATH: No checkpoint found at .*nope"):
+        loop.train()
     gin.clear_config()
 
 
@@ -97,8 +97,8 @@ def test_checkpoint_of_another_shape(pretrained, tmp_path):
     parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
           "T5Config.d_ff = 512", "MIXTURE_OR_TASK_NAME = 'bundled_qa_extractive'",
           f"TASK_FEATURE_LENGTHS = {QA_LENGTHS}", "TRAIN_STEPS = 1")
-    with pytest.raises(config.UserError, match=r"Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 256\) in checkpoint .* but \(128, 512\)"):
-        train_lib.train()
+    with pytest.raises(cli.UserError, match=r"Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 256\) in checkpoint .* but \(128, 512\)"):
+        loop.train()
     gin.clear_config()
 
 
@@ -141,7 +141,7 @@ def test_infer_cli_on_a_task_and_on_a_file(finetuned, tmp_path):
 def test_infer_rejects_an_empty_input_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(config.UserError, match="is empty"):
+    with pytest.raises(cli.UserError, match="is empty"):
         infer_lib.read_input_file(str(empty))
 
 
@@ -152,7 +152,7 @@ def test_infer_rejects_an_input_file_for_a_classifier(tmp_path):
           f"CHECKPOINT_PATH = '{tmp_path}'", f"INFER_INPUT_FILE = '{lines}'",
           "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 1}", f"INFER_OUTPUT_FILE = '{tmp_path / 'out.jsonl'}'")
     try:
-        with pytest.raises(config.UserError, match="EncoderClassificationModel predicts for a task's examples.*MIXTURE_OR_TASK_NAME"):
+        with pytest.raises(cli.UserError, match="EncoderClassificationModel predicts for a task's examples.*MIXTURE_OR_TASK_NAME"):
             infer_lib.infer()
     finally:
         gin.clear_config()
@@ -162,6 +162,6 @@ def test_infer_rejects_an_input_file_for_a_classifier(tmp_path):
 def test_eval_needs_a_task_with_metrics(pretrained, tmp_path):
     parse(["runs/eval.gin", TINY], f"CHECKPOINT_PATH = '{pretrained}'", "MIXTURE_OR_TASK_NAME = 'bundled_span_corruption'",
           "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", f"EVAL_OUTPUT_DIR = '{tmp_path}'")
-    with pytest.raises(config.UserError, match="defines no metric functions"):
+    with pytest.raises(cli.UserError, match="defines no metric functions"):
         eval_lib.evaluate_checkpoint()
     gin.clear_config()

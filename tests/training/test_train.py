@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_lite import config
-from t5x_lite import train as train_lib
+from t5x_lite import cli
+from t5x_lite.training import loop
 
 SMALL_RUN = [
     "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}",
@@ -25,12 +25,12 @@ SMALL_RUN = [
 def run_training(model_dir: Path, train_steps: int, *extra: str) -> dict[str, float]:
     """Parses the quickstart config with small sizes and trains in this process."""
     gin.clear_config()
-    config.parse_gin(
-        [str(config.GIN_CONFIGS_DIR / "quickstart.gin")],
+    cli.parse_gin(
+        [str(cli.GIN_CONFIGS_DIR / "quickstart.gin")],
         SMALL_RUN + [f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {train_steps}", *extra],
     )
     try:
-        return train_lib.train()
+        return loop.train()
     finally:
         gin.clear_config()
 
