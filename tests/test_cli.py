@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import gin
@@ -103,16 +104,32 @@ def test_unwritable_model_dir(clean_gin, tmp_path):
         loop.train()
 
 
+CHECK_REPEATEDLY = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from t5x_lite import cli
+    folder, signals = sys.argv[1], Path(sys.argv[2])
+    (signals / f"ready_{sys.argv[3]}").touch()
+    while not (signals / "go").exists():
+        time.sleep(0.001)
+    for _ in range(300):
+        cli.prepare_output_dir(folder)
+""")
+
+
 def test_processes_check_a_shared_model_dir_at_once(tmp_path):
     """Every process of a multi-host run checks MODEL_DIR is writable; one's check must not break another's."""
-    def check_repeatedly():
-        for _ in range(200):
-            cli.prepare_output_dir(str(tmp_path))
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for future in [pool.submit(check_repeatedly) for _ in range(4)]:
-            future.result()
-    assert list(tmp_path.iterdir()) == []
+    model_dir, signals = tmp_path / "model_dir", tmp_path / "signals"
+    signals.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CHECK_REPEATEDLY, str(model_dir), str(signals), str(i)],
+                              cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True) for i in range(4)]
+    deadline = time.time() + 120
+    while len(list(signals.glob("ready_*"))) < len(procs) and time.time() < deadline:
+        time.sleep(0.01)
+    (signals / "go").touch()  # all four check at once
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), "\n".join(errors)[-3000:]
+    assert list(model_dir.iterdir()) == []
 
 
 def test_missing_task_module(clean_gin, tmp_path):
