@@ -19,11 +19,11 @@ from tests.subprocess_env import subprocess_env
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, cwd: Path = REPO, module: str = "t5x_lite.train") -> subprocess.CompletedProcess:
-    """Runs `python -m MODULE ARGS` on one CPU device, as the README does."""
+def run_cli(*args: str, cwd: Path = REPO, module: str = "t5x_lite.train", devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs `python -m MODULE ARGS` on one CPU device (as the README does) or on `devices` simulated ones."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
-        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600, check=False,
+        cwd=cwd, env=subprocess_env(devices), capture_output=True, text=True, timeout=600, check=False,
     )
 
 
