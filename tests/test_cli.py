@@ -50,6 +50,33 @@ def test_cli_reports_a_bad_binding_in_one_line():
     assert "Traceback" not in result.stderr
 
 
+HELP_IMPORTS = textwrap.dedent("""
+    import runpy, sys
+    import t5x_lite
+    before = set(sys.modules)
+    import t5x_lite.cli
+    after_cli = set(sys.modules)
+    sys.argv = ["t5x_lite.train", "--help"]
+    try:
+        runpy.run_module("t5x_lite.train", run_name="__main__")
+    except SystemExit:
+        pass
+    heavy = {"tensorflow", "seqio"}
+    print("cli", sorted({m.split(".")[0] for m in after_cli - before} & heavy))
+    print("help", sorted({m.split(".")[0] for m in set(sys.modules) - before} & heavy))
+""")
+
+
+def test_cli_and_train_help_import_no_tensorflow():
+    """`import t5x_lite.cli` and `python -m t5x_lite.train --help` load neither TensorFlow nor seqio (beyond what
+    `import t5x_lite` itself loads)."""
+    result = subprocess.run([sys.executable, "-c", HELP_IMPORTS], cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "USAGE" in result.stdout  # the help was printed
+    assert result.stdout.splitlines()[-2:] == ["cli []", "help []"]
+
+
 @pytest.fixture
 def clean_gin():
     gin.clear_config()
