@@ -71,6 +71,7 @@ def train(
     skips in a row stop the run. `MODEL_DIR/operative_config.gin` holds the bindings the run
     used, from its first step on.
     """
+    # The settings, the mesh, the fresh state and the data.
     cli.keep_tensorflow_off_gpus()
     cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
     with cli.user_errors(ValueError, ModuleNotFoundError):
@@ -94,6 +95,7 @@ def train(
     iterator = TfDatasetIterator(train_ds, checkpoint=True)
 
     with contextlib.ExitStack() as opened:  # whatever the run opens is closed on every way out
+        # Resume from MODEL_DIR, or start (from INITIAL_CHECKPOINT_PATH's parameters when given).
         checkpoint = actions.Checkpoint(open_checkpoints(model_dir), iterator, checkpoint_period, model_dir)
         opened.callback(checkpoint.close)
         state = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
@@ -104,6 +106,7 @@ def train(
             raise cli.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
         train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
 
+        # The periodic actions: log first, then evaluate, keep the best, checkpoint.
         writer = metric_writers.create_writer(model_dir)
         opened.callback(writer.close)
         periodic: list[actions.Action] = []
@@ -134,6 +137,7 @@ def train(
             return partitioning.host_batch_to_global(next_batch(iterator, step, mixture_or_task_name, vocab_limit),
                                                      batch_sharding)
 
+        # The loop.
         summary: dict[str, float] = {}
         with preemption.StopRequest() as stop:
             for step in range(start_step + 1, train_steps + 1):
