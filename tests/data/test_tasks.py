@@ -99,3 +99,22 @@ def test_c4_absent_fails_at_once_naming_the_flag(tmp_path):
     finally:
         seqio.set_tfds_data_dir_override(None)
         seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()
+
+
+def test_task_module_registers_tasks_and_mixtures_over_the_bundled_ones(tmp_path, monkeypatch):
+    """`MIXTURE_OR_TASK_MODULE`: the user's module may name the bundled tasks, which register before it."""
+    (tmp_path / "corpus.txt").write_text("A first document of the user.\nAnd a second, a little longer one.\n")
+    (tmp_path / "my_tasks_module.py").write_text(
+        "import seqio\n"
+        "from t5x_lite.data import registration\n"
+        f"registration.register_span_corruption_task('tmp_module_corpus', {{'train': {str(tmp_path / 'corpus.txt')!r}}})\n"
+        "seqio.MixtureRegistry.add('tmp_module_mixture', [('tmp_module_corpus', 1.0), ('bundled_span_corruption', 1.0)])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        pipeline.import_task_module("my_tasks_module")
+        mixture = pipeline.get_mixture_or_task("tmp_module_mixture")
+        assert sorted(task.name for task in mixture.tasks) == ["bundled_span_corruption", "tmp_module_corpus"]
+    finally:
+        seqio.MixtureRegistry.remove("tmp_module_mixture")
+        seqio.TaskRegistry.remove("tmp_module_corpus")
