@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import gin
 
-import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers

@@ -25,7 +25,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
-import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import config, partitioning
 from t5x_lite.data import pipeline, special_tokens, vocab
 from t5x_lite.models import layers as layers_lib

@@ -23,7 +23,7 @@ from absl import logging
 from clu.data.dataset_iterator import TfDatasetIterator
 from tqdm import tqdm
 
-import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, config, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel

@@ -58,9 +58,9 @@ def first_batch(task_name: str, lengths: dict[str, int] | None = None) -> dict[s
 
 
 def text_files_task(tmp_path: Path, train_files: Path, validation_files: Path | None = None) -> str:
-    from t5x_lite.data import tasks
+    from t5x_lite.data import registration
 
-    return tasks.text_files_task(name=f"bad_input_{tmp_path.name}", train_files=str(train_files),
+    return registration.text_files_task(name=f"bad_input_{tmp_path.name}", train_files=str(train_files),
                                  validation_files=None if validation_files is None else str(validation_files))
 
 

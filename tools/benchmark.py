@@ -414,7 +414,6 @@ def bench_data(batch: int, inputs_length: int, targets_length: int, num_batches:
     """Rows/s and tokens/s of the packed span-corruption pipeline (bundled corpus), after `warmup` batches."""
     import seqio
 
-    import t5x_lite  # noqa: F401  (registers the bundled tasks)
     from t5x_lite.data import pipeline
 
     ds = pipeline.get_dataset(
@@ -740,9 +739,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if sorted(set(args.decode_lengths)) != list(args.decode_lengths) or min(args.decode_lengths) < 1:
         raise UserError(f"--decode_lengths must be increasing positive lengths, got {args.decode_lengths}.")
     if "data" not in args.skip:
-        from t5x_lite.data import objectives
+        from t5x_lite.data.preprocessors import span_corruption
 
-        needed = objectives.random_spans_lengths(args.inputs_length)[1]
+        needed = span_corruption.random_spans_lengths(args.inputs_length)[1]
         if args.targets_length < needed:
             raise UserError(
                 f"Span corruption of --inputs_length {args.inputs_length} makes targets of {needed} tokens; "

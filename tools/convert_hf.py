@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 import seqio
 
-import t5x_lite  # noqa: F401  (registers the gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import config, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies

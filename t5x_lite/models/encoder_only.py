@@ -590,7 +590,7 @@ class EncoderClassificationModel(_BertModel):
 
     @property
     def feature_converter_cls(self) -> type[seqio.FeatureConverter]:
-        from t5x_lite.data.classification_tasks import ClassificationFeatureConverter
+        from t5x_lite.data.feature_converters import ClassificationFeatureConverter
 
         return ClassificationFeatureConverter
 
@@ -631,7 +631,7 @@ class EncoderTaggingModel(_BertModel):
 
     @property
     def feature_converter_cls(self) -> type[seqio.FeatureConverter]:
-        from t5x_lite.data.classification_tasks import TaggingFeatureConverter
+        from t5x_lite.data.feature_converters import TaggingFeatureConverter
 
         return TaggingFeatureConverter
 

@@ -14,6 +14,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks read below)
 from t5x_lite import config, evaluation, partitioning
 from t5x_lite import train as train_lib
 from t5x_lite.models import decoder_only

@@ -394,7 +394,7 @@ def check_feature_cli(model_dir: Path) -> None:
 def test_classification_fine_tune_beats_chance(tmp_path):
     # From the command line on one device, as a user runs it (in this process, 8 simulated devices on two
     # cores would take twice as long for the 120 steps).
-    from t5x_lite.data import classification_tasks as ct
+    from t5x_lite.tasks import classification as ct
     from tests.test_cli import run_cli
 
     trained = run_cli(

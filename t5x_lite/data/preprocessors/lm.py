@@ -22,7 +22,7 @@ import gin
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import objectives
+from t5x_lite.data.preprocessors import text
 
 
 def _feature_length(sequence_length: Mapping[str, int] | None, key: str, objective: str) -> int:
@@ -58,7 +58,7 @@ def pack_lm_chunks(
     Every chunk but the stream's last fills the targets length. Output: `{"targets": chunk}`.
     """
     chunk_length = _feature_length(sequence_length, "targets", "causal LM")
-    return objectives.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+    return text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
 
 
 def prefix_lm_chunk_length(sequence_length: Mapping[str, int]) -> int:
@@ -76,7 +76,7 @@ def pack_prefix_lm_chunks(
 ) -> tf.data.Dataset:
     """Like `pack_lm_chunks` with `prefix_lm_chunk_length` tokens per chunk; drops a last chunk under 2 tokens."""
     chunk_length = prefix_lm_chunk_length(sequence_length)
-    chunks = objectives.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+    chunks = text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
     return chunks.filter(lambda ex: tf.size(ex["targets"]) >= 2)
 
 

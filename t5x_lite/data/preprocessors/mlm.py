@@ -29,7 +29,8 @@ import gin
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import objectives, special_tokens
+from t5x_lite.data import special_tokens
+from t5x_lite.data.preprocessors import text
 
 MASK_RATE = 0.15
 MASK_TOKEN_FRACTION = 0.8
@@ -115,12 +116,12 @@ def pack_mlm_sequences(
     cls, sep = tf.constant([ids.cls]), tf.constant([ids.sep])
     if not next_sentence_prediction:
         chunk_length = _inputs_length(sequence_length, minimum=3) - 2
-        chunks = objectives.split_token_stream(dataset, chunk_length)
+        chunks = text.split_token_stream(dataset, chunk_length)
         return chunks.map(lambda ex: {"targets": tf.concat([cls, ex["targets"], sep], axis=0)})
     if nsp_pool_size < 1:
         raise ValueError(f"nsp_pool_size={nsp_pool_size!r} must be at least 1 (default {NSP_POOL_SIZE}).")
     chunk_length = _inputs_length(sequence_length, minimum=5) - 3
-    chunks = objectives.split_token_stream(dataset, chunk_length).filter(lambda ex: tf.size(ex["targets"]) >= 2)
+    chunks = text.split_token_stream(dataset, chunk_length).filter(lambda ex: tf.size(ex["targets"]) >= 2)
     pairs = _sentence_pairs(_draw_pair_choices(chunks), chunk_length, nsp_pool_size)
 
     def join(pair):

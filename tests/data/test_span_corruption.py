@@ -1,4 +1,4 @@
-"""Tests of the span-corruption objective (t5x_lite/data/objectives.py)."""
+"""Tests of the span-corruption objective (t5x_lite/data/preprocessors/span_corruption.py)."""
 
 import itertools
 import math
@@ -10,7 +10,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import objectives
+from t5x_lite.data.preprocessors import span_corruption
 
 VOCAB_SIZE = 1000
 # Plain tokens stay below this, so anything at or above it is a sentinel.
@@ -30,7 +30,7 @@ def _brief_lengths(tokens_length, noise_density, mean_noise_span_length):
 def _noise_masks(length, num_masks, noise_density=0.15, mean_noise_span_length=3.0):
     """[num_masks, length] bool array of masks with seeds (i, 7), i < num_masks."""
     ds = tf.data.Dataset.range(num_masks).map(
-        lambda i: objectives.random_noise_mask(length, tf.stack([i, 7]), noise_density, mean_noise_span_length)
+        lambda i: span_corruption.random_noise_mask(length, tf.stack([i, 7]), noise_density, mean_noise_span_length)
     )
     return next(iter(ds.batch(num_masks))).numpy()
 
@@ -46,7 +46,7 @@ def _corrupt(sequences, map_seed=0, **noise_args):
     ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([list(s) for s in sequences], dtype=tf.int32))
     ds = ds.map(lambda tokens: {"targets": tokens})
     with seqio.utils.map_seed_manager(map_seed):
-        ds = objectives.span_corruption(ds, output_features=OUTPUT_FEATURES, **noise_args)
+        ds = span_corruption.span_corruption(ds, output_features=OUTPUT_FEATURES, **noise_args)
     return [{k: v.numpy() for k, v in ex.items()} for ex in ds]
 
 
@@ -71,7 +71,7 @@ def _random_sequences(num, min_length, max_length, seed=0):
 
 
 def test_random_spans_lengths_t5_value():
-    assert objectives.random_spans_lengths(512) == (568, 114)
+    assert span_corruption.random_spans_lengths(512) == (568, 114)
 
 
 @pytest.mark.parametrize("inputs_length", [16, 64, 100, 128, 512, 1024, 2048])
@@ -83,12 +83,12 @@ def test_random_spans_lengths_matches_brute_force(inputs_length, noise_density, 
         if _brief_lengths(n, noise_density, mean_noise_span_length)[0] <= inputs_length
     ]
     expected = (fitting[-1], _brief_lengths(fitting[-1], noise_density, mean_noise_span_length)[1])
-    assert objectives.random_spans_lengths(inputs_length, noise_density, mean_noise_span_length) == expected
+    assert span_corruption.random_spans_lengths(inputs_length, noise_density, mean_noise_span_length) == expected
 
 
 @pytest.mark.parametrize("inputs_length", [3, 5, 64, 512])
 def test_corrupted_lengths_are_exactly_the_predicted_lengths(inputs_length):
-    tokens_length, targets_length = objectives.random_spans_lengths(inputs_length)
+    tokens_length, targets_length = span_corruption.random_spans_lengths(inputs_length)
     for ex in _corrupt(_random_sequences(20, tokens_length, tokens_length)):
         assert len(ex["inputs"]) + 1 == inputs_length  # + EOS
         assert len(ex["targets"]) + 1 == targets_length
@@ -109,17 +109,17 @@ def test_corrupted_lengths_are_exactly_the_predicted_lengths(inputs_length):
 )
 def test_random_spans_lengths_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="inputs_length|noise_density|mean_noise_span_length"):
-        objectives.random_spans_lengths(**kwargs)
+        span_corruption.random_spans_lengths(**kwargs)
 
 
 @pytest.mark.parametrize("noise_density,mean_noise_span_length", [(0.15, 3.0), (0.3, 2.0), (0.5, 8.0)])
 def test_mask_counts_match_length_arithmetic(noise_density, mean_noise_span_length):
     """The TF mask and the Python length arithmetic agree for every length."""
     for length in range(0, 1200, 7):
-        mask = objectives.random_noise_mask(
+        mask = span_corruption.random_noise_mask(
             length, tf.constant([length, 1]), noise_density, mean_noise_span_length
         ).numpy()
-        num_noise, num_spans = objectives._noise_counts(length, noise_density, mean_noise_span_length)
+        num_noise, num_spans = span_corruption._noise_counts(length, noise_density, mean_noise_span_length)
         assert mask.shape == (length,)
         assert mask.sum() == num_noise
         assert len(_segment_lengths(mask)[1::2]) == num_spans
@@ -149,7 +149,7 @@ def test_noise_statistics_over_many_sequences():
     assert len({mask.tobytes() for mask in masks}) == num_masks
     # Span lengths follow the uniform-composition law, e.g. P(noise span == 1)
     # = C(83, 26) / C(84, 27) ~ 0.32 for 85 noise tokens in 28 spans.
-    num_noise, num_spans = objectives._noise_counts(length, 0.15, 3.0)
+    num_noise, num_spans = span_corruption._noise_counts(length, 0.15, 3.0)
     for spans, total in [(noise_spans, num_noise), (nonnoise_spans, length - num_noise)]:
         for size in range(1, 8):
             expected = _composition_part_pmf(total, num_spans, size)
@@ -212,12 +212,12 @@ def test_packing_concatenates_and_splits_the_stream(document_lengths, chunk_leng
         {"targets": tf.ragged.constant(documents, dtype=tf.int32), "targets_pretokenized": [str(d) for d in documents]}
     )
     chunks = [
-        ex["targets"].numpy() for ex in objectives.pack_tokens_for_span_corruption(ds, {"inputs": 64, "targets": 16})
+        ex["targets"].numpy() for ex in span_corruption.pack_tokens_for_span_corruption(ds, {"inputs": 64, "targets": 16})
     ]
     assert [len(c) for c in chunks] == chunk_lengths  # 64 -> 70 raw tokens
     assert np.concatenate([[]] + chunks).tolist() == list(range(sum(document_lengths)))
     with pytest.raises(ValueError, match="sequence_length"):
-        objectives.pack_tokens_for_span_corruption(ds, None)
+        span_corruption.pack_tokens_for_span_corruption(ds, None)
 
 
 def test_too_few_extra_ids_fails_loudly():
@@ -225,7 +225,7 @@ def test_too_few_extra_ids_fails_loudly():
     features = {"targets": seqio.Feature(vocabulary)}
     ds = tf.data.Dataset.from_tensors({"targets": tf.range(3, 200, dtype=tf.int32)})
     with pytest.raises(tf.errors.InvalidArgumentError, match="extra ids"):
-        next(iter(objectives.span_corruption(ds, output_features=features)))
+        next(iter(span_corruption.span_corruption(ds, output_features=features)))
 
 
 def test_gin_binding_changes_noise_density():
@@ -252,7 +252,7 @@ def span_corruption_task(request):
     task = seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(dataset_fn, splits=["train"]),
-        preprocessors=objectives.span_corruption_preprocessors(**noise_args),
+        preprocessors=span_corruption.span_corruption_preprocessors(**noise_args),
         output_features={"inputs": seqio.Feature(vocabulary), "targets": seqio.Feature(vocabulary)},
     )
     try:
@@ -267,7 +267,7 @@ def span_corruption_task(request):
 def test_end_to_end_through_seqio(span_corruption_task):
     task, lines, noise_args = span_corruption_task
     vocabulary = task.output_features["targets"].vocabulary
-    _, targets_length = objectives.random_spans_lengths(64, **noise_args)
+    _, targets_length = span_corruption.random_spans_lengths(64, **noise_args)
     lengths = {"inputs": 64, "targets": max(16, targets_length)}
 
     def examples(seed):

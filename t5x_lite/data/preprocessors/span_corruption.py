@@ -22,6 +22,8 @@ import gin
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data.preprocessors import text
+
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 
@@ -173,34 +175,6 @@ def corrupt_spans(tokens: tf.Tensor, is_noise: tf.Tensor, vocab_size: int) -> tu
     return keep(tf.logical_not(is_noise)), keep(is_noise)
 
 
-def split_token_stream(dataset: tf.data.Dataset, chunk_length: int) -> tf.data.Dataset:
-    """Concatenates the `targets` of all examples and splits the stream into `chunk_length`-token chunks.
-
-    Only the stream's last chunk may be shorter. Output examples have only `targets`.
-    """
-    dtype = dataset.element_spec["targets"].dtype
-    # A scan carries the tokens left over from earlier documents, so each step
-    # emits whole chunks as rows of one dense tensor (far faster than unbatching
-    # to single tokens). A final empty marker flushes the last partial chunk,
-    # zero-padded to a full row and cut back to its length after the unbatch.
-    documents = dataset.map(lambda ex: (ex["targets"], False))
-    end_marker = tf.data.Dataset.from_tensors((tf.zeros([0], dtype), True))
-
-    def emit_chunks(carry: tf.Tensor, document) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
-        tokens, is_end = document
-        stream = tf.concat([carry, tokens], axis=0)
-        size = tf.size(stream)
-        num_rows = tf.where(is_end, -(-size // chunk_length), size // chunk_length)
-        num_emitted = tf.minimum(num_rows * chunk_length, size)
-        padding = [[0, num_rows * chunk_length - num_emitted]]
-        rows = tf.reshape(tf.pad(stream[:num_emitted], padding), [num_rows, chunk_length])
-        row_lengths = tf.minimum(chunk_length, num_emitted - chunk_length * tf.range(num_rows))
-        return stream[num_emitted:], (rows, row_lengths)
-
-    chunks = documents.concatenate(end_marker).scan(tf.zeros([0], dtype), emit_chunks)
-    return chunks.unbatch().map(lambda row, length: {"targets": row[:length]})
-
-
 @gin.configurable
 def pack_tokens_for_span_corruption(
     dataset: tf.data.Dataset,
@@ -234,7 +208,7 @@ def pack_tokens_for_span_corruption(
             f"{sequence_length['targets']}: targets would be truncated. Set "
             f"TASK_FEATURE_LENGTHS['targets'] to at least {targets_length}."
         )
-    return split_token_stream(dataset, chunk_length)
+    return text.split_token_stream(dataset, chunk_length)
 
 
 @gin.configurable

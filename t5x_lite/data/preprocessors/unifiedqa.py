@@ -117,7 +117,7 @@ def format_example(record: Mapping[str, Any], format: str, lowercase: bool = Tru
     `record` has `question`, `context`, `options` (multiple choice) and `answers` (list; the first
     is the target) or `answer`. A yes/no answer may be a bool.
     """
-    _check_format(format)
+    check_format(format)
     answers = record["answers"] if "answers" in record else [record["answer"]]
     if isinstance(answers, (str, bool)):
         answers = [answers]
@@ -132,7 +132,8 @@ def format_example(record: Mapping[str, Any], format: str, lowercase: bool = Tru
     return {"inputs": inputs, "targets": format_answer(target, lowercase)}
 
 
-def _check_format(format: str) -> None:
+def check_format(format: str) -> None:
+    """Raises a ValueError naming the formats for anything but one of `FORMATS`."""
     if format not in FORMATS:
         raise ValueError(f"Unknown UnifiedQA format {format!r}; pick one of {FORMATS}.")
 
@@ -181,7 +182,7 @@ def to_text_to_text(dataset: tf.data.Dataset, format: str, lowercase: bool = Tru
     Keeps `answers` (every reference, formatted like the target) for max-over-references metrics.
     The target is the first answer.
     """
-    _check_format(format)
+    check_format(format)
 
     @seqio.map_over_dataset
     def fn(ex):
@@ -214,7 +215,7 @@ def multiple_choice_rank_classification(dataset: tf.data.Dataset, lowercase: boo
     Each output has `inputs` (the record's multiple-choice input), `targets` (that option's text),
     `idx` (the record's position in the dataset), `option_index` and `is_correct` (the option equals
     the first answer after formatting). Score every example (e.g. the log-likelihood of `targets`),
-    then pick per `idx` with `qa_metrics.rank_classification`.
+    then pick per `idx` with `metrics.qa.rank_classification`.
     """
 
     def expand(idx, ex):
@@ -231,3 +232,33 @@ def multiple_choice_rank_classification(dataset: tf.data.Dataset, lowercase: boo
         })
 
     return dataset.enumerate().flat_map(expand)
+
+
+# ------------------------------------------------------------------ TFDS record adapters
+
+
+def squad_to_records(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """TFDS SQuAD v1.1 (`question`, `context`, `answers/text`) -> records with all references."""
+
+    def fn(x):
+        return {"question": x["question"], "context": x["context"], "options": tf.constant([], tf.string),
+                "answers": x["answers"]["text"]}
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def boolq_to_records(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """TFDS SuperGLUE BoolQ (`question`, `passage`, `label`) -> yes/no records.
+
+    BoolQ's questions carry no question mark; one is added, as in UnifiedQA's BoolQ inputs.
+    """
+
+    def fn(x):
+        question = tf.strings.strip(x["question"])
+        question = tf.cond(tf.strings.regex_full_match(question, r".*\?"), lambda: question,
+                           lambda: tf.strings.join([question, "?"]))
+        answer = tf.where(tf.equal(x["label"], 1), "yes", "no")
+        return {"question": question, "context": x["passage"], "options": tf.constant([], tf.string),
+                "answers": tf.reshape(answer, [1])}
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)

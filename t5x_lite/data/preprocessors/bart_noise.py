@@ -28,7 +28,8 @@ import gin
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import objectives, special_tokens
+from t5x_lite.data import special_tokens
+from t5x_lite.data.preprocessors import text
 
 TEXT_INFILLING_RATE = 0.3
 POISSON_LAMBDA = 3.0
@@ -133,7 +134,7 @@ def pack_tokens_for_denoising(dataset: tf.data.Dataset, sequence_length: Mapping
     chunk_length = min(sequence_length["inputs"], sequence_length["targets"]) - 1
     if chunk_length < 1:
         raise ValueError(f"BART denoising needs inputs and targets lengths of at least 2, got {dict(sequence_length)}.")
-    return objectives.split_token_stream(dataset, chunk_length)
+    return text.split_token_stream(dataset, chunk_length)
 
 
 @gin.configurable

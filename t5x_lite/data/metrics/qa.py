@@ -16,7 +16,8 @@
   over one example per (question, option), see `unifiedqa.multiple_choice_rank_classification`.
 
 Targets may be strings or lists of reference strings (for SQuAD: every annotator's answer).
-Pure Python and numpy: no TensorFlow.
+The postprocessors (`postprocess_text`, `postprocess_with_references`, `postprocess_rank_target`)
+turn decoded outputs and examples into what these metrics take. Pure Python and numpy: no TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import collections
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,34 @@ def _references(target: Any) -> list[str]:
 def _check_lengths(targets: Sequence[Any], predictions: Sequence[Any]) -> None:
     if len(targets) != len(predictions):
         raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions; they must pair up.")
+
+
+# ------------------------------------------------------------------ postprocessors
+
+
+def _to_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def postprocess_text(output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False) -> str:
+    """Decoded text with whitespace collapsed and lower-cased (for exact-match accuracy)."""
+    del example, is_target
+    return " ".join(_to_str(output).split()).lower()
+
+
+def postprocess_with_references(output: Any, example: Mapping[str, Any] | None = None,
+                                is_target: bool = False) -> str | list[str]:
+    """Predictions: the decoded text. Targets: every reference in the example's `answers`."""
+    if is_target and example is not None and "answers" in example:
+        return [_to_str(a) for a in np.asarray(example["answers"]).reshape(-1)]
+    return _to_str(output).strip()
+
+
+def postprocess_rank_target(output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False):
+    """Targets of a rank-classification task: `(idx, is_correct)` of the option's row."""
+    if is_target and example is not None:
+        return int(example["idx"]), bool(example["is_correct"])
+    return output
 
 
 # ------------------------------------------------------------------ SQuAD
@@ -123,7 +152,7 @@ def rouge(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) ->
     try:
         from rouge_score import rouge_scorer  # imported here: it pulls in nltk (~1 s)
     except ImportError as e:
-        raise ImportError("qa_metrics.rouge needs the rouge-score package: pip install rouge-score==0.1.2") from e
+        raise ImportError("metrics.qa.rouge needs the rouge-score package: pip install rouge-score==0.1.2") from e
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = {key: [] for key in ROUGE_TYPES}
     for target, prediction in zip(targets, predictions):
