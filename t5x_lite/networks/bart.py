@@ -5,35 +5,26 @@ and one token embedding shared by the encoder, the decoder and the (tied) output
 `final_logits_bias`. Token id 0 is padding; packed rows carry segment ids (0 = padding) and
 in-segment positions, which the learned position embeddings need.
 
-The parameters map one to one onto Hugging Face's `BartForConditionalGeneration` (`params_from_hf` /
-`params_to_hf`). HF's position tables have 2 extra leading rows (fairseq's padding offset: position p
-reads row p + 2); ours start at position 0, so the import drops those rows. Decoding encodes once,
-projects every layer's cross-attention keys/values once, then runs the cached `decode_step` inside
-`t5x_lite.decoding`'s while loops. For large models, `BartConfig.scan_layers` and `remat_policy` work
-as T5's (see `t5x_lite.models.stacks`).
+The parameters map one to one onto Hugging Face's `BartForConditionalGeneration` (`t5x_lite.hf.bart`).
+Decoding encodes once, projects every layer's cross-attention keys/values once, then runs the cached
+`decode_step` inside `t5x_lite.decoding`'s while loops. For large models, `BartConfig.scan_layers` and
+`remat_policy` work as T5's (see `t5x_lite.nn.stacks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Mapping
-from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
-import seqio
 from flax import nnx
 
-from t5x_lite import decoding
-from t5x_lite.models import layers, stacks
-from t5x_lite.models.base import BaseModel
-from t5x_lite.models.encoder_decoder import DecodeState
+from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.t5 import encoder_decoder_state
+from t5x_lite.nn import attention, kernels, layers, stacks
+from t5x_lite.nn.attention import DecodeState, KVCache
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
-HF_POSITION_OFFSET = 2  # rows of HF's BartLearnedPositionalEmbedding before position 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,39 +47,26 @@ class BartConfig:
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
-    scan_layers: bool = False  # stacked layer params (leading "layers" axis), trained with lax.scan
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis), applied with lax.scan
+    kernels: str = "auto"  # KERNELS: "auto" (by backend), "xla" or "cpu_tuned" (see nn/kernels.py)
 
     def __post_init__(self):
-        stacks.check_remat_policy("BartConfig", self.remat_policy)
         positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                     "num_decoder_layers", "max_position_embeddings")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"BartConfig.{name}={getattr(self, name)} must be a positive integer.")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"BartConfig.activation={self.activation!r} is not supported; use one of {ACTIVATIONS}.")
-        for name in ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"BartConfig.{name}={getattr(self, name)} must be in [0, 1).")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise ValueError(
-                f"BartConfig.dtype={self.dtype!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'."
-            ) from e
+        check_config(self, positive, {"activation": ACTIVATIONS})
 
 
-def _attention(config: BartConfig, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
-    return layers.MultiHeadAttention(
-        config.d_model, config.num_heads, config.head_dim, dropout_rate=config.attention_dropout_rate,
+def _attention(config: BartConfig, ops: kernels.Kernels, rngs: nnx.Rngs) -> attention.MultiHeadAttention:
+    return attention.MultiHeadAttention(
+        config.d_model, config.num_heads, config.head_dim, kernels=ops, dropout_rate=config.attention_dropout_rate,
         scale_logits=True, use_bias=True, dtype=config.dtype, rngs=rngs,
     )
 
 
-def _mlp(config: BartConfig, rngs: nnx.Rngs) -> layers.MlpBlock:
+def _mlp(config: BartConfig, ops: kernels.Kernels, rngs: nnx.Rngs) -> layers.MlpBlock:
     return layers.MlpBlock(
-        config.d_model, config.d_ff, activation=config.activation, dropout_rate=config.activation_dropout_rate,
-        use_bias=True, dtype=config.dtype, rngs=rngs,
+        config.d_model, config.d_ff, kernels=ops, activation=config.activation,
+        dropout_rate=config.activation_dropout_rate, use_bias=True, dtype=config.dtype, rngs=rngs,
     )
 
 
@@ -100,28 +78,31 @@ class EncoderLayer(nnx.Module):
     """Post-norm: x <- norm(x + attention(x)), then x <- norm(x + mlp(x)), with residual dropout."""
 
     def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
-        self.self_attention = _attention(config, rngs)
+        self.kernels = kernels.resolve(config.kernels)
+        self.self_attention = _attention(config, self.kernels, rngs)
         self.self_attention_layer_norm = _norm(config)
-        self.mlp = _mlp(config, rngs)
+        self.mlp = _mlp(config, self.kernels, rngs)
         self.mlp_layer_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
+        drop = self.kernels.dropout
         h = self.self_attention(x, x, bias, dropout_rngs=dropout_rngs)
-        x = self.self_attention_layer_norm(x + layers.dropout(h, self.dropout_rate, dropout_rngs))
+        x = self.self_attention_layer_norm(x + drop(h, self.dropout_rate, dropout_rngs))
         h = self.mlp(x, dropout_rngs=dropout_rngs)
-        return self.mlp_layer_norm(x + layers.dropout(h, self.dropout_rate, dropout_rngs))
+        return self.mlp_layer_norm(x + drop(h, self.dropout_rate, dropout_rngs))
 
 
 class DecoderLayer(nnx.Module):
     """Post-norm causal self-attention, cross-attention to the encoder, and MLP."""
 
     def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
-        self.self_attention = _attention(config, rngs)
+        self.kernels = kernels.resolve(config.kernels)
+        self.self_attention = _attention(config, self.kernels, rngs)
         self.self_attention_layer_norm = _norm(config)
-        self.cross_attention = _attention(config, rngs)
+        self.cross_attention = _attention(config, self.kernels, rngs)
         self.cross_attention_layer_norm = _norm(config)
-        self.mlp = _mlp(config, rngs)
+        self.mlp = _mlp(config, self.kernels, rngs)
         self.mlp_layer_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
 
@@ -133,28 +114,24 @@ class DecoderLayer(nnx.Module):
         cross_bias: jax.Array,
         dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
-        drop = functools.partial(layers.dropout, rate=self.dropout_rate, rngs=dropout_rngs)
+        def drop(h: jax.Array) -> jax.Array:
+            return self.kernels.dropout(h, self.dropout_rate, dropout_rngs)
+
         y = self.self_attention_layer_norm(y + drop(self.self_attention(y, y, self_bias, dropout_rngs=dropout_rngs)))
         h = self.cross_attention(y, encoded, cross_bias, dropout_rngs=dropout_rngs)
         y = self.cross_attention_layer_norm(y + drop(h))
         return self.mlp_layer_norm(y + drop(self.mlp(y, dropout_rngs=dropout_rngs)))
 
     def decode_step(
-        self,
-        y: jax.Array,
-        cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
-        index: jax.Array,
-        self_bias: jax.Array,
-        cross_bias: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One position [b, 1, e] with this layer's (self key, self value, cross key, cross value) cache;
-        returns (output, new self key cache, new self value cache). No dropout (inference)."""
-        self_key, self_value, cross_key, cross_value = cache
-        h, self_key, self_value = self.self_attention.decode_step(y, self_key, self_value, index, self_bias)
+        self, y: jax.Array, state: DecodeState, cache: KVCache, layer: int | jax.Array, self_bias: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """One position [b, 1, e] as layer `layer` of the stack's self-attention `cache`; returns the output
+        and the cache with this position written. No dropout (inference)."""
+        h, cache = self.self_attention.decode_step(y, cache, layer, state.index, self_bias)
         y = self.self_attention_layer_norm(y + h)
-        att = self.cross_attention
-        y = self.cross_attention_layer_norm(y + att.attend_cached(att.project_query(y), cross_key, cross_value, cross_bias))
-        return self.mlp_layer_norm(y + self.mlp(y)), self_key, self_value
+        h = self.cross_attention.attend_cached(y, state.cross.layer(layer), state.cross_attention_bias())
+        y = self.cross_attention_layer_norm(y + h)
+        return self.mlp_layer_norm(y + self.mlp(y)), cache
 
 
 class Embedder(nnx.Module):
@@ -168,13 +145,14 @@ class Embedder(nnx.Module):
         self.embedding_layer_norm = _norm(config)
         self.scale = config.d_model**0.5 if config.scale_embedding else None
         self.dropout_rate = config.dropout_rate
+        self.kernels = kernels.resolve(config.kernels)
 
     def __call__(
         self, token_embeddings: jax.Array, positions: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
         x = token_embeddings if self.scale is None else token_embeddings * jnp.asarray(self.scale, token_embeddings.dtype)
         x = self.embedding_layer_norm(x + self.position_embedder(positions))
-        return layers.dropout(x, self.dropout_rate, dropout_rngs)
+        return self.kernels.dropout(x, self.dropout_rate, dropout_rngs)
 
 
 class Bart(nnx.Module):
@@ -185,7 +163,10 @@ class Bart(nnx.Module):
 
     def __init__(self, config: BartConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.token_embedder = layers.Embed(config.vocab_size, config.d_model, stddev=0.02, dtype=config.dtype, rngs=rngs)
+        self.token_embedder = layers.Embed(
+            config.vocab_size, config.d_model, kernels=kernels.resolve(config.kernels), stddev=0.02,
+            dtype=config.dtype, rngs=rngs,
+        )
         self.encoder_embedder = Embedder(config, rngs=rngs)
         self.encoder_layers = stacks.make_layers(
             lambda rngs: EncoderLayer(config, rngs=rngs), config.num_encoder_layers, config.scan_layers, rngs
@@ -205,15 +186,11 @@ class Bart(nnx.Module):
         dropout_rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """[b, s] tokens -> [b, s, d_model] encoded sequence (in the activation dtype)."""
-        if encoder_segment_ids is None:
-            mask = layers.padding_mask(encoder_input_tokens)
-        else:
-            mask = layers.padding_mask(encoder_segment_ids) & layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+        mask = layers.encoder_mask(encoder_input_tokens, encoder_segment_ids)
         positions = jnp.arange(encoder_input_tokens.shape[1])[None] if encoder_positions is None else encoder_positions
         x = self.encoder_embedder(self.token_embedder(encoder_input_tokens), positions, dropout_rngs)
-        bias = layers.mask_to_bias(mask)
         return stacks.apply_layers(
-            self.encoder_layers, x, (bias,), dropout_rngs,
+            self.encoder_layers, x, (layers.mask_to_bias(mask),), dropout_rngs,
             scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
 
@@ -230,68 +207,47 @@ class Bart(nnx.Module):
     ) -> jax.Array:
         """Teacher-forced decoder over [b, t] inputs (starting with the BOS id 0) -> float32 logits
         [b, t, vocab]; padded tail positions are garbage and must be masked in the loss."""
-        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
-            raise ValueError("Pass both encoder_segment_ids and decoder_segment_ids (packed) or neither (unpacked).")
-        self_mask = layers.causal_mask(decoder_input_tokens.shape[1])
-        if decoder_segment_ids is None:
-            cross_mask = layers.padding_mask(encoder_input_tokens)
-        else:
-            self_mask = self_mask & layers.padding_mask(decoder_segment_ids)
-            self_mask = self_mask & layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
-            cross_mask = layers.padding_mask(encoder_segment_ids)
-            cross_mask = cross_mask & layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+        self_mask, cross_mask = layers.decoder_masks(
+            encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids
+        )
         positions = jnp.arange(decoder_input_tokens.shape[1])[None] if decoder_positions is None else decoder_positions
         y = self.decoder_embedder(self.token_embedder(decoder_input_tokens), positions, dropout_rngs)
-        self_bias, cross_bias = layers.mask_to_bias(self_mask), layers.mask_to_bias(cross_mask)
         y = stacks.apply_layers(
-            self.decoder_layers, y, (encoded, self_bias, cross_bias), dropout_rngs,
-            scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
+            self.decoder_layers, y, (encoded, layers.mask_to_bias(self_mask), layers.mask_to_bias(cross_mask)),
+            dropout_rngs, scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
         return self._logits(y)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         return self.token_embedder.attend(y) + self.final_logits_bias[...]
 
-    def init_decode_state(
-        self, encoded: jax.Array, encoder_input_tokens: jax.Array, max_decode_length: int
-    ) -> DecodeState:
+    def init_decode_state(self, encoded: jax.Array, encoder_mask: jax.Array, max_decode_length: int) -> DecodeState:
         """Empty self-attention caches for `max_decode_length` positions plus every decoder layer's
-        cross-attention keys and values, projected once from `encoded` [b, s, e] (unpacked rows)."""
+        cross-attention keys and values, projected once from `encoded` [b, s, e]; `encoder_mask` [b, s]
+        marks its real tokens."""
         if max_decode_length > self.config.max_position_embeddings:
             raise ValueError(
                 f"max_decode_length {max_decode_length} exceeds the decoder's {self.config.max_position_embeddings} "
                 "learned positions; decode fewer tokens (TASK_FEATURE_LENGTHS['targets'])."
             )
-        shape = (encoded.shape[0], self.config.num_heads, max_decode_length, self.config.head_dim)
-        dtype = jnp.dtype(self.config.dtype)
-        cross = [layer.cross_attention.project_kv(encoded) for layer in stacks.layer_views(self.decoder_layers, self.config.scan_layers)]
-        n = self.config.num_decoder_layers
-        return DecodeState(
-            self_keys=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-            self_values=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-            cross_keys=tuple(k for k, _ in cross),
-            cross_values=tuple(v for _, v in cross),
-            encoder_mask=encoder_input_tokens > 0,
-            index=jnp.zeros((), jnp.int32),
+        return encoder_decoder_state(
+            self.decoder_layers, encoded, encoder_mask, max_decode_length, self.config,
+            scan=self.config.scan_layers, cross_attention=lambda layer: layer.cross_attention,
         )
 
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
         """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the BOS
         id 0) and returns float32 next-token logits [b, vocab] and the advanced state; equal to row
         `state.index` of `decode` over the same prefix, at the cost of one position per call."""
-        index = state.index
-        y = self.decoder_embedder(self.token_embedder(token_ids[:, None]), index[None, None], None)
-        key_positions = jnp.arange(state.self_keys[0].shape[2])
-        self_bias = layers.mask_to_bias(key_positions <= index)[None, None, None, :]
-        cross_bias = layers.mask_to_bias(state.encoder_mask[:, None, None, :])
-        self_keys, self_values = [], []
-        for i, layer in enumerate(stacks.layer_views(self.decoder_layers, self.config.scan_layers)):
-            cache = (state.self_keys[i], state.self_values[i], state.cross_keys[i], state.cross_values[i])
-            y, key, value = layer.decode_step(y, cache, index, self_bias, cross_bias)
-            self_keys.append(key)
-            self_values.append(value)
-        new_state = state._replace(self_keys=tuple(self_keys), self_values=tuple(self_values), index=index + 1)
-        return self._logits(y)[:, 0], new_state
+        y = self.decoder_embedder(self.token_embedder(token_ids[:, None]), state.index[None, None], None)
+        self_bias = state.self_attention_bias()
+
+        def step(layer: DecoderLayer, carry, i):
+            y, cache = carry
+            return layer.decode_step(y, state, cache, i, self_bias), None
+
+        (y, cache), _ = stacks.each_layer(self.decoder_layers, step, (y, state.cache), scan=self.config.scan_layers)
+        return self._logits(y)[:, 0], state.advanced(cache)
 
     def __call__(
         self,
@@ -310,234 +266,3 @@ class Bart(nnx.Module):
             encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
             decoder_positions, dropout_rngs=dropout_rngs,
         )
-
-
-gin.external_configurable(BartConfig, module="t5x_lite")
-
-
-@gin.configurable(module="t5x_lite")
-class BartModel(BaseModel):
-    """The trainer's view of BART: packed EncDec batches (`bundled_bart_denoising`: the decoder
-    reconstructs the original text from the noised inputs), loss on the decoder."""
-
-    feature_converter_cls = seqio.EncDecFeatureConverter
-
-    def __init__(self, config: BartConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__(label_smoothing=label_smoothing, z_loss=z_loss)
-        self.config = config
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def dropout_rate(self) -> float:
-        c = self.config
-        return max(c.dropout_rate, c.attention_dropout_rate, c.activation_dropout_rate)
-
-    def build_network(self, rngs: nnx.Rngs) -> Bart:
-        return Bart(self.config, rngs=rngs)
-
-    def network_logits(self, network: Bart, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        return network(
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            encoder_segment_ids=batch.get("encoder_segment_ids"),
-            decoder_segment_ids=batch.get("decoder_segment_ids"),
-            encoder_positions=batch.get("encoder_positions"),
-            decoder_positions=batch.get("decoder_positions"),
-            dropout_rngs=dropout_rngs,
-        )
-
-    def predict_batch(
-        self,
-        network: Bart,
-        batch: Mapping[str, jax.Array],
-        *,
-        max_decode_length: int,
-        method: str = "greedy",
-        rng: jax.Array | None = None,
-        beam_size: int = 4,
-        alpha: float = 0.6,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_id: int = 1,
-    ) -> jax.Array:
-        """Decodes [b, max_decode_length] tokens (0 after EOS) from unpacked `encoder_input_tokens`:
-        encodes once, then runs the cached `decode_step` in one `lax.while_loop` (see `decoding.decode`)."""
-        inputs = batch["encoder_input_tokens"]
-        state = network.init_decode_state(network.encode(inputs), inputs, max_decode_length)
-        return decoding.decode(
-            network.decode_step, state, inputs.shape[0], max_decode_length, method=method, rng=rng,
-            beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-        )
-
-    def score_batch(self, network: Bart, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32 log-likelihood of each row's `decoder_target_tokens`, weighted by the loss weights."""
-        log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
-        token_log_probs = jnp.take_along_axis(log_probs, batch[self.targets_key][..., None], axis=-1)[..., 0]
-        return jnp.sum(token_log_probs * batch[self.weights_key].astype(jnp.float32), axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face BartForConditionalGeneration <-> our parameters (pure nested dicts, as `nnx.to_pure_dict`)
-
-# Tied copies of `shared.weight` that HF files may hold besides it.
-_HF_TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
-
-
-def _array(value: Any) -> np.ndarray:
-    """A float32 numpy array from a numpy array or a (CPU) torch tensor."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def _layer_mapping(config: BartConfig, hf_prefix: str, cross: bool) -> list[tuple[str, tuple[str, ...], str]]:
-    """(HF tensor name, our path within the layer, kind) for one encoder or decoder layer."""
-    items = []
-    attentions = [("self_attn", "self_attention")] + ([("encoder_attn", "cross_attention")] if cross else [])
-    for hf_att, ours in attentions:
-        for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            items.append((f"{hf_prefix}.{hf_att}.{proj}.weight", (ours, name, "kernel"), "in_proj"))
-            items.append((f"{hf_prefix}.{hf_att}.{proj}.bias", (ours, name, "bias"), "heads"))
-        items.append((f"{hf_prefix}.{hf_att}.out_proj.weight", (ours, "out", "kernel"), "out_proj"))
-        items.append((f"{hf_prefix}.{hf_att}.out_proj.bias", (ours, "out", "bias"), "plain"))
-        items.append((f"{hf_prefix}.{hf_att}_layer_norm.weight", (f"{ours}_layer_norm", "scale"), "plain"))
-        items.append((f"{hf_prefix}.{hf_att}_layer_norm.bias", (f"{ours}_layer_norm", "bias"), "plain"))
-    for fc, name in (("fc1", "wi"), ("fc2", "wo")):
-        items.append((f"{hf_prefix}.{fc}.weight", ("mlp", name, "kernel"), "linear"))
-        items.append((f"{hf_prefix}.{fc}.bias", ("mlp", name, "bias"), "plain"))
-    items.append((f"{hf_prefix}.final_layer_norm.weight", ("mlp_layer_norm", "scale"), "plain"))
-    items.append((f"{hf_prefix}.final_layer_norm.bias", ("mlp_layer_norm", "bias"), "plain"))
-    return items
-
-
-def _mapping(config: BartConfig) -> list[tuple[str, tuple, str]]:
-    """(HF name without the `model.` prefix, our path, kind) for every parameter but the shared
-    embedding, the position tables and `final_logits_bias` (handled apart: they change size)."""
-    items = []
-    for stack in ("encoder", "decoder"):
-        for hf, ours in (("layernorm_embedding.weight", "scale"), ("layernorm_embedding.bias", "bias")):
-            items.append((f"{stack}.{hf}", (f"{stack}_embedder", "embedding_layer_norm", ours), "plain"))
-        count = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
-        for i in range(count):
-            for name, path, kind in _layer_mapping(config, f"{stack}.layers.{i}", cross=stack == "decoder"):
-                items.append((name, (f"{stack}_layers", i, *path), kind))
-    return items
-
-
-def _to_ours(kind: str, value: np.ndarray, config: BartConfig) -> np.ndarray:
-    """torch Linear weights are [out, in]; our kernels [in, out], attention split per head."""
-    h, d = config.num_heads, config.head_dim
-    if kind == "in_proj":
-        return value.T.reshape(-1, h, d)
-    if kind == "heads":
-        return value.reshape(h, d)
-    if kind == "out_proj":
-        return value.T.reshape(h, d, -1)
-    if kind == "linear":
-        return value.T
-    return value
-
-
-def _to_hf(kind: str, value: np.ndarray) -> np.ndarray:
-    if kind == "in_proj":
-        return value.reshape(value.shape[0], -1).T
-    if kind == "heads":
-        return value.reshape(-1)
-    if kind == "out_proj":
-        return value.reshape(-1, value.shape[-1]).T
-    if kind == "linear":
-        return value.T
-    return value
-
-
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple) -> np.ndarray:
-    for key in path:
-        tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-    return np.asarray(tree, np.float32)
-
-
-def _shapes(config: BartConfig) -> dict[tuple, tuple[int, ...]]:
-    """Our per-layer (unscanned) parameter shapes by path (from an abstract network: nothing is allocated)."""
-    per_layer = dataclasses.replace(config, scan_layers=False)
-    abstract = nnx.eval_shape(lambda: Bart(per_layer, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    return {tuple(path): tuple(value.shape) for path, value in flat}
-
-
-def params_from_hf(weights: Mapping[str, Any], config: BartConfig) -> dict:
-    """Our parameters from a Hugging Face BART state dict (`BartForConditionalGeneration` names with the
-    `model.` prefix, or `BartModel` names without it; numpy arrays or torch tensors).
-
-    The shared embedding is `shared.weight` (or a stack's `embed_tokens.weight`); position tables lose
-    their first 2 rows (HF's offset); a `config.vocab_size` above the checkpoint's pads the embedding and
-    `final_logits_bias` with zeros. A missing or unexpected tensor, or a wrong shape, is named in the error.
-    """
-    names = {name.removeprefix("model."): name for name in weights}
-    used: set[str] = set()
-
-    def get(name: str) -> np.ndarray:
-        if name not in names:
-            raise ValueError(f"The checkpoint has no tensor {name!r} (BartForConditionalGeneration naming).")
-        used.add(names[name])
-        return _array(weights[names[name]])
-
-    shapes = _shapes(config)
-    params: dict = {}
-
-    def put(path: tuple, value: np.ndarray, source: str) -> None:
-        if value.shape != shapes[path]:
-            raise ValueError(f"Tensor {source!r} gives shape {value.shape} for {'/'.join(map(str, path))}, "
-                             f"but the config needs {shapes[path]}.")
-        _set(params, path, value)
-
-    shared_name = next((n for n in ("shared.weight", *_HF_TIED[:2]) if n in names), "shared.weight")
-    shared = get(shared_name)
-    pad = config.vocab_size - shared.shape[0]
-    if pad < 0:
-        raise ValueError(f"{shared_name} has {shared.shape[0]} rows but BartConfig.vocab_size is {config.vocab_size}; "
-                         "set vocab_size to at least the checkpoint's.")
-    put(("token_embedder", "embedding"), np.pad(shared, ((0, pad), (0, 0))), shared_name)
-    if "final_logits_bias" in names:  # optional in HF (a zero buffer when absent)
-        put(("final_logits_bias",), np.pad(get("final_logits_bias").reshape(-1), (0, pad)), "final_logits_bias")
-    else:
-        put(("final_logits_bias",), np.zeros(config.vocab_size, np.float32), "final_logits_bias")
-    for stack in ("encoder", "decoder"):
-        name = f"{stack}.embed_positions.weight"
-        put((f"{stack}_embedder", "position_embedder", "embedding"), get(name)[HF_POSITION_OFFSET:], name)
-    for name, path, kind in _mapping(config):
-        put(path, _to_ours(kind, get(name), config), name)
-    used |= {names[n] for n in _HF_TIED if n in names}
-    unexpected = sorted(set(weights) - used)
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a BartForConditionalGeneration with {config.num_encoder_layers}+"
-            f"{config.num_decoder_layers} layers does not: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
-            "is it another architecture or a model with an extra head?"
-        )
-    return params
-
-
-def params_to_hf(params: Mapping, config: BartConfig) -> dict[str, np.ndarray]:
-    """Hugging Face `BartForConditionalGeneration` tensors (`model.` names; the tied copies of
-    `model.shared.weight` are left out, as transformers writes) from our parameters, the inverse of
-    `params_from_hf`; the position tables get HF's 2 unused leading rows as zeros."""
-    out = {
-        "model.shared.weight": _get(params, ("token_embedder", "embedding")),
-        "final_logits_bias": _get(params, ("final_logits_bias",))[None],
-    }
-    for stack in ("encoder", "decoder"):
-        table = _get(params, (f"{stack}_embedder", "position_embedder", "embedding"))
-        out[f"model.{stack}.embed_positions.weight"] = np.pad(table, ((HF_POSITION_OFFSET, 0), (0, 0)))
-    for name, path, kind in _mapping(config):
-        out[f"model.{name}"] = _to_hf(kind, _get(params, path))
-    return out

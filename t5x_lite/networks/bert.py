@@ -16,7 +16,7 @@ The trainer-facing models (gin-configurable, module "t5x_lite"):
   * `EncoderClassificationModel`: one label per row from the pooled [CLS] (single sentences or
     pairs `[CLS] A [SEP] B [SEP]` with token types);
   * `EncoderTaggingModel`: one tag per token.
-For large models, `BertConfig.scan_layers` and `remat_policy` work as T5's (`t5x_lite.models.stacks`).
+For large models, `BertConfig.scan_layers` and `remat_policy` work as T5's (`t5x_lite.nn.stacks`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
-import seqio
 from flax import nnx
 
-from t5x_lite.models import layers, stacks
-from t5x_lite.models.base import BaseModel
-from t5x_lite.training import losses
+from t5x_lite.networks.config_checks import check_config
+from t5x_lite.nn import attention, kernels, layers, stacks
 
 HEADS = ("mlm", "classification", "tagging", "none")
 
@@ -60,26 +56,14 @@ class BertConfig:
     remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see stacks.REMAT_POLICIES)
     scan_layers: bool = False  # stacked layer params (leading "layers" axis), applied with lax.scan
     attention_impl: str = "auto"  # "auto" (cuDNN fused on GPU in bf16, else einsum), "einsum", "xla", "cudnn"
+    kernels: str = "auto"  # KERNELS: "auto" (by backend), "xla" or "cpu_tuned" (see nn/kernels.py)
 
     def __post_init__(self):
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"BertConfig.activation={self.activation!r} is not supported; use 'gelu' or 'gelu_tanh'.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"BertConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
         if self.num_labels < 1:
             raise ValueError(f"BertConfig.num_labels={self.num_labels} must be at least 1.")
-        stacks.check_remat_policy("BertConfig", self.remat_policy)
-        if self.attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(
-                f"BertConfig.attention_impl={self.attention_impl!r} is not supported; use one of {list(layers.ATTENTION_IMPLS)}."
-            )
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise ValueError(f"BertConfig.dtype={self.dtype!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'.") from e
-
-
-gin.external_configurable(BertConfig, module="t5x_lite")
+        check_config(self)
 
 
 def _norm(config: BertConfig) -> layers.LayerNorm:
@@ -89,7 +73,7 @@ def _norm(config: BertConfig) -> layers.LayerNorm:
 def _dense(config: BertConfig, features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> layers.Dense:
     return layers.Dense(
         (config.d_model,), (features,), axes, init=layers.variance_scaling("truncated_normal"),
-        use_bias=True, dtype=config.dtype, rngs=rngs,
+        kernels=kernels.resolve(config.kernels), use_bias=True, dtype=config.dtype, rngs=rngs,
     )
 
 
@@ -98,12 +82,15 @@ class Embeddings(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         std, dtype = config.initializer_range, config.dtype
-        self.word_embeddings = layers.Embed(config.vocab_size, config.d_model, stddev=std, dtype=dtype, rngs=rngs)
+        self.kernels = kernels.resolve(config.kernels)
+        self.word_embeddings = layers.Embed(
+            config.vocab_size, config.d_model, kernels=self.kernels, stddev=std, dtype=dtype, rngs=rngs
+        )
         self.position_embeddings = layers.PositionEmbed(
             config.max_position_embeddings, config.d_model, stddev=std, dtype=dtype, rngs=rngs
         )
         self.token_type_embeddings = layers.Embed(
-            config.type_vocab_size, config.d_model, stddev=std, dtype=dtype, rngs=rngs
+            config.type_vocab_size, config.d_model, kernels=self.kernels, stddev=std, dtype=dtype, rngs=rngs
         )
         self.layer_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
@@ -112,30 +99,32 @@ class Embeddings(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array, token_type_ids: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
         x = self.word_embeddings(tokens) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
-        return layers.dropout(self.layer_norm(x), self.dropout_rate, dropout_rngs)
+        return self.kernels.dropout(self.layer_norm(x), self.dropout_rate, dropout_rngs)
 
 
 class BertLayer(nnx.Module):
     """Post-norm block: x = LN(x + attention(x)); x = LN(x + mlp(x)), dropout on each branch."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.attention = layers.MultiHeadAttention(
-            config.d_model, config.num_heads, config.head_dim, dropout_rate=config.dropout_rate,
+        self.kernels = kernels.resolve(config.kernels)
+        self.attention = attention.MultiHeadAttention(
+            config.d_model, config.num_heads, config.head_dim, kernels=self.kernels, dropout_rate=config.dropout_rate,
             scale_logits=True, use_bias=True, implementation=config.attention_impl, dtype=config.dtype, rngs=rngs,
         )
         self.attention_norm = _norm(config)
         # BERT has no dropout inside the feed-forward block, only on its output.
         self.mlp = layers.MlpBlock(
-            config.d_model, config.d_ff, activation=config.activation, use_bias=True, dtype=config.dtype, rngs=rngs
+            config.d_model, config.d_ff, kernels=self.kernels, activation=config.activation, use_bias=True,
+            dtype=config.dtype, rngs=rngs,
         )
         self.mlp_norm = _norm(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         h = self.attention(x, x, bias, dropout_rngs=dropout_rngs)
-        x = self.attention_norm(x + layers.dropout(h, self.dropout_rate, dropout_rngs))
+        x = self.attention_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
         h = self.mlp(x)
-        return self.mlp_norm(x + layers.dropout(h, self.dropout_rate, dropout_rngs))
+        return self.mlp_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
 
 
 class MlmHead(nnx.Module):
@@ -200,22 +189,19 @@ class Bert(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(tokens)
-        if segment_ids is None:
-            mask = layers.padding_mask(tokens)
-        else:
-            mask = layers.padding_mask(segment_ids) & layers.segment_mask(segment_ids, segment_ids)
-        bias = layers.mask_to_bias(mask)
+        bias = layers.mask_to_bias(layers.encoder_mask(tokens, segment_ids))
         x = self.embeddings(tokens, positions, token_type_ids, dropout_rngs)
         config = self.config
         if not return_hidden_states:
             return stacks.apply_layers(
                 self.layers, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy
             )
-        hidden_states = [x]
-        for layer in stacks.layer_views(self.layers, config.scan_layers):
-            x = stacks.apply_layers([layer], x, (bias,), dropout_rngs, scan=False, remat_policy=config.remat_policy)
-            hidden_states.append(x)
-        return x, hidden_states
+        def layer_output(layer: BertLayer, x: jax.Array, i) -> tuple[jax.Array, jax.Array]:
+            x = layer(x, bias, dropout_rngs)
+            return x, x
+
+        last, outputs = stacks.each_layer(self.layers, layer_output, x, scan=config.scan_layers)
+        return last, [x] + [outputs[:, i] for i in range(outputs.shape[1])]
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[b, s, d] -> float32 [b, s, vocab] masked-LM logits."""
@@ -243,12 +229,13 @@ class Bert(nnx.Module):
 
     def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier, as BERT)."""
-        pooled = layers.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
+        pooled = self.embeddings.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
         return self.classifier(pooled, out_dtype=jnp.float32)
 
     def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, s, num_labels] per-token logits."""
-        return self.tagger(layers.dropout(hidden, self.config.dropout_rate, dropout_rngs), out_dtype=jnp.float32)
+        hidden = self.embeddings.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
+        return self.tagger(hidden, out_dtype=jnp.float32)
 
     def __call__(
         self,
@@ -271,64 +258,6 @@ class Bert(nnx.Module):
         return hidden
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face BertFor* <-> our parameters (pure nested dicts, as `nnx.to_pure_dict` gives)
-
-# HF `hidden_act` -> our activation.
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-# HF tensors that hold nothing of their own: the MLM decoder's tied copies and an old position buffer.
-HF_IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "embeddings.position_ids")
-# HF names of the heads (outside the `bert.` prefix of the encoder and pooler).
-_HF_HEAD_PREFIXES = ("cls.", "classifier.")
-
-
-def hf_name(name: str) -> str:
-    """A HF tensor name as `hf_mapping` spells it: no `bert.` prefix, `.weight`/`.bias` for old TF-era
-    layer norms' `.gamma`/`.beta`."""
-    name = name.removeprefix("bert.")
-    if name.endswith("LayerNorm.gamma"):
-        return name.removesuffix("gamma") + "weight"
-    return name.removesuffix("beta") + "bias" if name.endswith("LayerNorm.beta") else name
-
-
-def hf_mapping(config: BertConfig, head: str, pooler: bool) -> list[tuple[str, tuple, str]]:
-    """(HF tensor name as `hf_name` gives it, our parameter path, layout) for the encoder, the pooler
-    if `pooler`, and the layers of `head`. Layouts: "same"; "linear" (torch [out, in] -> our [in, out]);
-    "qkv" / "qkv_bias" (split per head: [embed, heads, head_dim] / [heads, head_dim]); "out" ([heads,
-    head_dim, embed])."""
-    items: list[tuple[str, tuple, str]] = []
-
-    def linear(hf: str, ours: tuple, kernel: str = "linear", bias: str = "same") -> None:
-        items.extend([(f"{hf}.weight", (*ours, "kernel"), kernel), (f"{hf}.bias", (*ours, "bias"), bias)])
-
-    def norm(hf: str, ours: tuple) -> None:
-        items.extend([(f"{hf}.weight", (*ours, "scale"), "same"), (f"{hf}.bias", (*ours, "bias"), "same")])
-
-    for table in ("word", "position", "token_type"):
-        items.append((f"embeddings.{table}_embeddings.weight", ("embeddings", f"{table}_embeddings", "embedding"), "same"))
-    norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
-    for i in range(config.num_layers):
-        hf, ours = f"encoder.layer.{i}", ("layers", i)
-        for name in ("query", "key", "value"):
-            linear(f"{hf}.attention.self.{name}", (*ours, "attention", name), "qkv", "qkv_bias")
-        linear(f"{hf}.attention.output.dense", (*ours, "attention", "out"), "out")
-        norm(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
-        linear(f"{hf}.intermediate.dense", (*ours, "mlp", "wi"))
-        linear(f"{hf}.output.dense", (*ours, "mlp", "wo"))
-        norm(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
-    if pooler:
-        linear("pooler.dense", ("pooler",))
-    if head == "mlm":
-        linear("cls.predictions.transform.dense", ("mlm", "transform"))
-        norm("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
-        items.append(("cls.predictions.bias", ("mlm", "bias"), "same"))
-        if config.next_sentence_prediction:
-            linear("cls.seq_relationship", ("nsp",))
-    elif head in ("classification", "tagging"):
-        linear("classifier", ("classifier" if head == "classification" else "tagger",))
-    return items
-
-
 def has_pooler(config: BertConfig, head: str) -> bool:
     """Whether the network of `head` has the pooler (as `Bert.__init__` decides)."""
     return head == "classification" or (head == "mlm" and config.next_sentence_prediction)
@@ -340,324 +269,3 @@ def params_head(params: Mapping) -> str:
         if key in params:
             return head
     return "none"
-
-
-def _to_ours(layout: str, value: np.ndarray, config: BertConfig) -> np.ndarray:
-    h, d = config.num_heads, config.head_dim
-    if layout == "linear":
-        return value.T
-    if layout == "qkv":
-        return value.T.reshape(-1, h, d)
-    if layout == "qkv_bias":
-        return value.reshape(h, d)
-    if layout == "out":
-        return value.T.reshape(h, d, -1)
-    return value
-
-
-def _to_hf(layout: str, value: np.ndarray) -> np.ndarray:
-    if layout in ("linear", "qkv", "out"):
-        kernel = value.reshape(value.shape[0], -1) if layout == "qkv" else value.reshape(-1, value.shape[-1])
-        return kernel.T
-    return value.reshape(-1) if layout == "qkv_bias" else value
-
-
-def params_from_hf(
-    weights: Mapping[str, np.ndarray], config: BertConfig, head: str = "mlm", pooler: bool | None = None
-) -> dict:
-    """Our parameters (a pure nested dict of numpy arrays, for `nnx.update`) from a Hugging Face BERT
-    state dict (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`, `BertFor{Sequence,Token}Classification`;
-    names with or without the `bert.` prefix), for the network with `head` (and the pooler if `pooler`;
-    default: when that network has one). Tensors of other heads are not read. The tied MLM decoder
-    weight is the word embedding; its bias is `cls.predictions.bias`. A missing tensor is a ValueError.
-    """
-    w = {hf_name(name): value for name, value in weights.items()}
-    params: dict = {}
-    for name, path, layout in hf_mapping(config, head, has_pooler(config, head) if pooler is None else pooler):
-        if name not in w:
-            raise ValueError(
-                f"The BERT checkpoint has no tensor {name!r} (needed for {'/'.join(map(str, path))} of the {head!r} head)."
-            )
-        tree = params
-        for key in path[:-1]:
-            tree = tree.setdefault(key, {})
-        tree[path[-1]] = _to_ours(layout, np.asarray(w[name], np.float32), config)
-    return params
-
-
-def params_to_hf(params: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
-    """Hugging Face tensors from our parameters, named as the `BertFor*` class of their head expects
-    (`bert.`-prefixed encoder; `BertModel` names, unprefixed, for the "none" head); the inverse of
-    `params_from_hf`. The tied MLM decoder weight and bias are left out, as transformers writes them."""
-    head = params_head(params)
-    prefix = "" if head == "none" else "bert."
-
-    def get(path: tuple) -> np.ndarray:
-        tree = params
-        for key in path:
-            tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-        return np.asarray(tree, np.float32)
-
-    return {
-        (name if name.startswith(_HF_HEAD_PREFIXES) else prefix + name): _to_hf(layout, get(path))
-        for name, path, layout in hf_mapping(config, head, "pooler" in params)
-    }
-
-
-def config_from_hf(hf_config: Mapping, **overrides) -> BertConfig:
-    """Our `BertConfig` from a Hugging Face BERT `config.json` dict (plus our own fields as overrides)."""
-    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("hidden_act", "gelu") not in HF_ACTIVATIONS:
-        raise ValueError(
-            f"BERT hidden_act={hf_config['hidden_act']!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}."
-        )
-    fields = {
-        "vocab_size": hf_config["vocab_size"],
-        "d_model": d_model,
-        "num_heads": num_heads,
-        "head_dim": d_model // num_heads,
-        "d_ff": hf_config["intermediate_size"],
-        "num_layers": hf_config["num_hidden_layers"],
-        "max_position_embeddings": hf_config["max_position_embeddings"],
-        "type_vocab_size": hf_config["type_vocab_size"],
-        "dropout_rate": float(hf_config.get("hidden_dropout_prob", 0.0)),
-        "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12),
-        "activation": HF_ACTIVATIONS[hf_config.get("hidden_act", "gelu")],
-        "initializer_range": hf_config.get("initializer_range", 0.02),
-        "num_labels": len(hf_config.get("id2label") or {0: 0, 1: 1}),
-    }
-    fields.update(overrides)
-    return BertConfig(**fields)
-
-
-def param_count(network: nnx.Module) -> int:
-    """Total number of parameter elements in `network`."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(network, nnx.Param)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer's models
-
-
-def _row_weights(tokens: jax.Array) -> jax.Array:
-    """[b] float32: 1 for rows holding an example (the evaluator pads batches with all-zero rows)."""
-    return (tokens[:, 0] != 0).astype(jnp.float32)
-
-
-def _sequence_features(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array | None]:
-    return {
-        "segment_ids": batch.get("encoder_segment_ids"),
-        "positions": batch.get("encoder_positions"),
-        "token_type_ids": batch.get("encoder_token_type_ids"),
-    }
-
-
-class _BertModel(BaseModel):
-    """What the three BERT models share: the config, the network's head, the input features."""
-
-    head = "mlm"
-    text_to_text = False
-    # Parameter prefixes a fine-tuning run may start without (fresh heads on a pre-trained encoder).
-    fresh_param_prefixes: tuple[str, ...] = ()
-
-    def __init__(self, config: BertConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__(label_smoothing=label_smoothing, z_loss=z_loss)
-        self.config = config
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def dropout_rate(self) -> float:
-        return self.config.dropout_rate
-
-    def build_network(self, rngs: nnx.Rngs) -> Bert:
-        return Bert(self.config, self.head, rngs=rngs)
-
-    def network_logits(self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        return network(batch["encoder_input_tokens"], **_sequence_features(batch), dropout_rngs=dropout_rngs)
-
-    def _sums(self, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-        return losses.cross_entropy(
-            logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss
-        )
-
-
-@gin.configurable(module="t5x_lite")
-class EncoderOnlyMLMModel(_BertModel):
-    """BERT masked-LM pre-training: cross entropy on the chosen positions only (`encoder_loss_weights`);
-    with `next_sentence_labels` in the batch (unpacked NSP data) the mean NSP loss is added, as BERT does.
-
-    Features: `encoder_input_tokens`, `encoder_target_tokens` (the original ids at chosen positions),
-    `encoder_loss_weights`, and optionally `encoder_segment_ids`/`encoder_positions` (packing),
-    `encoder_token_type_ids` and `next_sentence_labels` ([b] or [b, 1]; as `t5x_lite.data.mlm` writes
-    them, 1: B follows A, 0: B is random, i.e. NSP head column `1 - label`).
-
-    `max_prediction_fraction`: the training loss computes vocabulary logits only at the chosen
-    positions (as BERT's `max_predictions_per_seq`), gathered into a fixed budget of this fraction of
-    the batch's positions; a batch with more chosen positions takes the all-positions path instead,
-    so the loss is exact either way. 1.0 always computes every position's logits.
-    """
-
-    targets_key = "encoder_target_tokens"
-    weights_key = "encoder_loss_weights"
-    head = "mlm"
-
-    def __init__(
-        self,
-        config: BertConfig = gin.REQUIRED,
-        label_smoothing: float = 0.0,
-        z_loss: float = 0.0,
-        max_prediction_fraction: float = 0.25,
-    ):
-        super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
-        if not 0.0 < max_prediction_fraction <= 1.0:
-            raise ValueError(f"max_prediction_fraction={max_prediction_fraction} must be in (0, 1].")
-        self.max_prediction_fraction = max_prediction_fraction
-
-    @property
-    def feature_converter_cls(self) -> type[seqio.FeatureConverter]:
-        from t5x_lite.data.feature_converters import MaskedLMFeatureConverter
-
-        return MaskedLMFeatureConverter
-
-    def loss_fn(
-        self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean MLM loss per chosen token (+ mean NSP loss per row); accuracy is the MLM accuracy.
-
-        The trainer divides `loss_sum` by `weight_sum` (the number of chosen tokens), so the NSP term
-        enters `loss_sum` as its per-row mean times that count: after the division the two means add up.
-        """
-        tokens = batch["encoder_input_tokens"]
-        hidden = network.encode(tokens, **_sequence_features(batch), dropout_rngs=dropout_rngs)
-        sums = self._mlm_sums(network, hidden, batch[self.targets_key], batch[self.weights_key])
-        if "next_sentence_labels" in batch:
-            columns = 1 - batch["next_sentence_labels"].reshape(tokens.shape[0], -1)[:, :1]
-            nsp = losses.cross_entropy(network.nsp_logits(hidden)[:, None], columns, _row_weights(tokens)[:, None])
-            nsp_mean = nsp["loss_sum"] / jnp.maximum(nsp["weight_sum"], 1.0)
-            sums = dict(sums, loss_sum=sums["loss_sum"] + nsp_mean * sums["weight_sum"])
-        return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
-
-    def _mlm_sums(self, network: Bert, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-        """Summed MLM loss terms, from logits at the chosen positions only when they fit the budget."""
-        positions = targets.size
-        budget = min(positions, max(1, int(np.ceil(self.max_prediction_fraction * positions))))
-        if budget == positions:
-            return self._sums(network.mlm_logits(hidden), targets, weights)
-        flat_hidden = hidden.reshape(1, positions, hidden.shape[-1])
-        flat_targets, flat_weights = targets.reshape(1, positions), weights.reshape(1, positions)
-        chosen = flat_weights[0] != 0
-
-        def gathered():
-            # top_k of the 0/1 mask: every chosen position (the budget holds them all), then unchosen
-            # ones of weight 0, which add nothing.
-            index = jax.lax.top_k(chosen.astype(jnp.float32), budget)[1]
-            return self._sums(network.mlm_logits(flat_hidden[:, index]), flat_targets[:, index], flat_weights[:, index])
-
-        def everywhere():
-            return self._sums(network.mlm_logits(flat_hidden), flat_targets, flat_weights)
-
-        return jax.lax.cond(jnp.sum(chosen) <= budget, gathered, everywhere)
-
-    def predict_batch(self, network: Bert, batch: Mapping[str, jax.Array], **unused) -> jax.Array:
-        """[b, s] int32: the most likely original token at every position (fills in the masks)."""
-        del unused
-        return jnp.argmax(self.network_logits(network, batch, None), axis=-1).astype(jnp.int32)
-
-    def score_batch(self, network: Bert, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32: the log-likelihood of the original tokens at the chosen positions."""
-        log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
-        token = jnp.take_along_axis(log_probs, batch[self.targets_key][..., None], axis=-1)[..., 0]
-        return jnp.sum(token * batch[self.weights_key].astype(jnp.float32), axis=-1)
-
-
-@gin.configurable(module="t5x_lite")
-class EncoderClassificationModel(_BertModel):
-    """Sequence classification from the pooled [CLS]: single sentences `[CLS] A [SEP]` or pairs
-    `[CLS] A [SEP] B [SEP]` (token type 1 on B). Features from `ClassificationFeatureConverter`:
-    `encoder_input_tokens`, `encoder_token_type_ids` and `labels` ([b, 1] class ids).
-
-    `predict_batch` gives [b, 1] class ids, `score_batch` the log-probability of the gold label.
-    Fine-tuning from a pre-trained (MLM) checkpoint starts the pooler and classifier afresh when the
-    checkpoint lacks them (`fresh_param_prefixes`).
-    """
-
-    targets_key = "labels"
-    head = "classification"
-    fresh_param_prefixes = ("pooler", "classifier")
-
-    @property
-    def feature_converter_cls(self) -> type[seqio.FeatureConverter]:
-        from t5x_lite.data.classification_tasks import ClassificationFeatureConverter
-
-        return ClassificationFeatureConverter
-
-    def loss_fn(
-        self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean cross entropy per example; `accuracy` is the fraction of rows classified right."""
-        logits = self.network_logits(network, batch, dropout_rngs)
-        labels = batch[self.targets_key].reshape(logits.shape[0], -1)[:, :1]
-        sums = self._sums(logits[:, None], labels, _row_weights(batch["encoder_input_tokens"])[:, None])
-        return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
-
-    def predict_batch(self, network: Bert, batch: Mapping[str, jax.Array], **unused) -> jax.Array:
-        """[b, 1] int32 predicted class ids."""
-        del unused
-        return jnp.argmax(self.network_logits(network, batch, None), axis=-1).astype(jnp.int32)[:, None]
-
-    def score_batch(self, network: Bert, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32 log-probability of each row's gold label."""
-        log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
-        labels = batch[self.targets_key].reshape(log_probs.shape[0], -1)[:, :1]
-        return jnp.take_along_axis(log_probs, labels, axis=-1)[:, 0]
-
-
-@gin.configurable(module="t5x_lite")
-class EncoderTaggingModel(_BertModel):
-    """Token tagging (NER-like): `num_labels` tags, given in the data as ids 1..num_labels; tag id 0
-    marks positions without a label (padding, [CLS], [SEP], word pieces after a word's first), which
-    the loss ignores and predictions never produce. Features from `TaggingFeatureConverter`:
-    `encoder_input_tokens`, `encoder_target_tokens` (tag ids), `encoder_loss_weights`, and
-    `encoder_segment_ids`/`encoder_positions` when packed.
-    """
-
-    targets_key = "encoder_target_tokens"
-    weights_key = "encoder_loss_weights"
-    head = "tagging"
-    fresh_param_prefixes = ("tagger",)
-
-    @property
-    def feature_converter_cls(self) -> type[seqio.FeatureConverter]:
-        from t5x_lite.data.classification_tasks import TaggingFeatureConverter
-
-        return TaggingFeatureConverter
-
-    def loss_fn(
-        self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean cross entropy per labelled token; logit column c scores tag id c + 1."""
-        logits = self.network_logits(network, batch, dropout_rngs)
-        targets, weights = self._columns(batch)
-        sums = self._sums(logits, targets, weights)
-        return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
-
-    def _columns(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """Tag ids -> logit columns (id - 1), with weight 0 wherever the tag id is 0 (no label)."""
-        tags = batch[self.targets_key]
-        weights = batch[self.weights_key].astype(jnp.float32) * (tags > 0)
-        return jnp.maximum(tags - 1, 0), weights
-
-    def predict_batch(self, network: Bert, batch: Mapping[str, jax.Array], **unused) -> jax.Array:
-        """[b, s] int32 predicted tag ids (1..num_labels) at every position."""
-        del unused
-        return jnp.argmax(self.network_logits(network, batch, None), axis=-1).astype(jnp.int32) + 1
-
-    def score_batch(self, network: Bert, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32 log-likelihood of the gold tags at the labelled positions."""
-        log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
-        targets, weights = self._columns(batch)
-        token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(token * weights, axis=-1)

@@ -6,28 +6,23 @@ positions seqio's PrefixLM converter marks with `decoder_causal_attention` (the 
 position that reads the last input) also attend to each other bidirectionally. Packed rows carry
 segment ids (0 = padding) and in-segment positions.
 
-The parameters map one to one onto Hugging Face's `GPT2LMHeadModel` (`params_from_hf` /
-`params_to_hf`), so its checkpoints import directly. Decoding prefills the prompt in one pass and
-then runs the cached `decode_step` inside `t5x_lite.decoding`'s while loops. For large models,
-`GPTConfig.scan_layers` and `remat_policy` work as T5's (see `t5x_lite.models.stacks`).
+The parameters map one to one onto Hugging Face's `GPT2LMHeadModel` (`t5x_lite.hf.gpt2`), so its
+checkpoints import directly. Decoding prefills the prompt in one pass and then runs the cached
+`decode_step` inside `t5x_lite.decoding`'s while loops. For large models, `GPTConfig.scan_layers`
+and `remat_policy` work as T5's (see `t5x_lite.nn.stacks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, NamedTuple
 
-import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
-import seqio
 from flax import nnx
 
-from t5x_lite import decoding
-from t5x_lite.models import layers, stacks
-from t5x_lite.models.base import BaseModel
+from t5x_lite.networks.config_checks import check_config
+from t5x_lite.nn import attention, kernels, layers, stacks
+from t5x_lite.nn.attention import DecodeState, KVCache
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
@@ -48,23 +43,12 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint in training: "none", "full" or "dots" (stacks.REMAT_POLICIES)
-    scan_layers: bool = False  # stacked layer params (leading "layers" axis), trained with lax.scan
+    scan_layers: bool = False  # stacked layer params (leading "layers" axis), applied with lax.scan
+    kernels: str = "auto"  # KERNELS: "auto" (by backend), "xla" or "cpu_tuned" (see nn/kernels.py)
 
     def __post_init__(self):
-        stacks.check_remat_policy("GPTConfig", self.remat_policy)
-        for name in ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be a positive integer.")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"GPTConfig.activation={self.activation!r} is not supported; use one of {ACTIVATIONS}.")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"GPTConfig.dropout_rate={self.dropout_rate} must be in [0, 1).")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise ValueError(
-                f"GPTConfig.dtype={self.dtype!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'."
-            ) from e
+        positive = ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings")
+        check_config(self, positive, {"activation": ACTIVATIONS})
 
 
 def decoder_mask(
@@ -85,16 +69,18 @@ class GPTBlock(nnx.Module):
     """Pre-norm self-attention then pre-norm MLP, each added to the residual stream after dropout."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.kernels = kernels.resolve(config.kernels)
         norm = {"eps": config.layer_norm_epsilon, "dtype": config.dtype}
         self.pre_attention_layer_norm = layers.LayerNorm(config.d_model, **norm)
-        self.attention = layers.MultiHeadAttention(
-            config.d_model, config.num_heads, config.head_dim, dropout_rate=config.dropout_rate,
+        self.attention = attention.MultiHeadAttention(
+            config.d_model, config.num_heads, config.head_dim, kernels=self.kernels, dropout_rate=config.dropout_rate,
             scale_logits=True, use_bias=True, dtype=config.dtype, rngs=rngs,
         )
         self.pre_mlp_layer_norm = layers.LayerNorm(config.d_model, **norm)
         # GPT-2 drops out only the MLP's output (below), not its hidden activations.
         self.mlp = layers.MlpBlock(
-            config.d_model, config.d_ff, activation=config.activation, use_bias=True, dtype=config.dtype, rngs=rngs
+            config.d_model, config.d_ff, kernels=self.kernels, activation=config.activation, use_bias=True,
+            dtype=config.dtype, rngs=rngs,
         )
         self.dropout_rate = config.dropout_rate
 
@@ -104,41 +90,25 @@ class GPTBlock(nnx.Module):
 
     def with_keys_values(
         self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """[b, s, e] -> (output [b, s, e], this layer's keys and values [b, s, h, d] for a cache)."""
+    ) -> tuple[jax.Array, KVCache]:
+        """[b, s, e] -> (output [b, s, e], this layer's keys and values in the cache layout [b, h, s, d])."""
         h = self.pre_attention_layer_norm(x)
         att = self.attention
         k, v = att.key(h), att.value(h)
         h = att.attend(att.project_query(h), k, v, bias, dropout_rngs=dropout_rngs)
-        x = x + layers.dropout(h, self.dropout_rate, dropout_rngs)
+        x = x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs)
         h = self.mlp(self.pre_mlp_layer_norm(x))
-        return x + layers.dropout(h, self.dropout_rate, dropout_rngs), k, v
+        return x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs), KVCache(
+            jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        )
 
     def decode_step(
-        self, x: jax.Array, key: jax.Array, value: jax.Array, index: jax.Array, bias: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One position [b, 1, e] with this layer's [b, h, len, d] cache; returns (output, keys, values)."""
-        h, key, value = self.attention.decode_step(self.pre_attention_layer_norm(x), key, value, index, bias)
+        self, x: jax.Array, cache: KVCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """One position [b, 1, e] as layer `layer` of the stack's `cache`; returns (output, updated cache)."""
+        h, cache = self.attention.decode_step(self.pre_attention_layer_norm(x), cache, layer, slot, bias)
         x = x + h
-        return x + self.mlp(self.pre_mlp_layer_norm(x)), key, value
-
-
-class DecodeState(NamedTuple):
-    """Everything `GPT.decode_step` needs besides the parameters (batch-leading leaves; see decoding.py).
-
-    Prompts sit right-aligned (left-padded) in the cache so that every row fills the same slot per step.
-    keys/values: per layer, [b, heads, cache_length, head_dim] buffers in the activation dtype.
-    first_slot: [b] int32, the slot of each row's first prompt token (position 0 of the row).
-    forced_token: [b] int32, the prompt's last token, fed at the first step in place of the loop's
-        start id (its logits predict the first new token); -1 afterwards.
-    index: int32 scalar, the slot the next `decode_step` call fills.
-    """
-
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    first_slot: jax.Array
-    forced_token: jax.Array
-    index: jax.Array
+        return x + self.mlp(self.pre_mlp_layer_norm(x)), cache
 
 
 class GPT(nnx.Module):
@@ -149,8 +119,9 @@ class GPT(nnx.Module):
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.kernels = kernels.resolve(config.kernels)
         self.token_embedder = layers.Embed(
-            config.vocab_size, config.d_model, stddev=0.02, dtype=config.dtype, rngs=rngs
+            config.vocab_size, config.d_model, kernels=self.kernels, stddev=0.02, dtype=config.dtype, rngs=rngs
         )
         self.position_embedder = layers.PositionEmbed(
             config.max_position_embeddings, config.d_model, stddev=0.01, dtype=config.dtype, rngs=rngs
@@ -162,7 +133,7 @@ class GPT(nnx.Module):
 
     def _embed(self, tokens: jax.Array, positions: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         x = self.token_embedder(tokens) + self.position_embedder(positions)
-        return layers.dropout(x, self.config.dropout_rate, dropout_rngs)
+        return self.kernels.dropout(x, self.config.dropout_rate, dropout_rngs)
 
     def __call__(
         self,
@@ -194,8 +165,9 @@ class GPT(nnx.Module):
 
         `prompts` [b, p] hold each row's prompt in its first `prompt_lengths` [b] positions (a row of
         seqio's decoder inputs starts with the BOS id 0, so every prompt has at least that token; a length
-        below 1 counts as 1). With `bidirectional`, prompt tokens attend to each other (prefix-LM).
-        A row whose prompt plus continuation outruns `max_position_embeddings` reuses the last position.
+        below 1 counts as 1). Prompts sit right-aligned (left-padded) in the cache, so every row fills the
+        same slot per step. With `bidirectional`, prompt tokens attend to each other (prefix-LM). A row
+        whose prompt plus continuation outruns `max_position_embeddings` reuses the last position.
         """
         p = prompts.shape[1]
         lengths = jnp.clip(prompt_lengths.astype(jnp.int32), 1, p)
@@ -206,19 +178,15 @@ class GPT(nnx.Module):
         if not bidirectional:
             mask = mask & layers.causal_mask(p)
         x, bias = self._embed(tokens, jnp.maximum(source, 0), None), layers.mask_to_bias(mask)
-        keys, values = [], []
-        for layer in stacks.layer_views(self.layers, self.config.scan_layers):
-            x, key, value = layer.with_keys_values(x, bias, None)
-            keys.append(key)
-            values.append(value)
+        _, cache = stacks.each_layer(
+            self.layers, lambda layer, x, i: layer.with_keys_values(x, bias, None), x, scan=self.config.scan_layers
+        )
         cache_length = p + max_decode_length - 1  # the last generated token is never fed back
-
-        def cache(x: jax.Array) -> jax.Array:
-            return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, cache_length - p), (0, 0)))
-
+        padding = ((0, 0), (0, 0), (0, 0), (0, cache_length - p), (0, 0))
         return DecodeState(
-            keys=tuple(cache(k) for k in keys),
-            values=tuple(cache(v) for v in values),
+            cache=KVCache(jnp.pad(cache.key, padding), jnp.pad(cache.value, padding)),
+            cross=None,
+            cross_mask=None,
             first_slot=first_slot,
             forced_token=tokens[:, -1],
             index=jnp.asarray(p - 1, jnp.int32),
@@ -230,241 +198,13 @@ class GPT(nnx.Module):
         fixed-size cache. The first call re-feeds the prompt's last token (`state.forced_token`), whose
         cache entries it rewrites with the same values, and so yields the first new token's logits."""
         tokens = jnp.where(state.forced_token >= 0, state.forced_token, token_ids)
-        index = state.index
-        positions = jnp.minimum(index - state.first_slot, self.config.max_position_embeddings - 1)
+        positions = jnp.minimum(state.index - state.first_slot, self.config.max_position_embeddings - 1)
         x = self.token_embedder(tokens[:, None]) + self.position_embedder(positions[:, None])
-        slots = jnp.arange(state.keys[0].shape[2])
-        visible = (slots[None] >= state.first_slot[:, None]) & (slots[None] <= index)
-        bias = layers.mask_to_bias(visible)[:, None, None, :]
-        keys, values = [], []
-        for layer, key, value in zip(stacks.layer_views(self.layers, self.config.scan_layers), state.keys, state.values):
-            x, key, value = layer.decode_step(x, key, value, index, bias)
-            keys.append(key)
-            values.append(value)
-        logits = self.token_embedder.attend(self.final_layer_norm(x))[:, 0]
-        new_state = DecodeState(
-            keys=tuple(keys), values=tuple(values), first_slot=state.first_slot,
-            forced_token=jnp.full_like(state.forced_token, -1), index=index + 1,
-        )
-        return logits, new_state
+        bias = state.self_attention_bias()
 
+        def step(layer: GPTBlock, carry, i):
+            x, cache = carry
+            return layer.decode_step(x, cache, i, state.index, bias), None
 
-gin.external_configurable(GPTConfig, module="t5x_lite")
-
-
-class _DecoderOnlyBase(BaseModel):
-    """The trainer's view of a GPT network over seqio's decoder features (see the two subclasses)."""
-
-    feature_converter_cls = seqio.DecoderFeatureConverter
-    bidirectional_inputs: bool
-
-    def __init__(self, config: GPTConfig, label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__(label_smoothing=label_smoothing, z_loss=z_loss)
-        self.config = config
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def dropout_rate(self) -> float:
-        return self.config.dropout_rate
-
-    def build_network(self, rngs: nnx.Rngs) -> GPT:
-        return GPT(self.config, rngs=rngs)
-
-    def network_logits(self, network: GPT, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        return network(
-            batch["decoder_input_tokens"],
-            decoder_segment_ids=batch.get("decoder_segment_ids"),
-            decoder_positions=batch.get("decoder_positions"),
-            decoder_causal_attention=batch.get("decoder_causal_attention") if self.bidirectional_inputs else None,
-            dropout_rngs=dropout_rngs,
-        )
-
-    def predict_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The prompt of each row: the decoder inputs marked by `decoder_causal_attention` (BOS + inputs),
-        with the targets zeroed; a targets-only batch (no inputs) gets the BOS alone."""
-        causal = batch.get("decoder_causal_attention")
-        if causal is None:
-            rows = len(batch["decoder_input_tokens"])
-            return {"decoder_input_tokens": np.zeros((rows, 1), np.int32),
-                    "decoder_causal_attention": np.ones((rows, 1), np.int32)}
-        return {"decoder_input_tokens": np.where(causal > 0, batch["decoder_input_tokens"], 0),
-                "decoder_causal_attention": causal}
-
-    def predict_batch(
-        self,
-        network: GPT,
-        batch: Mapping[str, jax.Array],
-        *,
-        max_decode_length: int,
-        method: str = "greedy",
-        rng: jax.Array | None = None,
-        beam_size: int = 4,
-        alpha: float = 0.6,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_id: int = 1,
-    ) -> jax.Array:
-        """Decodes the continuation [b, max_decode_length] (0 after EOS) of each row's prompt: the
-        `decoder_input_tokens` where `decoder_causal_attention` is 1 (see `predict_features`).
-
-        Prefills the prompts in one pass, then runs the cached `decode_step` in one `lax.while_loop`.
-        """
-        prompts = batch["decoder_input_tokens"]
-        lengths = jnp.sum(batch["decoder_causal_attention"] > 0, axis=-1)
-        state = network.prefill(prompts, lengths, max_decode_length, bidirectional=self.bidirectional_inputs)
-        return decoding.decode(
-            network.decode_step, state, prompts.shape[0], max_decode_length, method=method, rng=rng,
-            beam_size=beam_size, alpha=alpha, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-        )
-
-    def score_batch(self, network: GPT, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32 log-likelihood of each row's targets: target-token log-probabilities summed with
-        `decoder_loss_weights` (with the PrefixLM converter's default, the targets part only)."""
-        log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
-        token_log_probs = jnp.take_along_axis(log_probs, batch[self.targets_key][..., None], axis=-1)[..., 0]
-        return jnp.sum(token_log_probs * batch[self.weights_key].astype(jnp.float32), axis=-1)
-
-
-@gin.configurable(module="t5x_lite")
-class DecoderOnlyModel(_DecoderOnlyBase):
-    """Causal LM (GPT): next-token loss over packed text (`bundled_lm`); on an inputs/targets task the
-    seqio converter concatenates the two with loss on the targets only, and attention stays causal."""
-
-    bidirectional_inputs = False
-
-    def __init__(self, config: GPTConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
-
-
-@gin.configurable(module="t5x_lite")
-class PrefixLMModel(_DecoderOnlyBase):
-    """Prefix-LM: the same network and parameters, with bidirectional attention over the inputs part
-    (`bundled_prefix_lm`, or fine-tuning a GPT on a text-to-text task with loss on the targets only)."""
-
-    bidirectional_inputs = True
-
-    def __init__(self, config: GPTConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
-        super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face GPT2LMHeadModel <-> our parameters (pure nested dicts, as `nnx.to_pure_dict` gives)
-
-# HF tensors that carry no parameters of their own: the tied head and old causal-mask buffers.
-_HF_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")
-
-
-def _array(value: Any) -> np.ndarray:
-    """A float32 numpy array from a numpy array or a (CPU) torch tensor."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def params_from_hf(weights: Mapping[str, Any], config: GPTConfig) -> dict:
-    """Our parameters from a Hugging Face GPT-2 state dict (`GPT2LMHeadModel` names with the `transformer.`
-    prefix, or `GPT2Model` names without it; numpy arrays or torch tensors).
-
-    HF's Conv1D weights are [in, out] like our kernels; the fused `c_attn` [e, 3e] splits into query, key
-    and value [e, heads, head_dim], and `c_proj` [e, e] becomes the output kernel [heads, head_dim, e].
-    A `config.vocab_size` above the checkpoint's pads the embedding with zero rows (their logits are 0).
-    A missing or unexpected tensor is named in the error.
-    """
-    names = {name.removeprefix("transformer."): name for name in weights}
-    used = {names[n] for n in names if n == "lm_head.weight" or n.endswith(_HF_IGNORED_SUFFIXES)}
-    h, d, e = config.num_heads, config.head_dim, config.d_model
-    if h * d != e:
-        raise ValueError(f"GPT-2 needs num_heads * head_dim == d_model; the config has {h} * {d} != {e}.")
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in names:
-            raise ValueError(f"The checkpoint has no tensor {name!r} (GPT2LMHeadModel naming).")
-        used.add(names[name])
-        value = _array(weights[names[name]])
-        if value.shape != shape:
-            raise ValueError(f"Tensor {name!r} has shape {value.shape}, but the config needs {shape}.")
-        return value
-
-    def norm(name: str) -> dict:
-        return {"scale": get(f"{name}.weight", (e,)), "bias": get(f"{name}.bias", (e,))}
-
-    if "wte.weight" not in names:
-        raise ValueError("The checkpoint has no tensor 'wte.weight' (GPT2LMHeadModel naming).")
-    wte = _array(weights[names["wte.weight"]])
-    if wte.shape[1:] != (e,) or wte.shape[0] > config.vocab_size:
-        raise ValueError(
-            f"wte.weight has shape {wte.shape}; GPTConfig needs [vocab_size >= {wte.shape[0]}, d_model = {e}] "
-            f"(it has vocab_size={config.vocab_size}, d_model={e})."
-        )
-    used.add(names["wte.weight"])
-    params: dict = {
-        "token_embedder": {"embedding": np.pad(wte, ((0, config.vocab_size - wte.shape[0]), (0, 0)))},
-        "position_embedder": {"embedding": get("wpe.weight", (config.max_position_embeddings, e))},
-        "final_layer_norm": norm("ln_f"),
-        "layers": {},
-    }
-    for i in range(config.num_layers):
-        p = f"h.{i}"
-        qkv_kernel = get(f"{p}.attn.c_attn.weight", (e, 3 * e)).reshape(e, 3, h, d)
-        qkv_bias = get(f"{p}.attn.c_attn.bias", (3 * e,)).reshape(3, h, d)
-        attention = {
-            name: {"kernel": qkv_kernel[:, j], "bias": qkv_bias[j]} for j, name in enumerate(("query", "key", "value"))
-        }
-        attention["out"] = {
-            "kernel": get(f"{p}.attn.c_proj.weight", (e, e)).reshape(h, d, e), "bias": get(f"{p}.attn.c_proj.bias", (e,))
-        }
-        params["layers"][i] = {
-            "pre_attention_layer_norm": norm(f"{p}.ln_1"),
-            "attention": attention,
-            "pre_mlp_layer_norm": norm(f"{p}.ln_2"),
-            "mlp": {
-                "wi": {"kernel": get(f"{p}.mlp.c_fc.weight", (e, config.d_ff)), "bias": get(f"{p}.mlp.c_fc.bias", (config.d_ff,))},
-                "wo": {"kernel": get(f"{p}.mlp.c_proj.weight", (config.d_ff, e)), "bias": get(f"{p}.mlp.c_proj.bias", (e,))},
-            },
-        }
-    unexpected = sorted(set(weights) - used)
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a GPT2LMHeadModel with {config.num_layers} layers does not: {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}; is it another architecture or a model with an extra head?"
-        )
-    return params
-
-
-def params_to_hf(params: Mapping, config: GPTConfig) -> dict[str, np.ndarray]:
-    """Hugging Face `GPT2LMHeadModel` tensors (`transformer.` names, no tied `lm_head.weight`) from our
-    parameters, the inverse of `params_from_hf` (padded vocabulary rows included)."""
-    e = config.d_model
-
-    def get(*path: Any) -> np.ndarray:
-        tree = params
-        for key in path:
-            tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-        return np.asarray(tree, np.float32)
-
-    out = {
-        "transformer.wte.weight": get("token_embedder", "embedding"),
-        "transformer.wpe.weight": get("position_embedder", "embedding"),
-        "transformer.ln_f.weight": get("final_layer_norm", "scale"),
-        "transformer.ln_f.bias": get("final_layer_norm", "bias"),
-    }
-    for i in range(config.num_layers):
-        p, ours = f"transformer.h.{i}", ("layers", i)
-        att = (*ours, "attention")
-        out[f"{p}.attn.c_attn.weight"] = np.concatenate(
-            [get(*att, name, "kernel").reshape(e, e) for name in ("query", "key", "value")], axis=1
-        )
-        out[f"{p}.attn.c_attn.bias"] = np.concatenate([get(*att, name, "bias").reshape(e) for name in ("query", "key", "value")])
-        out[f"{p}.attn.c_proj.weight"] = get(*att, "out", "kernel").reshape(e, e)
-        out[f"{p}.attn.c_proj.bias"] = get(*att, "out", "bias")
-        for hf_name, ours_name in (("ln_1", "pre_attention_layer_norm"), ("ln_2", "pre_mlp_layer_norm")):
-            out[f"{p}.{hf_name}.weight"] = get(*ours, ours_name, "scale")
-            out[f"{p}.{hf_name}.bias"] = get(*ours, ours_name, "bias")
-        for hf_name, ours_name in (("c_fc", "wi"), ("c_proj", "wo")):
-            out[f"{p}.mlp.{hf_name}.weight"] = get(*ours, "mlp", ours_name, "kernel")
-            out[f"{p}.mlp.{hf_name}.bias"] = get(*ours, "mlp", ours_name, "bias")
-    return out
+        (x, cache), _ = stacks.each_layer(self.layers, step, (x, state.cache), scan=self.config.scan_layers)
+        return self.token_embedder.attend(self.final_layer_norm(x))[:, 0], state.advanced(cache)

@@ -1,13 +1,14 @@
-"""Reusable Flax NNX layers for transformer families (T5, BERT, GPT-2, BART).
+"""Reusable Flax NNX layers for transformer families (T5, BERT, GPT-2, BART): masks, norms,
+projections, embeddings, feed-forward blocks and T5's relative position bias.
 
 Conventions: parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per
 dimension, mapped to mesh axes by the partitioning rule table); activations and matmuls run in a
-configurable `dtype`; softmax, norms and logits run in float32.
+configurable `dtype`; softmax, norms and logits run in float32. Matmuls and dropout go through the
+backend's `kernels.Kernels`.
 """
 
 import functools
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from t5x_lite import cpu_features
+from t5x_lite.nn.kernels import Kernels
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -23,185 +24,7 @@ NEG_INF = -1e10  # additive bias for masked attention logits (finite, so fully m
 
 
 # ---------------------------------------------------------------------------------------------
-# Matmul
-
-BF16_DOTS_ENV = "T5X_LITE_BF16_DOTS"  # auto (default), bfloat16 or float32: see `dot_operand_dtype`
-
-
-def dot_operand_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    """The dtype in which the operands of a `dtype` matmul enter XLA's dot.
-
-    `dtype` itself, except bfloat16 on a CPU without bf16 dot instructions (`cpu_features`), where XLA's
-    bf16 dots run below its float32 ones: there the operands are upcast inside the dot's fusion (exact,
-    and activations stay bf16 in memory). T5X_LITE_BF16_DOTS=bfloat16 or =float32 overrides the choice.
-    """
-    dtype = jnp.dtype(dtype)
-    if dtype != jnp.bfloat16:
-        return dtype
-    choice = os.environ.get(BF16_DOTS_ENV, "auto")
-    if choice == "auto":
-        emulated = jax.default_backend() == "cpu" and cpu_features.has_bf16_dot() is False
-        return jnp.dtype(jnp.float32 if emulated else jnp.bfloat16)
-    if choice not in ("bfloat16", "float32"):
-        raise ValueError(f"{BF16_DOTS_ENV}={choice!r}: use auto, bfloat16 or float32")
-    return jnp.dtype(choice)
-
-
-def _dot(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
-    """einsum(spec, x, y) accumulating in float32, operands in `dot_operand_dtype`."""
-    operands = dot_operand_dtype(x.dtype)
-    return jnp.einsum(spec, x.astype(operands), y.astype(operands), preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def _einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
-    return _dot(spec, x, y).astype(out_dtype)
-
-
-def _einsum_fwd(spec, x, y, out_dtype):
-    return _einsum(spec, x, y, out_dtype), (x, y)
-
-
-def _grad_einsum(result_spec: str, a_spec: str, a: jax.Array, b_spec: str, b: jax.Array) -> jax.Array:
-    """Einsum accumulating in float32 whose lhs is the operand owning the result's first free index.
-
-    That order keeps the dot's natural output layout: XLA CPU then needs no transposed copy of the
-    result, and bf16 x bf16 -> f32 dots in the other order fail at run time on CPU for some layouts
-    (e.g. 'bqhd,bhqk->bkhd': "Unsupported element type for DotThunk ... BF16 x BF16 = F32").
-    """
-    first_free = next(c for c in result_spec if (c in a_spec) != (c in b_spec))
-    if first_free in b_spec:
-        a_spec, a, b_spec, b = b_spec, b, a_spec, a
-    return _dot(f"{a_spec},{b_spec}->{result_spec}", a, b)
-
-
-def _einsum_bwd(spec, out_dtype, residuals, g):
-    # Autodiff would turn bf16 backward dots into f32 x f32; casting the cotangent to the operands'
-    # dtype keeps them bf16 x bf16 -> f32 (bf16 T5-small train step on 2 CPU cores: 7.5 s -> 5.4 s).
-    # In float32 the explicit operand order alone saves ~14% of the T5-small step's CPU time over
-    # autodiff's dots, which XLA CPU follows with transposed copies.
-    x, y = residuals
-    inputs, out = spec.split("->")
-    x_spec, y_spec = inputs.split(",")
-    g = g.astype(x.dtype)
-    dx = _grad_einsum(x_spec, out, g, y_spec, y)
-    dy = _grad_einsum(y_spec, out, g, x_spec, x)
-    return dx.astype(x.dtype), dy.astype(y.dtype)
-
-
-_einsum.defvjp(_einsum_fwd, _einsum_bwd)
-
-
-def einsum(
-    spec: str, x: jax.Array, y: jax.Array, *, dtype: jnp.dtype, out_dtype: jnp.dtype | None = None
-) -> jax.Array:
-    """Two-operand einsum with both operands cast to `dtype` (fed to the dot in `dot_operand_dtype`),
-    accumulating in float32, with a hand-written VJP whose backward dots keep those operand dtypes and
-    a copy-free output layout.
-
-    Every index of an operand must appear in the other operand or the output (true for projections
-    and attention), so the backward pass can be written as two einsums. XLA CPU runs bf16 x bf16 -> f32
-    dots only in layouts its fast path accepts and picks layouts from the whole graph, so tests must
-    execute bf16 steps (a bare 'bhqk,bkhd->bqhd' fed straight to a loss fails).
-    """
-    dtype = jnp.dtype(dtype)
-    out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
-    return _einsum(spec, x.astype(dtype), y.astype(dtype), out_dtype)
-
-
-@jax.custom_vjp
-def softmax(logits: jax.Array) -> jax.Array:
-    """Softmax over the last axis whose backward pass reads only the saved probabilities.
-
-    Autodiff of `jax.nn.softmax` keeps the exponentials and a broadcast of the normaliser's
-    reciprocal (materialised at the full [b, h, q, k] size); the closed form p * (g - sum(g * p))
-    needs just p, one tensor of that size fewer to write and read per attention layer.
-    """
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _softmax_fwd(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    probs = softmax(logits)
-    return probs, probs
-
-
-def _softmax_bwd(probs: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    return (probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def _sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The cotangent of broadcasting an array of `shape` to `g.shape`: `g` summed over the broadcast axes,
-    as a product with a vector of ones per axis (a dot XLA:CPU runs at memory speed)."""
-    lead = g.ndim - len(shape)
-    axes = [*range(lead), *(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)]
-    if not axes:
-        return g.reshape(shape)
-    names = "abcdefghijklmnopqrstuvwxyz"[: g.ndim]
-    kept = "".join(name for axis, name in enumerate(names) if axis not in axes)
-    spec = ",".join([names, *(names[axis] for axis in axes)]) + "->" + kept
-    ones = [jnp.ones((g.shape[axis],), g.dtype) for axis in axes]
-    return jnp.einsum(spec, g, *ones, precision=jax.lax.Precision.HIGHEST).reshape(shape)
-
-
-def broadcast_add(x: jax.Array, y: jax.Array) -> jax.Array:
-    """`x + y` with broadcasting; on CPU the backward pass sums over broadcast axes with a dot.
-
-    XLA:CPU reduces over a leading axis slowly: T5's relative-position bias, broadcast over the batch
-    and shared by every layer, has a gradient that sums eight layers' [8, 6, 512, 512] cotangents and
-    the batch, 94 ms as a reduce and 42 ms as an add then a product with ones (3.1 -> ~0.5 ms tiny).
-    """
-    if jax.default_backend() != "cpu":
-        return x + y
-    x_shape, x_dtype, y_shape, y_dtype = x.shape, x.dtype, y.shape, y.dtype
-
-    @jax.custom_vjp
-    def add(x, y):
-        return x + y
-
-    def add_fwd(x, y):
-        return x + y, None
-
-    def add_bwd(_, g):
-        return _sum_to_shape(g, x_shape).astype(x_dtype), _sum_to_shape(g, y_shape).astype(y_dtype)
-
-    add.defvjp(add_fwd, add_bwd)
-    return add(x, y)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dropout and masks
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-    """Integer avalanche hash on uint32 ("lowbias32"): a handful of cheap vector ops per element."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-    """Inverted dropout, applied iff `rngs` is given and `rate > 0`; draws one key from `rngs.dropout`.
-
-    The mask hashes each element's index with a 64-bit seed from the key instead of drawing threefry
-    bits per element: fine statistics for dropout at ~12x less CPU time (16 ms vs 194 ms for 16M bf16).
-    """
-    if rngs is None or rate == 0.0:
-        return x
-    if not 0.0 < rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-    seed = jax.random.bits(rngs.dropout(), (2,), jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for dim in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
-        stride *= x.shape[dim]
-    bits = _hash32(_hash32(index ^ seed[0]) ^ seed[1])
-    threshold = min(round(rate * 2**32), 2**32 - 1)
-    keep = bits >= jnp.uint32(threshold)
-    return jnp.where(keep, x * (1.0 / (1.0 - threshold / 2**32)), jnp.zeros_like(x))
+# Masks
 
 
 def padding_mask(key_ids: jax.Array) -> jax.Array:
@@ -217,6 +40,33 @@ def segment_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array) -> ja
 def causal_mask(length: int) -> jax.Array:
     """[1, 1, q, k] bool: key position <= query position."""
     return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def encoder_mask(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """[b, 1, s or 1, s] bool self-attention mask of an encoder: same segment of packed rows (segment id 0 =
+    padding), or only non-padding keys (token id 0 = padding) unpacked."""
+    if segment_ids is None:
+        return padding_mask(tokens)
+    return padding_mask(segment_ids) & segment_mask(segment_ids, segment_ids)
+
+
+def decoder_masks(
+    encoder_input_tokens: jax.Array,
+    decoder_input_tokens: jax.Array,
+    encoder_segment_ids: jax.Array | None,
+    decoder_segment_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """(self-attention mask [b or 1, 1, t, t], cross-attention mask [b, 1, t or 1, s]) of an encoder-decoder's
+    decoder: causal and same-segment for packed rows (segment id 0 = padding), padding-only unpacked."""
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+        raise ValueError("Pass both encoder_segment_ids and decoder_segment_ids (packed) or neither (unpacked).")
+    self_mask = causal_mask(decoder_input_tokens.shape[1])
+    if decoder_segment_ids is None:
+        return self_mask, padding_mask(encoder_input_tokens)
+    self_mask = self_mask & padding_mask(decoder_segment_ids)
+    self_mask = self_mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+    cross_mask = padding_mask(encoder_segment_ids) & segment_mask(decoder_segment_ids, encoder_segment_ids)
+    return self_mask, cross_mask
 
 
 def mask_to_bias(mask: jax.Array) -> jax.Array:
@@ -283,6 +133,7 @@ class Dense(nnx.Module):
         axes: Sequence[str],
         *,
         init: Initializer,
+        kernels: Kernels,
         use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -296,17 +147,18 @@ class Dense(nnx.Module):
             if use_bias else None
         )
         self.n_in = len(in_shape)
+        self.kernels = kernels
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         n_out = self.kernel.ndim - self.n_in
         batch, contract, out = "abcdefgh"[: x.ndim - self.n_in], "ijkl"[: self.n_in], "mnop"[:n_out]
         spec = f"{batch}{contract},{contract}{out}->{batch}{out}"
-        y = einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
+        y = self.kernels.einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
         if self.bias is not None:
             y = (y + self.bias[...]).astype(y.dtype)
-        # Named for remat policies: the low-precision matmul is a custom-VJP call, which
-        # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works in any dtype.
+        # Named for remat policies: with KERNELS='cpu_tuned' the matmul is a custom-VJP call, which
+        # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works with any kernels.
         return checkpoint_name(y, DENSE_OUTPUT)
 
 
@@ -320,12 +172,14 @@ class Embed(nnx.Module):
         num_embeddings: int,
         features: int,
         *,
+        kernels: Kernels,
         stddev: float = 1.0,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         table = jax.nn.initializers.normal(stddev=stddev)(rngs.params(), (num_embeddings, features), jnp.float32)
         self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
+        self.kernels = kernels
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -333,7 +187,7 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Float32 logits x @ embedding.T."""
-        return einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
+        return self.kernels.einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
 
 
 class PositionEmbed(nnx.Module):
@@ -357,130 +211,6 @@ class PositionEmbed(nnx.Module):
         return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
 
 
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
-
-
-def attention_impl(name: str, dtype: jnp.dtype, head_dim: int) -> str:
-    """Resolves an attention implementation name: "einsum" (our einsum attention, the low-precision
-    matmul path above), "xla" or "cudnn" (`jax.nn.dot_product_attention` with that implementation);
-    "auto" picks cuDNN's fused kernel on GPU in bf16/fp16 for head dims it supports, einsum elsewhere
-    (on CPU the einsum form measured faster than `dot_product_attention`'s XLA path); an attention
-    module built with "auto" also runs einsum for odd sequence lengths, which cuDNN rejects."""
-    if name not in ATTENTION_IMPLS:
-        raise ValueError(f"Unknown attention implementation {name!r}; use one of {list(ATTENTION_IMPLS)}.")
-    if name != "auto":
-        return name
-    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if fits and jax.default_backend() == "gpu" else "einsum"
-
-
-class MultiHeadAttention(nnx.Module):
-    """Multi-head dot-product attention with separate query/key/value/out projections.
-
-    T5 (the default) does not scale logits by 1/sqrt(head_dim) but folds that factor into the query
-    init; `scale_logits=True` scales queries at run time instead (BERT, GPT-2, BART weights), and
-    `use_bias` adds projection biases. `bias` is an additive float32 logit bias (relative positions +
-    masks) broadcastable to [b, h, q, k]. `implementation` (see `attention_impl`) picks the kernel of
-    full-sequence attention; fused kernels have no attention-probability dropout, so while that dropout
-    is on (training with a rate > 0) the einsum form runs instead. Cached decoding always uses einsum.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        head_dim: int,
-        *,
-        dropout_rate: float = 0.0,
-        scale_logits: bool = False,
-        use_bias: bool = False,
-        implementation: str = "einsum",
-        dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        base_init = variance_scaling("normal", n_in=1, n_out=2)
-
-        def query_init(key, shape, dtype):
-            return base_init(key, shape, dtype) / math.sqrt(head_dim)
-
-        in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
-        proj = functools.partial(
-            Dense, (d_model,), (num_heads, head_dim), in_axes, use_bias=use_bias, dtype=dtype, rngs=rngs
-        )
-        self.query = proj(init=base_init if scale_logits else query_init)
-        self.key = proj(init=base_init)
-        self.value = proj(init=base_init)
-        self.out = Dense(
-            (num_heads, head_dim), (d_model,), out_axes,
-            init=variance_scaling("normal", n_in=2, n_out=1), use_bias=use_bias, dtype=dtype, rngs=rngs,
-        )
-        self.query_scale = 1.0 / math.sqrt(head_dim) if scale_logits else None
-        self.dropout_rate = dropout_rate
-        self.dtype = jnp.dtype(dtype)
-        self.implementation = attention_impl(implementation, self.dtype, head_dim)
-        self.picked_automatically = implementation == "auto"
-
-    def __call__(
-        self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
-    ) -> jax.Array:
-        q, k, v = self.project_query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
-        return self.attend(q, k, v, bias, dropout_rngs=dropout_rngs)
-
-    def project_query(self, inputs_q: jax.Array) -> jax.Array:
-        """Projected queries [b, q, h, d], scaled by 1/sqrt(head_dim) when `scale_logits`."""
-        q = self.query(inputs_q)
-        return q if self.query_scale is None else q * jnp.asarray(self.query_scale, q.dtype)
-
-    def attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
-    ) -> jax.Array:
-        """Attention from projected queries [b, q, h, d] over projected keys/values [b, k, h, d]."""
-        fused = self.implementation != "einsum" and (dropout_rngs is None or self.dropout_rate == 0.0)
-        if fused and self.picked_automatically and (q.shape[1] % 2 or k.shape[1] % 2):
-            fused = False  # cuDNN's kernel with a bias (and its gradient) needs even sequence lengths
-        if fused:
-            q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-            # Masked logits stay finite in the activation dtype (-1e10 would overflow float16). cuDNN takes
-            # a bias broadcast over batch and heads only, so a padding mask [b, 1, 1, k] is spread over queries.
-            bias = jnp.maximum(bias, jnp.finfo(self.dtype).min / 2).astype(self.dtype)
-            bias = jnp.broadcast_to(bias, (*bias.shape[:-2], q.shape[1], k.shape[1]))
-            x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=self.implementation)
-            return self.out(x)
-        logits = broadcast_add(einsum("bqhd,bkhd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32), bias)
-        probs = dropout(softmax(logits), self.dropout_rate, dropout_rngs)
-        x = einsum("bhqk,bkhd->bqhd", probs, v, dtype=self.dtype)
-        return self.out(x)
-
-    def project_kv(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values in the cache layout [b, h, k, d] (activation dtype), e.g. for the encoder side."""
-        k, v = self.key(inputs_kv), self.value(inputs_kv)
-        return jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-
-    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-        """Attention from projected queries [b, q, h, d] over cached keys/values [b, h, k, d].
-
-        The head-major cache layout is what the batched dots consume directly, so a decode step reads
-        the cache once instead of transposing all of it (a [b, k, h, d] cache cost a full copy per step).
-        """
-        logits = einsum("bqhd,bhkd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32) + bias
-        x = einsum("bhqk,bhkd->bqhd", jax.nn.softmax(logits, axis=-1), v, dtype=self.dtype)
-        return self.out(x)
-
-    def decode_step(
-        self, inputs_q: jax.Array, cached_key: jax.Array, cached_value: jax.Array, index: jax.Array, bias: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Self-attention of ONE new position [b, 1, e] with a key/value cache [b, h, max_len, d].
-
-        Writes the position's key and value at slot `index`, then attends over the whole fixed-size
-        cache; `bias` [.., 1, max_len] must mask the slots after `index`. Returns (output, key, value).
-        """
-        q, (k, v) = self.project_query(inputs_q), self.project_kv(inputs_q)
-        start = (0, 0, index, 0)
-        cached_key = jax.lax.dynamic_update_slice(cached_key, k.astype(cached_key.dtype), start)
-        cached_value = jax.lax.dynamic_update_slice(cached_value, v.astype(cached_value.dtype), start)
-        return self.attend_cached(q, cached_key, cached_value, bias), cached_key, cached_value
-
-
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT, BART (erf form)
@@ -497,6 +227,7 @@ class MlpBlock(nnx.Module):
         d_model: int,
         d_ff: int,
         *,
+        kernels: Kernels,
         activation: str = "gated-gelu",
         dropout_rate: float = 0.0,
         use_bias: bool = False,
@@ -504,7 +235,7 @@ class MlpBlock(nnx.Module):
         rngs: nnx.Rngs,
     ):
         init = variance_scaling("truncated_normal")
-        dense = functools.partial(Dense, init=init, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        dense = functools.partial(Dense, init=init, kernels=kernels, use_bias=use_bias, dtype=dtype, rngs=rngs)
         up = functools.partial(dense, (d_model,), (d_ff,), ("embed", "mlp"))
         if activation == "gated-gelu":
             self.wi_0, self.wi_1 = up(), up()
@@ -517,13 +248,14 @@ class MlpBlock(nnx.Module):
         self.wo = dense((d_ff,), (d_model,), ("mlp", "embed"))
         self.activation = activation
         self.dropout_rate = dropout_rate
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.activation == "gated-gelu":
             h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
         else:
             h = _ACTIVATIONS[self.activation](self.wi(x))
-        return self.wo(dropout(h, self.dropout_rate, dropout_rngs))
+        return self.wo(self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
 
 
 def relative_position_bucket(
@@ -576,3 +308,8 @@ class RelativePositionBias(nnx.Module):
             max_distance=self.max_distance,
         )
         return jnp.take(self.rel_embedding[...], buckets, axis=1)[None]
+
+
+def param_count(module: nnx.Module) -> int:
+    """Total number of parameter elements in `module` (works on `nnx.eval_shape` outputs too)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
