@@ -6,5 +6,5 @@ data options (`span_corruption.*`, `fit_to_length.*`, `qa_mixing_rate.*`, `@text
 """
 
 from t5x_lite.data import pipeline, registration  # noqa: F401
-from t5x_lite.models import bart, decoder_only, encoder_decoder, encoder_only  # noqa: F401
+import t5x_lite.models  # noqa: F401  (the trainer adapters and their network configs)
 from t5x_lite.training import freezing  # noqa: F401

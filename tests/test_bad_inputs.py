@@ -23,7 +23,8 @@ from clu.data.dataset_iterator import TfDatasetIterator
 from t5x_lite import checkpoints, config, partitioning
 from t5x_lite import train as train_lib
 from t5x_lite.data import pipeline
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import optimizers, steps, train_state
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,

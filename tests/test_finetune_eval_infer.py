@@ -14,7 +14,8 @@ from t5x_lite import checkpoints, config, partitioning
 from t5x_lite import eval as eval_lib
 from t5x_lite import infer as infer_lib
 from t5x_lite import train as train_lib
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from tests.test_cli import run_cli
 
 TINY = "models/t5_1_1/tiny.gin"

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import checkpoints, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import optimizers, steps, train_state
 
 CONFIG = T5Config(vocab_size=256, d_model=64, num_heads=8, head_dim=8, d_ff=128,

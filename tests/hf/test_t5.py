@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from t5x_lite import hf, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import train_state
 from tests.hf.conftest import TINY, VARIANTS, hf_logits, random_inputs
 

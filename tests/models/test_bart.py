@@ -14,8 +14,10 @@ from flax import nnx
 
 from t5x_lite import config
 from t5x_lite import train as train_lib
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite.models import bart
-from t5x_lite.models.bart import Bart, BartConfig, BartModel
+from t5x_lite.models.seq2seq import BartModel
+from t5x_lite.networks.bart import Bart, BartConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -144,7 +146,7 @@ def test_cached_greedy_equals_uncached_and_hf_generate(hf_and_ours):
     steps = 8
     encoder, _ = batch_with_padding(TINY, seed=1)
     model = BartModel(TINY)
-    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, eos_id=NO_EOS))
+    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, decode=DecodeConfig(eos_id=NO_EOS)))
     cached = np.asarray(predict(network, {"encoder_input_tokens": jnp.asarray(encoder)}))
     np.testing.assert_array_equal(cached, uncached_greedy(network, encoder, steps))
     with torch.no_grad():
@@ -206,7 +208,7 @@ def test_config_and_decode_length_errors(hf_and_ours):
         BartConfig(attention_dropout_rate=1.0)
     encoded = jnp.zeros((1, 3, TINY.d_model))
     with pytest.raises(ValueError, match="max_decode_length 25 exceeds the decoder's 24 learned positions"):
-        network.init_decode_state(encoded, jnp.ones((1, 3), jnp.int32), 25)
+        network.init_decode_state(encoded, jnp.ones((1, 3), bool), 25)
 
 
 # ------------------------------------------------------------------ gin files and training through t5x_lite.train

@@ -17,8 +17,10 @@ from flax import nnx
 import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks read below)
 from t5x_lite import config, evaluation, partitioning
 from t5x_lite import train as train_lib
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite.models import decoder_only
-from t5x_lite.models.decoder_only import GPT, DecoderOnlyModel, GPTConfig, PrefixLMModel
+from t5x_lite.models.causal import DecoderOnlyModel, PrefixLMModel
+from t5x_lite.networks.gpt import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -157,7 +159,7 @@ def test_cached_greedy_equals_uncached_and_hf_generate(hf_and_ours):
     hf, network = hf_and_ours
     steps = 9
     model = DecoderOnlyModel(TINY)
-    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, eos_id=NO_EOS))
+    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, decode=DecodeConfig(eos_id=NO_EOS)))
     cached = np.asarray(predict(network, prompt_batch(PROMPTS, width=10)))
 
     uncached = [uncached_greedy(network, prompt, steps, prefix_lm=False) for prompt in PROMPTS]
@@ -187,7 +189,7 @@ def test_prefix_lm_cached_decoding_equals_uncached_and_ignores_targets(hf_and_ou
 
     for method in ("greedy", "beam"):
         predict = nnx.jit(lambda m, b, method=method: model.predict_batch(
-            m, b, max_decode_length=steps, method=method, beam_size=1, eos_id=NO_EOS))
+            m, b, max_decode_length=steps, decode=DecodeConfig(method=method, beam_size=1, eos_id=NO_EOS)))
         cached = np.asarray(predict(network, features))
         uncached = [uncached_greedy(network, prompt, steps, prefix_lm=True) for prompt in PROMPTS]
         np.testing.assert_array_equal(cached, uncached, err_msg=method)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite.models import layers
-from t5x_lite.models.encoder_decoder import T5, T5Config
+from t5x_lite.networks.t5 import T5, T5Config
+from t5x_lite.nn import attention
 
 CONFIG = T5Config(
     vocab_size=64, d_model=32, num_heads=2, head_dim=8, d_ff=48, num_encoder_layers=1, num_decoder_layers=1
@@ -111,8 +111,8 @@ def test_attention_dropout_falls_back_to_einsum():
 
 def test_auto_is_einsum_off_gpu_and_names_are_checked():
     expected = "cudnn" if jax.default_backend() == "gpu" else "einsum"
-    assert layers.attention_impl("auto", jnp.bfloat16, 64) == expected
-    assert layers.attention_impl("auto", jnp.float32, 64) == "einsum"
-    assert layers.attention_impl("auto", jnp.bfloat16, 256) == "einsum"
+    assert attention.attention_impl("auto", jnp.bfloat16, 64) == expected
+    assert attention.attention_impl("auto", jnp.float32, 64) == "einsum"
+    assert attention.attention_impl("auto", jnp.bfloat16, 256) == "einsum"
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         dataclasses.replace(CONFIG, attention_impl="flash")

@@ -1,6 +1,6 @@
-"""Tests for T5Config.remat_policy and T5Config.scan_layers (and the other families' remat_policy): same
-numbers (logits, grads, dropout masks, cached decoding) as the plain layer loop, stacked-param layout and
-metadata, flat program size."""
+"""Tests for `remat_policy` and `scan_layers` (t5x_lite.nn.stacks) in every family: same numbers (logits, grads,
+dropout masks, cached decoding) as the plain layer loop, stacked-param layout and metadata, program sizes
+flat in depth for training and for decoding."""
 
 import dataclasses
 
@@ -13,8 +13,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import partitioning
-from t5x_lite.models import bart, decoder_only, encoder_only, layers, stacks
-from t5x_lite.models.encoder_decoder import T5, EncoderDecoderModel, T5Config
+from t5x_lite.decoding import DecodeConfig
+from t5x_lite.models.causal import DecoderOnlyModel
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.bart import Bart, BartConfig
+from t5x_lite.networks.bert import Bert, BertConfig
+from t5x_lite.networks.gpt import GPT, GPTConfig
+from t5x_lite.networks.t5 import T5, T5Config
+from t5x_lite.nn import kernels, stacks
 
 TINY = T5Config(
     vocab_size=64, d_model=32, num_heads=2, head_dim=8, d_ff=48, num_encoder_layers=2, num_decoder_layers=2,
@@ -76,7 +82,7 @@ class MaskLayer(nnx.Module):
         self.scale = nnx.Param(jax.random.uniform(rngs.params(), ()) + 1.0, logical_axes=())
 
     def __call__(self, x, rngs):
-        mask = layers.dropout(jnp.ones(x.shape[1:]), 0.5, rngs) * self.scale[...]
+        mask = kernels.resolve("auto").dropout(jnp.ones(x.shape[1:]), 0.5, rngs) * self.scale[...]
         return jnp.concatenate([x[1:], mask[None]])
 
 
@@ -109,9 +115,9 @@ def test_remat_same_logits_and_grads(base_params, reference, policy):
 
 FAMILY_TOKENS = jax.random.randint(jax.random.key(4), (2, 10), 1, 64)
 FAMILIES = {  # config class, network, logits with dropout
-    "gpt": (decoder_only.GPTConfig, decoder_only.GPT, lambda net, rngs: net(FAMILY_TOKENS, dropout_rngs=rngs)),
-    "bart": (bart.BartConfig, bart.Bart, lambda net, rngs: net(FAMILY_TOKENS, FAMILY_TOKENS[:, :6], dropout_rngs=rngs)),
-    "bert": (encoder_only.BertConfig, encoder_only.Bert,
+    "gpt": (GPTConfig, GPT, lambda net, rngs: net(FAMILY_TOKENS, dropout_rngs=rngs)),
+    "bart": (BartConfig, Bart, lambda net, rngs: net(FAMILY_TOKENS, FAMILY_TOKENS[:, :6], dropout_rngs=rngs)),
+    "bert": (BertConfig, Bert,
              lambda net, rngs: net.mlm_logits(net.encode(FAMILY_TOKENS, dropout_rngs=rngs))),
 }
 
@@ -290,39 +296,65 @@ def test_scanned_program_size_flat_in_depth():
     assert grad_program_size(8) > 2.5 * grad_program_size(2)  # the unrolled loop grows with depth
 
 
-def test_scanned_cached_decoding_matches_unscanned(base_params):
-    max_len = 7
+def decode_family(family: str, num_layers: int, scan: bool) -> tuple:
+    """(trainer model, network, batch) for cached decoding with a `num_layers`-deep decoder."""
+    config = family_config(family, scan)
+    depth = {"num_layers" if family == "gpt" else "num_decoder_layers": num_layers}
+    config = dataclasses.replace(config, **depth)
+    model = DecoderOnlyModel(config) if family == "gpt" else EncoderDecoderModel(config)
+    network = model.build_network(nnx.Rngs(3))
+    prompt = {"decoder_input_tokens": ENC, "decoder_causal_attention": jnp.ones_like(ENC)}
+    return model, network, prompt if family == "gpt" else {"encoder_input_tokens": ENC}
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "gpt"])
+def test_scanned_cached_decoding_matches_unscanned(family):
+    """Greedy and beam search over a scanned stack (decoded scanned: one `lax.scan` per step) give the tokens
+    of the same parameters unrolled, and the one stacked cache holds the same keys and values."""
+    plain = init_params(family, scan=False)
     outputs = {}
     for scan in (False, True):
-        config = dataclasses.replace(TINY, scan_layers=scan)
-        graphdef, state = nnx.split(model_with(config, base_params))
-        model = EncoderDecoderModel(config)
+        model, network, batch = decode_family(family, 3, scan)
+        nnx.update(network, stacks.stack_layer_params(plain) if scan else plain)
+        graphdef, state = nnx.split(network)
 
         @jax.jit
-        def run(state, model=model, graphdef=graphdef):
+        def run(state, model=model, graphdef=graphdef, batch=batch):
             net = nnx.merge(graphdef, state)
-            decode_state = net.init_decode_state(net.encode(ENC), ENC, max_len)
-
-            def step(decode_state, token_ids):
-                logits, decode_state = net.decode_step(decode_state, token_ids)
-                return decode_state, logits
-
-            decode_state, step_logits = jax.lax.scan(step, decode_state, DEC.T)
-            batch = {"encoder_input_tokens": ENC}
-            greedy = model.predict_batch(net, batch, max_decode_length=max_len, eos_id=-1)
-            beam = model.predict_batch(net, batch, max_decode_length=max_len, method="beam", beam_size=2)
-            return decode_state, step_logits, greedy, beam
+            greedy = model.predict_batch(net, batch, max_decode_length=6, decode=DecodeConfig(eos_id=-1))
+            beam = model.predict_batch(net, batch, max_decode_length=6, decode=DecodeConfig("beam", beam_size=2))
+            if family == "gpt":
+                decode_state = net.prefill(ENC, jnp.full((2,), 5), 6)
+            else:
+                decode_state = net.init_decode_state(net.encode(ENC), ENC > 0, 6)
+            logits, decode_state = net.decode_step(decode_state, jnp.ones((2,), jnp.int32))
+            return greedy, beam, logits, decode_state.cache
 
         outputs[scan] = run(state)
-    (plain_state, plain_logits, *plain_tokens), (scan_state, scan_logits, *scan_tokens) = outputs[False], outputs[True]
-    np.testing.assert_allclose(scan_logits, plain_logits, atol=1e-5)
+    (*plain_tokens, plain_logits, plain_cache), (*scan_tokens, scan_logits, scan_cache) = outputs[False], outputs[True]
     for a, b in zip(scan_tokens, plain_tokens):
         np.testing.assert_array_equal(a, b)
-    assert scan_state.self_keys.shape == (2, TINY.num_decoder_layers, TINY.num_heads, max_len, TINY.head_dim)
-    assert scan_state.cross_values.shape == (2, TINY.num_decoder_layers, TINY.num_heads, ENC.shape[1], TINY.head_dim)
-    for i in range(TINY.num_decoder_layers):
-        np.testing.assert_allclose(scan_state.self_values[:, i], plain_state.self_values[i], atol=1e-6)
-        np.testing.assert_allclose(scan_state.cross_keys[:, i], plain_state.cross_keys[i], atol=1e-6)
+    np.testing.assert_allclose(scan_logits, plain_logits, atol=1e-5)
+    assert scan_cache.key.shape == plain_cache.key.shape and scan_cache.key.shape[:2] == (2, 3)
+    assert_trees_close(scan_cache, plain_cache, atol=1e-5)
+
+
+def decode_program_size(family: str, num_layers: int, scan: bool) -> int:
+    """Characters of the lowered (StableHLO) greedy `predict_batch` program: deterministic, no compile."""
+    model, network, batch = decode_family(family, num_layers, scan)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: network))
+
+    def predict(state, batch):
+        return model.predict_batch(nnx.merge(graphdef, state), batch, max_decode_length=4)
+
+    return len(jax.jit(predict).lower(state, batch).as_text())
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "gpt"])
+def test_scanned_decode_program_size_flat_in_depth(family):
+    """A scanned stack decodes scanned: the decode program does not grow with depth (the unrolled one does)."""
+    assert decode_program_size(family, 8, scan=True) < 1.2 * decode_program_size(family, 2, scan=True)
+    assert decode_program_size(family, 8, scan=False) > 2 * decode_program_size(family, 2, scan=False)
 
 
 def test_bfloat16_scan_remat_loss_and_grad_execute(base_params):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from t5x_lite.models import layers
+from t5x_lite.nn import layers
 
 # Per-layer rematerialisation: name -> what `jax.checkpoint` may keep from the forward pass.
 #   "none": no remat (autodiff keeps every intermediate the backward pass needs);
@@ -25,8 +25,8 @@ from t5x_lite.models import layers
 #           the dots with no batch dimensions: what `dots_with_no_batch_dims_saveable` keeps) and
 #           recompute the rest: norms, activations, dropout masks and the batched attention dots
 #           (whose [b, h, q, k] outputs are the largest activations). The projections are matched
-#           by name (`layers.DENSE_OUTPUT`), because in bf16 they are custom-VJP calls that the
-#           dot-based policies do not see (with those, bf16 "dots" would silently equal "full").
+#           by name (`layers.DENSE_OUTPUT`), because with KERNELS='cpu_tuned' they are custom-VJP calls
+#           that the dot-based policies do not see; with KERNELS='xla' JAX's own dot policies see them too.
 # Memory is saved reliably only with scanned layers (`T5Config.scan_layers=True`), where the backward loop recomputes each layer
 # just before its gradient. In the unrolled loop XLA decides: XLA:CPU drops the optimization barriers
 # that keep the recomputation apart and CSEs it with the forward pass (8+8 layers, tiny width, batch
@@ -122,14 +122,32 @@ def apply_layers(
     return x
 
 
-def layer_views(stack: nnx.Module, scan: bool) -> list[nnx.Module]:
-    """The layers one by one, e.g. for a cached decoding loop; for a scanned stack, modules over each
-    layer's slice of the stacked params."""
+def each_layer(
+    stack: nnx.Module,
+    fn: Callable[[nnx.Module, Any, int | jax.Array], tuple[Any, Any]],
+    carry: Any,
+    *,
+    scan: bool,
+) -> tuple[Any, Any]:
+    """carry, y = fn(layer, carry, i) for every layer i of `stack` in order (no dropout, no remat: for
+    inference, e.g. a decode step or a prefill); returns the last carry and the ys stacked on axis 1
+    (batch leading). Unrolled, `i` is a Python int; scanned, ONE `lax.scan` over the stacked params with
+    a traced `i`, so the program does not grow with depth."""
     if not scan:
-        return list(stack)
-    graphdef, state = nnx.split(stack)
-    count = jax.tree.leaves(state)[0].shape[0]
-    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(count)]
+        ys = []
+        for i, layer in enumerate(stack):
+            carry, y = fn(layer, carry, i)
+            ys.append(y)
+        return carry, jax.tree.map(lambda *y: jnp.stack(y, axis=1), *ys)
+    graphdef, stacked = nnx.split(stack)
+    count = jax.tree.leaves(stacked)[0].shape[0]
+
+    def body(carry, xs):
+        layer_state, i = xs
+        return fn(nnx.merge(graphdef, layer_state), carry, i)
+
+    carry, ys = jax.lax.scan(body, carry, (stacked, jnp.arange(count)))
+    return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
 
 
 # ---------------------------------------------------------------------------------------------

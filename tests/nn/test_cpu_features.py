@@ -1,8 +1,8 @@
-"""Tests for t5x_lite.cpu_features: reading bf16 dot-product instructions from /proc/cpuinfo."""
+"""Tests for t5x_lite.nn.cpu_features: reading bf16 dot-product instructions from /proc/cpuinfo."""
 
 import pytest
 
-from t5x_lite import cpu_features
+from t5x_lite.nn import cpu_features
 
 # Trimmed /proc/cpuinfo texts: an AVX2-only EPYC, an AVX-512 EPYC with AVX512-BF16, a Sapphire Rapids Xeon
 # (AMX), an Arm Neoverse V1 (BF16) and an Arm Neoverse N1 (no BF16).

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite.models.encoder_decoder import T5, T5Config, param_count
+from t5x_lite.networks.t5 import T5, T5Config
+from t5x_lite.nn.layers import param_count
 
 TINY = T5Config(
     vocab_size=64, d_model=32, num_heads=2, head_dim=8, d_ff=48, num_encoder_layers=2, num_decoder_layers=2
