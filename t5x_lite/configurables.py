@@ -5,6 +5,6 @@ data options (`span_corruption.*`, `fit_to_length.*`, `qa_mixing_rate.*`, `@text
 `import t5x_lite` stays free of these imports; the bundled tasks register on the first task lookup.
 """
 
-from t5x_lite.data import pipeline, registration  # noqa: F401
 import t5x_lite.models  # noqa: F401  (the trainer adapters and their network configs)
+from t5x_lite.data import pipeline, registration  # noqa: F401
 from t5x_lite.training import freezing  # noqa: F401

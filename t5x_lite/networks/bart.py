@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite.networks.config_checks import check_config
-from t5x_lite.networks.t5 import encoder_decoder_state
+from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
 from t5x_lite.nn.attention import DecodeState, KVCache
 
@@ -155,7 +155,7 @@ class Embedder(nnx.Module):
         return self.kernels.dropout(x, self.dropout_rate, dropout_rngs)
 
 
-class Bart(nnx.Module):
+class Bart(EncoderDecoderNetwork):
     """The BART encoder-decoder network: token ids in, float32 logits out.
 
     Dropout is applied iff `dropout_rngs` is given (e.g. `nnx.Rngs(dropout=key)`) and a rate is > 0.
@@ -230,9 +230,8 @@ class Bart(nnx.Module):
                 f"max_decode_length {max_decode_length} exceeds the decoder's {self.config.max_position_embeddings} "
                 "learned positions; decode fewer tokens (TASK_FEATURE_LENGTHS['targets'])."
             )
-        return encoder_decoder_state(
-            self.decoder_layers, encoded, encoder_mask, max_decode_length, self.config,
-            scan=self.config.scan_layers, cross_attention=lambda layer: layer.cross_attention,
+        return self._decode_state(
+            self.decoder_layers, lambda layer: layer.cross_attention, encoded, encoder_mask, max_decode_length
         )
 
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
@@ -248,21 +247,3 @@ class Bart(nnx.Module):
 
         (y, cache), _ = stacks.each_layer(self.decoder_layers, step, (y, state.cache), scan=self.config.scan_layers)
         return self._logits(y)[:, 0], state.advanced(cache)
-
-    def __call__(
-        self,
-        encoder_input_tokens: jax.Array,
-        decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        """Encode then decode: float32 logits [b, t, vocab]."""
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, dropout_rngs=dropout_rngs)
-        return self.decode(
-            encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
-            decoder_positions, dropout_rngs=dropout_rngs,
-        )

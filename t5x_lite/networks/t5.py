@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
 from t5x_lite.nn.attention import DecodeState, KVCache
 
@@ -243,7 +244,7 @@ class Decoder(nnx.Module):
         return self.decoder_norm(y), state.advanced(cache)
 
 
-class T5(nnx.Module):
+class T5(EncoderDecoderNetwork):
     """The T5 encoder-decoder network: token ids in, float32 logits out.
 
     T5 has no absolute position embeddings: relative biases come from index differences, which
@@ -311,10 +312,8 @@ class T5(nnx.Module):
         """Empty self-attention caches for `max_decode_length` positions plus every decoder layer's
         cross-attention keys and values, projected once from `encoded` [b, s, e]; `encoder_mask` [b, s]
         marks its real tokens."""
-        config = self.config
-        return encoder_decoder_state(
-            self.decoder.layers, encoded, encoder_mask, max_decode_length, config, scan=config.scan_layers,
-            cross_attention=lambda layer: layer.encoder_decoder_attention,
+        return self._decode_state(
+            self.decoder.layers, lambda layer: layer.encoder_decoder_attention, encoded, encoder_mask, max_decode_length
         )
 
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
@@ -326,47 +325,3 @@ class T5(nnx.Module):
         """
         y, state = self.decoder.decode_step(self.token_embedder(token_ids[:, None]), state)
         return self._logits(y)[:, 0], state
-
-    def __call__(
-        self,
-        encoder_input_tokens: jax.Array,
-        decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        """Encode then decode: float32 logits [b, t, vocab]."""
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, dropout_rngs=dropout_rngs)
-        return self.decode(
-            encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
-            decoder_positions, dropout_rngs=dropout_rngs,
-        )
-
-
-def encoder_decoder_state(
-    decoder_layers: nnx.Module,
-    encoded: jax.Array,
-    encoder_mask: jax.Array,
-    max_decode_length: int,
-    config: T5Config,
-    *,
-    scan: bool,
-    cross_attention,
-) -> DecodeState:
-    """The decode state of an encoder-decoder (T5, BART): an empty self-attention cache of
-    `max_decode_length` slots and every decoder layer's keys/values of `encoded`, projected once
-    (`cross_attention(layer)` names the layer's cross-attention module)."""
-    batch = encoded.shape[0]
-    _, cross = stacks.each_layer(
-        decoder_layers, lambda layer, carry, i: (carry, cross_attention(layer).project_kv(encoded)), None, scan=scan
-    )
-    cache = KVCache.zeros(
-        batch, config.num_decoder_layers, config.num_heads, max_decode_length, config.head_dim, jnp.dtype(config.dtype)
-    )
-    return DecodeState(
-        cache=cache, cross=cross, cross_mask=encoder_mask, first_slot=jnp.zeros((batch,), jnp.int32),
-        forced_token=jnp.full((batch,), -1, jnp.int32), index=jnp.zeros((), jnp.int32),
-    )
