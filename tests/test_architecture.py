@@ -1,7 +1,6 @@
-"""No import side effects: `import t5x_lite` loads no TensorFlow and registers nothing; tasks register on lookup.
-
-Also the layering rule: `t5x_lite/data` imports nothing from models, networks, training or an entry point.
-"""
+"""The package's layering (docs/architecture.md): no import side effects (`import t5x_lite` loads no
+TensorFlow and registers nothing; tasks register on lookup), modules that read no data import no TensorFlow,
+and the import rules between the layers hold in every module's source."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from tests.subprocess_env import subprocess_env
 
-PACKAGE = Path(__file__).resolve().parents[2] / "t5x_lite"
+PACKAGE = Path(__file__).resolve().parents[1] / "t5x_lite"
 
 PROBE = r"""
 import importlib, json, sys
@@ -69,15 +68,50 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_data_imports_nothing_from_models_networks_training_or_entry_points():
-    forbidden = ("t5x_lite.models", "t5x_lite.networks", "t5x_lite.training", "t5x_lite.train", "t5x_lite.eval",
-                 "t5x_lite.infer", "t5x_lite.features", "t5x_lite.config", "t5x_lite.cli")
-    files = sorted((PACKAGE / "data").rglob("*.py")) + sorted((PACKAGE / "tasks").rglob("*.py"))
-    assert len(files) > 15
-    offenders = {
+ENTRY_POINTS = ("t5x_lite.train", "t5x_lite.eval", "t5x_lite.infer", "t5x_lite.features")
+# Layer -> the modules it may not import (besides the entry points, which nothing imports).
+RULES = {
+    "nn": ("t5x_lite.networks", "t5x_lite.models", "t5x_lite.training", "t5x_lite.data", "t5x_lite.tasks",
+           "t5x_lite.hf", "t5x_lite.cli", "t5x_lite.checkpoints", "t5x_lite.evaluation"),
+    "networks": ("t5x_lite.models", "t5x_lite.training", "t5x_lite.data", "t5x_lite.tasks", "t5x_lite.hf",
+                 "t5x_lite.cli", "t5x_lite.checkpoints", "t5x_lite.evaluation"),
+    "data": ("t5x_lite.models", "t5x_lite.networks", "t5x_lite.nn", "t5x_lite.training", "t5x_lite.cli"),
+    "tasks": ("t5x_lite.models", "t5x_lite.networks", "t5x_lite.nn", "t5x_lite.training", "t5x_lite.cli"),
+}
+
+
+def _offenders(files: list[Path], forbidden: tuple[str, ...]) -> set[str]:
+    return {
         f"{path.relative_to(PACKAGE.parent)}: {name}"
         for path in files
         for name in _imported_modules(path)
         if any(name == f or name.startswith(f + ".") for f in forbidden)
     }
-    assert not offenders, sorted(offenders)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    for layer, forbidden in RULES.items():
+        files = sorted((PACKAGE / layer).rglob("*.py"))
+        assert files, layer
+        assert not _offenders(files, forbidden + ENTRY_POINTS), layer
+
+
+def test_nothing_in_the_package_imports_an_entry_point():
+    files = [path for path in sorted(PACKAGE.rglob("*.py")) if path.stem not in ("train", "eval", "infer", "features")]
+    assert not _offenders(files, ENTRY_POINTS)
+
+
+MODEL_SIDE = r"""
+import sys
+import t5x_lite.decoding, t5x_lite.models, t5x_lite.networks.t5, t5x_lite.nn.attention, t5x_lite.partitioning
+import t5x_lite.training.steps
+print("LOADED", sorted(m for m in ("tensorflow", "seqio") if m in sys.modules))
+"""
+
+
+def test_the_model_side_imports_no_tensorflow():
+    """Networks, trainer models, decoding and the train step read no data, so they load neither TF nor seqio."""
+    result = subprocess.run([sys.executable, "-c", MODEL_SIDE], check=False, capture_output=True, text=True,
+                            env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED []" in result.stdout
