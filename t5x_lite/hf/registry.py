@@ -32,8 +32,6 @@ class Family:
     build_model(config) -> the trainer's model object (a `BaseModel`).
     checkpoint_fields: the config fields `config.json` fixes (they shape the parameters or the
         function); the others (dropout, activation dtype, remat, scan layout, ...) are free to differ.
-    stack_layers / unstack_layers: unscanned <-> scanned parameter layout, for configs with
-        `scan_layers=True` (None: the family has no scanned layout).
     model_names: the gin names of every trainer model taking this config; `model_gin` binds the config
         for each, so that `MODEL` may switch between them (e.g. a causal LM and a prefix LM).
 
@@ -54,8 +52,6 @@ class Family:
     params_to_hf: Callable[[Mapping, Any], dict[str, np.ndarray]]
     build_model: Callable[..., BaseModel]
     checkpoint_fields: tuple[str, ...]
-    stack_layers: Callable[[dict], dict] | None = None
-    unstack_layers: Callable[[dict], dict] | None = None
     model_names: tuple[str, ...] = ()
     head_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], str] | None = None
     head_from_params: Callable[[Mapping], str] | None = None

@@ -5,9 +5,8 @@ and one token embedding shared by the encoder, the decoder and the (tied) output
 `final_logits_bias`. Token id 0 is padding; packed rows carry segment ids (0 = padding) and
 in-segment positions, which the learned position embeddings need.
 
-The parameters map one to one onto Hugging Face's `BartForConditionalGeneration` (`params_from_hf` /
-`params_to_hf`). HF's position tables have 2 extra leading rows (fairseq's padding offset: position p
-reads row p + 2); ours start at position 0, so the import drops those rows. Decoding encodes once,
+The parameters map one to one onto Hugging Face's `BartForConditionalGeneration` (`t5x_lite.hf.bart`),
+but for HF's 2 extra leading rows of the position tables (ours start at position 0). Decoding encodes once,
 projects every layer's cross-attention keys/values once, then runs the cached `decode_step` inside
 `t5x_lite.decoding`'s while loops. For large models, `BartConfig.scan_layers` and `remat_policy` work
 as T5's (see `t5x_lite.models.stacks`).
@@ -18,12 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import seqio
 from flax import nnx
 
@@ -33,7 +30,6 @@ from t5x_lite.models.base import BaseModel
 from t5x_lite.models.encoder_decoder import DecodeState
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
-HF_POSITION_OFFSET = 2  # rows of HF's BartLearnedPositionalEmbedding before position 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,166 +374,3 @@ class BartModel(BaseModel):
         log_probs = jax.nn.log_softmax(self.network_logits(network, batch, None), axis=-1)
         token_log_probs = jnp.take_along_axis(log_probs, batch[self.targets_key][..., None], axis=-1)[..., 0]
         return jnp.sum(token_log_probs * batch[self.weights_key].astype(jnp.float32), axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face BartForConditionalGeneration <-> our parameters (pure nested dicts, as `nnx.to_pure_dict`)
-
-# Tied copies of `shared.weight` that HF files may hold besides it.
-_HF_TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
-
-
-def _array(value: Any) -> np.ndarray:
-    """A float32 numpy array from a numpy array or a (CPU) torch tensor."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def _layer_mapping(config: BartConfig, hf_prefix: str, cross: bool) -> list[tuple[str, tuple[str, ...], str]]:
-    """(HF tensor name, our path within the layer, kind) for one encoder or decoder layer."""
-    items = []
-    attentions = [("self_attn", "self_attention")] + ([("encoder_attn", "cross_attention")] if cross else [])
-    for hf_att, ours in attentions:
-        for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-            items.append((f"{hf_prefix}.{hf_att}.{proj}.weight", (ours, name, "kernel"), "in_proj"))
-            items.append((f"{hf_prefix}.{hf_att}.{proj}.bias", (ours, name, "bias"), "heads"))
-        items.append((f"{hf_prefix}.{hf_att}.out_proj.weight", (ours, "out", "kernel"), "out_proj"))
-        items.append((f"{hf_prefix}.{hf_att}.out_proj.bias", (ours, "out", "bias"), "plain"))
-        items.append((f"{hf_prefix}.{hf_att}_layer_norm.weight", (f"{ours}_layer_norm", "scale"), "plain"))
-        items.append((f"{hf_prefix}.{hf_att}_layer_norm.bias", (f"{ours}_layer_norm", "bias"), "plain"))
-    for fc, name in (("fc1", "wi"), ("fc2", "wo")):
-        items.append((f"{hf_prefix}.{fc}.weight", ("mlp", name, "kernel"), "linear"))
-        items.append((f"{hf_prefix}.{fc}.bias", ("mlp", name, "bias"), "plain"))
-    items.append((f"{hf_prefix}.final_layer_norm.weight", ("mlp_layer_norm", "scale"), "plain"))
-    items.append((f"{hf_prefix}.final_layer_norm.bias", ("mlp_layer_norm", "bias"), "plain"))
-    return items
-
-
-def _mapping(config: BartConfig) -> list[tuple[str, tuple, str]]:
-    """(HF name without the `model.` prefix, our path, kind) for every parameter but the shared
-    embedding, the position tables and `final_logits_bias` (handled apart: they change size)."""
-    items = []
-    for stack in ("encoder", "decoder"):
-        for hf, ours in (("layernorm_embedding.weight", "scale"), ("layernorm_embedding.bias", "bias")):
-            items.append((f"{stack}.{hf}", (f"{stack}_embedder", "embedding_layer_norm", ours), "plain"))
-        count = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
-        for i in range(count):
-            for name, path, kind in _layer_mapping(config, f"{stack}.layers.{i}", cross=stack == "decoder"):
-                items.append((name, (f"{stack}_layers", i, *path), kind))
-    return items
-
-
-def _to_ours(kind: str, value: np.ndarray, config: BartConfig) -> np.ndarray:
-    """torch Linear weights are [out, in]; our kernels [in, out], attention split per head."""
-    h, d = config.num_heads, config.head_dim
-    if kind == "in_proj":
-        return value.T.reshape(-1, h, d)
-    if kind == "heads":
-        return value.reshape(h, d)
-    if kind == "out_proj":
-        return value.T.reshape(h, d, -1)
-    if kind == "linear":
-        return value.T
-    return value
-
-
-def _to_hf(kind: str, value: np.ndarray) -> np.ndarray:
-    if kind == "in_proj":
-        return value.reshape(value.shape[0], -1).T
-    if kind == "heads":
-        return value.reshape(-1)
-    if kind == "out_proj":
-        return value.reshape(-1, value.shape[-1]).T
-    if kind == "linear":
-        return value.T
-    return value
-
-
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple) -> np.ndarray:
-    for key in path:
-        tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-    return np.asarray(tree, np.float32)
-
-
-def _shapes(config: BartConfig) -> dict[tuple, tuple[int, ...]]:
-    """Our per-layer (unscanned) parameter shapes by path (from an abstract network: nothing is allocated)."""
-    per_layer = dataclasses.replace(config, scan_layers=False)
-    abstract = nnx.eval_shape(lambda: Bart(per_layer, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    return {tuple(path): tuple(value.shape) for path, value in flat}
-
-
-def params_from_hf(weights: Mapping[str, Any], config: BartConfig) -> dict:
-    """Our parameters from a Hugging Face BART state dict (`BartForConditionalGeneration` names with the
-    `model.` prefix, or `BartModel` names without it; numpy arrays or torch tensors).
-
-    The shared embedding is `shared.weight` (or a stack's `embed_tokens.weight`); position tables lose
-    their first 2 rows (HF's offset); a `config.vocab_size` above the checkpoint's pads the embedding and
-    `final_logits_bias` with zeros. A missing or unexpected tensor, or a wrong shape, is named in the error.
-    """
-    names = {name.removeprefix("model."): name for name in weights}
-    used: set[str] = set()
-
-    def get(name: str) -> np.ndarray:
-        if name not in names:
-            raise ValueError(f"The checkpoint has no tensor {name!r} (BartForConditionalGeneration naming).")
-        used.add(names[name])
-        return _array(weights[names[name]])
-
-    shapes = _shapes(config)
-    params: dict = {}
-
-    def put(path: tuple, value: np.ndarray, source: str) -> None:
-        if value.shape != shapes[path]:
-            raise ValueError(f"Tensor {source!r} gives shape {value.shape} for {'/'.join(map(str, path))}, "
-                             f"but the config needs {shapes[path]}.")
-        _set(params, path, value)
-
-    shared_name = next((n for n in ("shared.weight", *_HF_TIED[:2]) if n in names), "shared.weight")
-    shared = get(shared_name)
-    pad = config.vocab_size - shared.shape[0]
-    if pad < 0:
-        raise ValueError(f"{shared_name} has {shared.shape[0]} rows but BartConfig.vocab_size is {config.vocab_size}; "
-                         "set vocab_size to at least the checkpoint's.")
-    put(("token_embedder", "embedding"), np.pad(shared, ((0, pad), (0, 0))), shared_name)
-    if "final_logits_bias" in names:  # optional in HF (a zero buffer when absent)
-        put(("final_logits_bias",), np.pad(get("final_logits_bias").reshape(-1), (0, pad)), "final_logits_bias")
-    else:
-        put(("final_logits_bias",), np.zeros(config.vocab_size, np.float32), "final_logits_bias")
-    for stack in ("encoder", "decoder"):
-        name = f"{stack}.embed_positions.weight"
-        put((f"{stack}_embedder", "position_embedder", "embedding"), get(name)[HF_POSITION_OFFSET:], name)
-    for name, path, kind in _mapping(config):
-        put(path, _to_ours(kind, get(name), config), name)
-    used |= {names[n] for n in _HF_TIED if n in names}
-    unexpected = sorted(set(weights) - used)
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a BartForConditionalGeneration with {config.num_encoder_layers}+"
-            f"{config.num_decoder_layers} layers does not: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
-            "is it another architecture or a model with an extra head?"
-        )
-    return params
-
-
-def params_to_hf(params: Mapping, config: BartConfig) -> dict[str, np.ndarray]:
-    """Hugging Face `BartForConditionalGeneration` tensors (`model.` names; the tied copies of
-    `model.shared.weight` are left out, as transformers writes) from our parameters, the inverse of
-    `params_from_hf`; the position tables get HF's 2 unused leading rows as zeros."""
-    out = {
-        "model.shared.weight": _get(params, ("token_embedder", "embedding")),
-        "final_logits_bias": _get(params, ("final_logits_bias",))[None],
-    }
-    for stack in ("encoder", "decoder"):
-        table = _get(params, (f"{stack}_embedder", "position_embedder", "embedding"))
-        out[f"model.{stack}.embed_positions.weight"] = np.pad(table, ((HF_POSITION_OFFSET, 0), (0, 0)))
-    for name, path, kind in _mapping(config):
-        out[f"model.{name}"] = _to_hf(kind, _get(params, path))
-    return out

@@ -6,8 +6,8 @@ positions seqio's PrefixLM converter marks with `decoder_causal_attention` (the 
 position that reads the last input) also attend to each other bidirectionally. Packed rows carry
 segment ids (0 = padding) and in-segment positions.
 
-The parameters map one to one onto Hugging Face's `GPT2LMHeadModel` (`params_from_hf` /
-`params_to_hf`), so its checkpoints import directly. Decoding prefills the prompt in one pass and
+The parameters map one to one onto Hugging Face's `GPT2LMHeadModel` (`t5x_lite.hf.gpt2`), so its
+checkpoints import directly. Decoding prefills the prompt in one pass and
 then runs the cached `decode_step` inside `t5x_lite.decoding`'s while loops. For large models,
 `GPTConfig.scan_layers` and `remat_policy` work as T5's (see `t5x_lite.models.stacks`).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import gin
 import jax
@@ -349,122 +349,3 @@ class PrefixLMModel(_DecoderOnlyBase):
 
     def __init__(self, config: GPTConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face GPT2LMHeadModel <-> our parameters (pure nested dicts, as `nnx.to_pure_dict` gives)
-
-# HF tensors that carry no parameters of their own: the tied head and old causal-mask buffers.
-_HF_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")
-
-
-def _array(value: Any) -> np.ndarray:
-    """A float32 numpy array from a numpy array or a (CPU) torch tensor."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, np.float32)
-
-
-def params_from_hf(weights: Mapping[str, Any], config: GPTConfig) -> dict:
-    """Our parameters from a Hugging Face GPT-2 state dict (`GPT2LMHeadModel` names with the `transformer.`
-    prefix, or `GPT2Model` names without it; numpy arrays or torch tensors).
-
-    HF's Conv1D weights are [in, out] like our kernels; the fused `c_attn` [e, 3e] splits into query, key
-    and value [e, heads, head_dim], and `c_proj` [e, e] becomes the output kernel [heads, head_dim, e].
-    A `config.vocab_size` above the checkpoint's pads the embedding with zero rows (their logits are 0).
-    A missing or unexpected tensor is named in the error.
-    """
-    names = {name.removeprefix("transformer."): name for name in weights}
-    used = {names[n] for n in names if n == "lm_head.weight" or n.endswith(_HF_IGNORED_SUFFIXES)}
-    h, d, e = config.num_heads, config.head_dim, config.d_model
-    if h * d != e:
-        raise ValueError(f"GPT-2 needs num_heads * head_dim == d_model; the config has {h} * {d} != {e}.")
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in names:
-            raise ValueError(f"The checkpoint has no tensor {name!r} (GPT2LMHeadModel naming).")
-        used.add(names[name])
-        value = _array(weights[names[name]])
-        if value.shape != shape:
-            raise ValueError(f"Tensor {name!r} has shape {value.shape}, but the config needs {shape}.")
-        return value
-
-    def norm(name: str) -> dict:
-        return {"scale": get(f"{name}.weight", (e,)), "bias": get(f"{name}.bias", (e,))}
-
-    if "wte.weight" not in names:
-        raise ValueError("The checkpoint has no tensor 'wte.weight' (GPT2LMHeadModel naming).")
-    wte = _array(weights[names["wte.weight"]])
-    if wte.shape[1:] != (e,) or wte.shape[0] > config.vocab_size:
-        raise ValueError(
-            f"wte.weight has shape {wte.shape}; GPTConfig needs [vocab_size >= {wte.shape[0]}, d_model = {e}] "
-            f"(it has vocab_size={config.vocab_size}, d_model={e})."
-        )
-    used.add(names["wte.weight"])
-    params: dict = {
-        "token_embedder": {"embedding": np.pad(wte, ((0, config.vocab_size - wte.shape[0]), (0, 0)))},
-        "position_embedder": {"embedding": get("wpe.weight", (config.max_position_embeddings, e))},
-        "final_layer_norm": norm("ln_f"),
-        "layers": {},
-    }
-    for i in range(config.num_layers):
-        p = f"h.{i}"
-        qkv_kernel = get(f"{p}.attn.c_attn.weight", (e, 3 * e)).reshape(e, 3, h, d)
-        qkv_bias = get(f"{p}.attn.c_attn.bias", (3 * e,)).reshape(3, h, d)
-        attention = {
-            name: {"kernel": qkv_kernel[:, j], "bias": qkv_bias[j]} for j, name in enumerate(("query", "key", "value"))
-        }
-        attention["out"] = {
-            "kernel": get(f"{p}.attn.c_proj.weight", (e, e)).reshape(h, d, e), "bias": get(f"{p}.attn.c_proj.bias", (e,))
-        }
-        params["layers"][i] = {
-            "pre_attention_layer_norm": norm(f"{p}.ln_1"),
-            "attention": attention,
-            "pre_mlp_layer_norm": norm(f"{p}.ln_2"),
-            "mlp": {
-                "wi": {"kernel": get(f"{p}.mlp.c_fc.weight", (e, config.d_ff)), "bias": get(f"{p}.mlp.c_fc.bias", (config.d_ff,))},
-                "wo": {"kernel": get(f"{p}.mlp.c_proj.weight", (config.d_ff, e)), "bias": get(f"{p}.mlp.c_proj.bias", (e,))},
-            },
-        }
-    unexpected = sorted(set(weights) - used)
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a GPT2LMHeadModel with {config.num_layers} layers does not: {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}; is it another architecture or a model with an extra head?"
-        )
-    return params
-
-
-def params_to_hf(params: Mapping, config: GPTConfig) -> dict[str, np.ndarray]:
-    """Hugging Face `GPT2LMHeadModel` tensors (`transformer.` names, no tied `lm_head.weight`) from our
-    parameters, the inverse of `params_from_hf` (padded vocabulary rows included)."""
-    e = config.d_model
-
-    def get(*path: Any) -> np.ndarray:
-        tree = params
-        for key in path:
-            tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-        return np.asarray(tree, np.float32)
-
-    out = {
-        "transformer.wte.weight": get("token_embedder", "embedding"),
-        "transformer.wpe.weight": get("position_embedder", "embedding"),
-        "transformer.ln_f.weight": get("final_layer_norm", "scale"),
-        "transformer.ln_f.bias": get("final_layer_norm", "bias"),
-    }
-    for i in range(config.num_layers):
-        p, ours = f"transformer.h.{i}", ("layers", i)
-        att = (*ours, "attention")
-        out[f"{p}.attn.c_attn.weight"] = np.concatenate(
-            [get(*att, name, "kernel").reshape(e, e) for name in ("query", "key", "value")], axis=1
-        )
-        out[f"{p}.attn.c_attn.bias"] = np.concatenate([get(*att, name, "bias").reshape(e) for name in ("query", "key", "value")])
-        out[f"{p}.attn.c_proj.weight"] = get(*att, "out", "kernel").reshape(e, e)
-        out[f"{p}.attn.c_proj.bias"] = get(*att, "out", "bias")
-        for hf_name, ours_name in (("ln_1", "pre_attention_layer_norm"), ("ln_2", "pre_mlp_layer_norm")):
-            out[f"{p}.{hf_name}.weight"] = get(*ours, ours_name, "scale")
-            out[f"{p}.{hf_name}.bias"] = get(*ours, ours_name, "bias")
-        for hf_name, ours_name in (("c_fc", "wi"), ("c_proj", "wo")):
-            out[f"{p}.mlp.{hf_name}.weight"] = get(*ours, "mlp", ours_name, "kernel")
-            out[f"{p}.mlp.{hf_name}.bias"] = get(*ours, "mlp", ours_name, "bias")
-    return out

@@ -1,7 +1,7 @@
 """BERT: an encoder-only transformer with masked-LM, next-sentence, classification and tagging heads.
 
 The network follows Hugging Face's `BertFor*` layout, so its weights map one to one
-(`params_from_hf` / `params_to_hf`; `t5x_lite.hf.bert` reads and writes whole directories): token +
+(`t5x_lite.hf.bert` reads and writes them): token +
 learned position + token-type embeddings summed and layer-normed; post-layer-norm blocks with biases
 and (erf) GELU; an MLM head (dense, GELU, layer norm, then logits
 tied to the input embeddings plus an output bias); a pooler (dense + tanh on the [CLS] position)
@@ -271,168 +271,9 @@ class Bert(nnx.Module):
         return hidden
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face BertFor* <-> our parameters (pure nested dicts, as `nnx.to_pure_dict` gives)
-
-# HF `hidden_act` -> our activation.
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-# HF tensors that hold nothing of their own: the MLM decoder's tied copies and an old position buffer.
-HF_IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "embeddings.position_ids")
-# HF names of the heads (outside the `bert.` prefix of the encoder and pooler).
-_HF_HEAD_PREFIXES = ("cls.", "classifier.")
-
-
-def hf_name(name: str) -> str:
-    """A HF tensor name as `hf_mapping` spells it: no `bert.` prefix, `.weight`/`.bias` for old TF-era
-    layer norms' `.gamma`/`.beta`."""
-    name = name.removeprefix("bert.")
-    if name.endswith("LayerNorm.gamma"):
-        return name.removesuffix("gamma") + "weight"
-    return name.removesuffix("beta") + "bias" if name.endswith("LayerNorm.beta") else name
-
-
-def hf_mapping(config: BertConfig, head: str, pooler: bool) -> list[tuple[str, tuple, str]]:
-    """(HF tensor name as `hf_name` gives it, our parameter path, layout) for the encoder, the pooler
-    if `pooler`, and the layers of `head`. Layouts: "same"; "linear" (torch [out, in] -> our [in, out]);
-    "qkv" / "qkv_bias" (split per head: [embed, heads, head_dim] / [heads, head_dim]); "out" ([heads,
-    head_dim, embed])."""
-    items: list[tuple[str, tuple, str]] = []
-
-    def linear(hf: str, ours: tuple, kernel: str = "linear", bias: str = "same") -> None:
-        items.extend([(f"{hf}.weight", (*ours, "kernel"), kernel), (f"{hf}.bias", (*ours, "bias"), bias)])
-
-    def norm(hf: str, ours: tuple) -> None:
-        items.extend([(f"{hf}.weight", (*ours, "scale"), "same"), (f"{hf}.bias", (*ours, "bias"), "same")])
-
-    for table in ("word", "position", "token_type"):
-        items.append((f"embeddings.{table}_embeddings.weight", ("embeddings", f"{table}_embeddings", "embedding"), "same"))
-    norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
-    for i in range(config.num_layers):
-        hf, ours = f"encoder.layer.{i}", ("layers", i)
-        for name in ("query", "key", "value"):
-            linear(f"{hf}.attention.self.{name}", (*ours, "attention", name), "qkv", "qkv_bias")
-        linear(f"{hf}.attention.output.dense", (*ours, "attention", "out"), "out")
-        norm(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
-        linear(f"{hf}.intermediate.dense", (*ours, "mlp", "wi"))
-        linear(f"{hf}.output.dense", (*ours, "mlp", "wo"))
-        norm(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
-    if pooler:
-        linear("pooler.dense", ("pooler",))
-    if head == "mlm":
-        linear("cls.predictions.transform.dense", ("mlm", "transform"))
-        norm("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
-        items.append(("cls.predictions.bias", ("mlm", "bias"), "same"))
-        if config.next_sentence_prediction:
-            linear("cls.seq_relationship", ("nsp",))
-    elif head in ("classification", "tagging"):
-        linear("classifier", ("classifier" if head == "classification" else "tagger",))
-    return items
-
-
 def has_pooler(config: BertConfig, head: str) -> bool:
     """Whether the network of `head` has the pooler (as `Bert.__init__` decides)."""
     return head == "classification" or (head == "mlm" and config.next_sentence_prediction)
-
-
-def params_head(params: Mapping) -> str:
-    """The head (`HEADS`) whose parameters `params` hold."""
-    for key, head in (("classifier", "classification"), ("tagger", "tagging"), ("mlm", "mlm")):
-        if key in params:
-            return head
-    return "none"
-
-
-def _to_ours(layout: str, value: np.ndarray, config: BertConfig) -> np.ndarray:
-    h, d = config.num_heads, config.head_dim
-    if layout == "linear":
-        return value.T
-    if layout == "qkv":
-        return value.T.reshape(-1, h, d)
-    if layout == "qkv_bias":
-        return value.reshape(h, d)
-    if layout == "out":
-        return value.T.reshape(h, d, -1)
-    return value
-
-
-def _to_hf(layout: str, value: np.ndarray) -> np.ndarray:
-    if layout in ("linear", "qkv", "out"):
-        kernel = value.reshape(value.shape[0], -1) if layout == "qkv" else value.reshape(-1, value.shape[-1])
-        return kernel.T
-    return value.reshape(-1) if layout == "qkv_bias" else value
-
-
-def params_from_hf(
-    weights: Mapping[str, np.ndarray], config: BertConfig, head: str = "mlm", pooler: bool | None = None
-) -> dict:
-    """Our parameters (a pure nested dict of numpy arrays, for `nnx.update`) from a Hugging Face BERT
-    state dict (`BertModel`, `BertForMaskedLM`, `BertForPreTraining`, `BertFor{Sequence,Token}Classification`;
-    names with or without the `bert.` prefix), for the network with `head` (and the pooler if `pooler`;
-    default: when that network has one). Tensors of other heads are not read. The tied MLM decoder
-    weight is the word embedding; its bias is `cls.predictions.bias`. A missing tensor is a ValueError.
-    """
-    w = {hf_name(name): value for name, value in weights.items()}
-    params: dict = {}
-    for name, path, layout in hf_mapping(config, head, has_pooler(config, head) if pooler is None else pooler):
-        if name not in w:
-            raise ValueError(
-                f"The BERT checkpoint has no tensor {name!r} (needed for {'/'.join(map(str, path))} of the {head!r} head)."
-            )
-        tree = params
-        for key in path[:-1]:
-            tree = tree.setdefault(key, {})
-        tree[path[-1]] = _to_ours(layout, np.asarray(w[name], np.float32), config)
-    return params
-
-
-def params_to_hf(params: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
-    """Hugging Face tensors from our parameters, named as the `BertFor*` class of their head expects
-    (`bert.`-prefixed encoder; `BertModel` names, unprefixed, for the "none" head); the inverse of
-    `params_from_hf`. The tied MLM decoder weight and bias are left out, as transformers writes them."""
-    head = params_head(params)
-    prefix = "" if head == "none" else "bert."
-
-    def get(path: tuple) -> np.ndarray:
-        tree = params
-        for key in path:
-            tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-        return np.asarray(tree, np.float32)
-
-    return {
-        (name if name.startswith(_HF_HEAD_PREFIXES) else prefix + name): _to_hf(layout, get(path))
-        for name, path, layout in hf_mapping(config, head, "pooler" in params)
-    }
-
-
-def config_from_hf(hf_config: Mapping, **overrides) -> BertConfig:
-    """Our `BertConfig` from a Hugging Face BERT `config.json` dict (plus our own fields as overrides)."""
-    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("hidden_act", "gelu") not in HF_ACTIVATIONS:
-        raise ValueError(
-            f"BERT hidden_act={hf_config['hidden_act']!r} is not supported; supported: {sorted(HF_ACTIVATIONS)}."
-        )
-    fields = {
-        "vocab_size": hf_config["vocab_size"],
-        "d_model": d_model,
-        "num_heads": num_heads,
-        "head_dim": d_model // num_heads,
-        "d_ff": hf_config["intermediate_size"],
-        "num_layers": hf_config["num_hidden_layers"],
-        "max_position_embeddings": hf_config["max_position_embeddings"],
-        "type_vocab_size": hf_config["type_vocab_size"],
-        "dropout_rate": float(hf_config.get("hidden_dropout_prob", 0.0)),
-        "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12),
-        "activation": HF_ACTIVATIONS[hf_config.get("hidden_act", "gelu")],
-        "initializer_range": hf_config.get("initializer_range", 0.02),
-        "num_labels": len(hf_config.get("id2label") or {0: 0, 1: 1}),
-    }
-    fields.update(overrides)
-    return BertConfig(**fields)
-
-
-def param_count(network: nnx.Module) -> int:
-    """Total number of parameter elements in `network`."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(network, nnx.Param)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from t5x_lite import checkpoints, hf
+from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import encoder_only as eo
 from tests.hf.tokenizer_fixtures import save_hf_tokenizer, seqio_packed_examples, wordpiece
 
@@ -177,7 +178,7 @@ def test_finetuning_a_classifier_from_a_masked_lm_directory_keeps_the_new_head_f
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
 
     restored = checkpoints.restore_params(f"hf:{mlm_dir}", abstract, model, fresh=fresh)
-    expected = eo.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, config, "none")
+    expected = hf_bert.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, {}, config)
     for name in ("embeddings", "layers"):
         jax.tree.map(np.testing.assert_array_equal, restored[name], expected[name])
     for head in ("pooler", "classifier"):
