@@ -27,8 +27,8 @@ from t5x_lite.models.bart import Bart, BartConfig, BartModel
 # HF `activation_function` -> ours, and ours -> the name written on export.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-# Keys of older (fairseq-converted) config.json files that would change the network.
-_UNSUPPORTED = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True}
+# Keys (-> the one value we support) of older (fairseq-converted) config.json files that would change the network.
+SUPPORTED = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True}
 POSITION_OFFSET = 2  # rows of HF's BartLearnedPositionalEmbedding before position 0
 # Tied copies of `shared.weight` that HF files may hold besides it.
 TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
@@ -44,38 +44,19 @@ def _same_in_both_stacks(hf_config: Mapping, encoder_key: str, decoder_key: str,
     return encoder
 
 
-def _has_untied_head(weights: Mapping[str, np.ndarray]) -> bool:
-    shared = next((n for n in ("model.shared.weight", "shared.weight") if n in weights), None)
-    return "lm_head.weight" in weights and shared is not None and not np.array_equal(
-        weights["lm_head.weight"], weights[shared]
-    )
-
-
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> BartConfig:
     """Our `BartConfig` for a HF BART `config.json` (HF's defaults for absent keys)."""
-    for key, supported in _UNSUPPORTED.items():
-        if hf_config.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's BART supports only {supported!r}.")
-    activation = hf_config.get("activation_function", "gelu")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"config.json has activation_function={activation!r}; t5x_lite's BART supports {sorted(ACTIVATIONS)}."
-        )
+    tensor_map.check_tied_head(weights, ("model.shared.weight", "shared.weight"), "BART")
+    registry.check_supported(hf_config, SUPPORTED, "BART")
+    activation = registry.translate(hf_config, "activation_function", "gelu", ACTIVATIONS, "BART")
     heads = _same_in_both_stacks(hf_config, "encoder_attention_heads", "decoder_attention_heads", 16)
     d_ff = _same_in_both_stacks(hf_config, "encoder_ffn_dim", "decoder_ffn_dim", 4096)
     d_model = hf_config.get("d_model", 1024)
-    if d_model % heads:
-        raise ValueError(f"config.json has d_model={d_model}, not a multiple of the {heads} attention heads.")
-    if _has_untied_head(weights):
-        raise ValueError(
-            "The checkpoint has an lm_head.weight that differs from model.shared.weight; t5x_lite's BART ties its "
-            "output layer to the shared embedding, so it cannot load an untied head."
-        )
     return BartConfig(
         vocab_size=hf_config.get("vocab_size", 50265),
         d_model=d_model,
         num_heads=heads,
-        head_dim=d_model // heads,
+        head_dim=registry.head_dim(d_model, heads, "d_model"),
         d_ff=d_ff,
         num_encoder_layers=hf_config.get("encoder_layers", 12),
         num_decoder_layers=hf_config.get("decoder_layers", 12),
@@ -83,7 +64,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Bar
         dropout_rate=float(hf_config.get("dropout", 0.1)),
         attention_dropout_rate=float(hf_config.get("attention_dropout", 0.0)),
         activation_dropout_rate=float(hf_config.get("activation_dropout", 0.0)),
-        activation=ACTIVATIONS[activation],
+        activation=activation,
         scale_embedding=bool(hf_config.get("scale_embedding", False)),
     )
 
@@ -181,20 +162,10 @@ def params_to_hf(params: Mapping, config: BartConfig) -> dict[str, np.ndarray]:
     return {**{f"model.{name}": value for name, value in tensors.items()}, "final_logits_bias": final_logits_bias}
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="bart",
-        model_types=("bart",),
-        config_class=BartConfig,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-        build_model=BartModel,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
-            "max_position_embeddings", "activation", "scale_embedding", "layer_norm_epsilon",
-        ),
-        model_names=("BartModel",),
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="bart", model_types=("bart",), config_class=BartConfig, build_model=BartModel, model_names=("BartModel",),
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                       "num_decoder_layers", "max_position_embeddings", "activation", "scale_embedding",
+                       "layer_norm_epsilon"),
+))

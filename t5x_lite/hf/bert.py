@@ -41,8 +41,8 @@ MODELS = {
     "classification": eo.EncoderClassificationModel,
     "tagging": eo.EncoderTaggingModel,
 }
-# config.json keys that would make a BERT compute something else than our network.
-_UNSUPPORTED = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
+# config.json keys (-> the one value we support) that would make a BERT compute something else than ours.
+SUPPORTED = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
 # HF `hidden_act` -> our activation.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # HF tensors that hold nothing of their own: the MLM decoder's tied copies and an old position buffer.
@@ -84,28 +84,22 @@ def head_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> str:
 
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> BertConfig:
     """Our `BertConfig` for a HF BERT `config.json`; the next-sentence head if the weights have it."""
-    for key, supported in _UNSUPPORTED.items():
-        if hf_config.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's BERT supports only {supported!r}.")
+    registry.check_supported(hf_config, SUPPORTED, "BERT")
     d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if d_model % num_heads:
-        raise ValueError(f"config.json has hidden_size={d_model}, not a multiple of num_attention_heads={num_heads}.")
-    activation = hf_config.get("hidden_act", "gelu")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"config.json has hidden_act={activation!r}; t5x_lite's BERT supports {sorted(ACTIVATIONS)}.")
+    activation = registry.translate(hf_config, "hidden_act", "gelu", ACTIVATIONS, "BERT")
     nsp = head_from_hf(hf_config, weights) == "mlm" and "cls.seq_relationship.weight" in _names(weights)
     return BertConfig(
         vocab_size=hf_config["vocab_size"],
         d_model=d_model,
         num_heads=num_heads,
-        head_dim=d_model // num_heads,
+        head_dim=registry.head_dim(d_model, num_heads, "hidden_size"),
         d_ff=hf_config["intermediate_size"],
         num_layers=hf_config["num_hidden_layers"],
         max_position_embeddings=hf_config["max_position_embeddings"],
         type_vocab_size=hf_config["type_vocab_size"],
         dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.0)),
         layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
-        activation=ACTIVATIONS[activation],
+        activation=activation,
         initializer_range=hf_config.get("initializer_range", 0.02),
         num_labels=len(hf_config.get("id2label") or {0: 0, 1: 1}),
         next_sentence_prediction=nsp,
@@ -217,23 +211,11 @@ def build_model(config: BertConfig, head: str = "mlm") -> BaseModel:
     return MODELS[head](config)
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="bert",
-        model_types=("bert",),
-        config_class=BertConfig,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-        build_model=build_model,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
-            "type_vocab_size", "layer_norm_eps", "activation",
-        ),
-        model_names=tuple(model.__name__ for model in MODELS.values()),
-        head_from_hf=head_from_hf,
-        head_from_params=params_head,
-        head_fields=("num_labels", "next_sentence_prediction"),
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="bert", model_types=("bert",), config_class=BertConfig, build_model=build_model,
+    model_names=tuple(model.__name__ for model in MODELS.values()),
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
+                       "type_vocab_size", "layer_norm_eps", "activation"),
+    head_from_hf=head_from_hf, head_from_params=params_head, head_fields=("num_labels", "next_sentence_prediction"),
+))

@@ -22,46 +22,29 @@ from t5x_lite.models.decoder_only import GPT, DecoderOnlyModel, GPTConfig
 # HF `activation_function` -> ours, and ours -> the name written on export.
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
-# config.json keys that would make a GPT-2 compute something else than our network.
-_UNSUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+# config.json keys (-> the one value we support) that would make a GPT-2 compute something else than ours.
+SUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
 # HF tensors that carry no parameters of their own: the tied head and old causal-mask buffers.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 QKV = ("query", "key", "value")
 
 
-def _has_untied_head(weights: Mapping[str, np.ndarray]) -> bool:
-    wte = next((n for n in ("transformer.wte.weight", "wte.weight") if n in weights), None)
-    return "lm_head.weight" in weights and wte is not None and not np.array_equal(weights["lm_head.weight"], weights[wte])
-
-
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> GPTConfig:
     """Our `GPTConfig` for a HF GPT-2 `config.json` (HF's defaults for absent keys)."""
-    for key, supported in _UNSUPPORTED.items():
-        if hf_config.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's GPT supports only {supported!r}.")
-    activation = hf_config.get("activation_function", "gelu_new")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"config.json has activation_function={activation!r}; t5x_lite's GPT supports {sorted(ACTIVATIONS)}."
-        )
+    tensor_map.check_tied_head(weights, ("transformer.wte.weight", "wte.weight"), "GPT")
+    registry.check_supported(hf_config, SUPPORTED, "GPT")
+    activation = registry.translate(hf_config, "activation_function", "gelu_new", ACTIVATIONS, "GPT")
     d_model, heads = hf_config.get("n_embd", 768), hf_config.get("n_head", 12)
-    if d_model % heads:
-        raise ValueError(f"config.json has n_embd={d_model}, not a multiple of n_head={heads}.")
-    if _has_untied_head(weights):
-        raise ValueError(
-            "The checkpoint has an lm_head.weight that differs from transformer.wte.weight; t5x_lite's GPT ties "
-            "its output layer to the token embedding, so it cannot load an untied head."
-        )
     return GPTConfig(
         vocab_size=hf_config.get("vocab_size", 50257),
         d_model=d_model,
         num_heads=heads,
-        head_dim=d_model // heads,
+        head_dim=registry.head_dim(d_model, heads, "n_embd"),
         d_ff=hf_config.get("n_inner") or 4 * d_model,
         num_layers=hf_config.get("n_layer", 12),
         max_position_embeddings=hf_config.get("n_positions", 1024),
         dropout_rate=float(hf_config.get("resid_pdrop", 0.1)),
-        activation=ACTIVATIONS[activation],
+        activation=activation,
         layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-5)),
     )
 
@@ -149,20 +132,10 @@ def params_to_hf(params: Mapping, config: GPTConfig) -> dict[str, np.ndarray]:
     return {f"transformer.{name}": value for name, value in tensors.items()}
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        config_class=GPTConfig,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-        build_model=DecoderOnlyModel,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
-            "activation", "layer_norm_epsilon",
-        ),
-        model_names=("DecoderOnlyModel", "PrefixLMModel"),
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="gpt2", model_types=("gpt2",), config_class=GPTConfig, build_model=DecoderOnlyModel,
+    model_names=("DecoderOnlyModel", "PrefixLMModel"),
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
+                       "activation", "layer_norm_epsilon"),
+))

@@ -107,6 +107,29 @@ def for_config(config: Any) -> Family:
     )
 
 
+def check_supported(hf_config: Mapping, supported: Mapping[str, Any], family: str) -> None:
+    """Raises for a `config.json` key that would make the network compute something else than `family`'s
+    (`supported`: key -> the one value we support, also assumed when the key is absent)."""
+    for key, value in supported.items():
+        if hf_config.get(key, value) != value:
+            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's {family} supports only {value!r}.")
+
+
+def translate(hf_config: Mapping, key: str, default: str, ours: Mapping[str, str], family: str) -> str:
+    """Our name for `config.json`'s `key` (`default` when absent) through `ours`; other values are refused."""
+    value = hf_config.get(key, default)
+    if value not in ours:
+        raise ValueError(f"config.json has {key}={value!r}; t5x_lite's {family} supports {sorted(ours)}.")
+    return ours[value]
+
+
+def head_dim(d_model: int, heads: int, d_model_key: str) -> int:
+    """`config.json`'s width per attention head; a `d_model_key` value that heads do not divide is refused."""
+    if d_model % heads:
+        raise ValueError(f"config.json has {d_model_key}={d_model}, not a multiple of its {heads} attention heads.")
+    return d_model // heads
+
+
 def check_config_matches(family: Family, expected: Any, configured: Any, source: str) -> None:
     """Raises if a parameter-relevant field of the configured (gin) model differs from the checkpoint's."""
     for field in family.checkpoint_fields:

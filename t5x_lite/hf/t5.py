@@ -23,7 +23,7 @@ import numpy as np
 from t5x_lite.hf import registry, tensor_map
 from t5x_lite.models.encoder_decoder import T5, EncoderDecoderModel, T5Config
 
-FEED_FORWARD_PROJ = ("relu", "gated-gelu")
+FEED_FORWARD_PROJ = {"relu": "relu", "gated-gelu": "gated-gelu"}  # HF's -> ours
 
 # Tensors of HF files that duplicate others (tied copies) or that HF itself never uses.
 IGNORED = (
@@ -81,18 +81,9 @@ def _scales_decoder_output(hf_config: Mapping) -> bool:
     return hf_config.get("tie_word_embeddings", True) is not False
 
 
-def _has_separate_head(weights: Mapping[str, np.ndarray]) -> bool:
-    return "lm_head.weight" in weights and not np.array_equal(weights["lm_head.weight"], weights["shared.weight"])
-
-
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5Config:
     """Our `T5Config` for a HF T5/mT5 `config.json` (and its weights, for the head)."""
-    proj = hf_config.get("feed_forward_proj", "relu")
-    if proj not in FEED_FORWARD_PROJ:
-        raise ValueError(
-            f"config.json has feed_forward_proj={proj!r}; t5x_lite's T5 supports {list(FEED_FORWARD_PROJ)} "
-            "(T5 v1.0 and v1.1 / Flan-T5 / mT5)."
-        )
+    proj = registry.translate(hf_config, "feed_forward_proj", "relu", FEED_FORWARD_PROJ, "T5 (v1.0, v1.1, mT5)")
     layers = hf_config.get("num_layers", 6)
     decoder_layers = hf_config.get("num_decoder_layers")
     return T5Config(
@@ -107,7 +98,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5C
         relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
         feed_forward=proj,
-        tie_word_embeddings=_scales_decoder_output(hf_config) and not _has_separate_head(weights),
+        tie_word_embeddings=_scales_decoder_output(hf_config) and not tensor_map.untied_head(weights, ("shared.weight",)),
         layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-6)),
     )
 
@@ -159,20 +150,10 @@ def params_to_hf(params: Mapping, config: T5Config) -> dict[str, np.ndarray]:
     return tensor_map.params_to_hf(params, list(_entries(config)))
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="t5",
-        model_types=("t5", "mt5"),
-        config_class=T5Config,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-        build_model=EncoderDecoderModel,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
-            "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward",
-            "tie_word_embeddings", "layer_norm_epsilon",
-        ),
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="t5", model_types=("t5", "mt5"), config_class=T5Config, build_model=EncoderDecoderModel,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                       "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance",
+                       "feed_forward", "tie_word_embeddings", "layer_norm_epsilon"),
+))

@@ -118,6 +118,23 @@ class Renamed(Mapping):
         return len(self._names)
 
 
+def untied_head(weights: Mapping[str, Any], embeddings: Sequence[str]) -> str | None:
+    """The embedding (the first of `embeddings` in `weights`) that `lm_head.weight` differs from; None
+    when there is no such head or it is a tied copy."""
+    embedding = next((name for name in embeddings if name in weights), None)
+    if embedding is None or "lm_head.weight" not in weights:
+        return None
+    return None if np.array_equal(to_numpy(weights["lm_head.weight"]), to_numpy(weights[embedding])) else embedding
+
+
+def check_tied_head(weights: Mapping[str, Any], embeddings: Sequence[str], family: str) -> None:
+    """Raises when `lm_head.weight` differs from the embedding: `family`'s network ties its output layer."""
+    embedding = untied_head(weights, embeddings)
+    if embedding:
+        raise ValueError(f"The checkpoint has an lm_head.weight that differs from {embedding}; t5x_lite's {family} "
+                         "ties its output layer to that embedding, so it cannot load an untied head.")
+
+
 def pad_vocab(value: np.ndarray, vocab_size: int, name: str) -> np.ndarray:
     """`value` with zero rows appended up to `vocab_size` (their logits are 0); more rows is an error."""
     if value.shape[0] > vocab_size:

@@ -15,6 +15,7 @@ from flax import nnx
 from t5x_lite import checkpoints, hf
 from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import encoder_only as eo
+from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import save_hf_tokenizer, seqio_packed_examples, wordpiece
 
 torch = pytest.importorskip("torch")
@@ -42,10 +43,7 @@ def random_hf_bert(variant: str):
     class_name, num_labels, _, _ = VARIANTS[variant]
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(transformers.BertConfig(**TINY, num_labels=num_labels)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.uniform_(0.5, 1.5) if "LayerNorm.weight" in name else param.normal_(0.0, 0.2)
-    return model
+    return randomised(model, lambda name: "LayerNorm.weight" in name)
 
 
 @pytest.fixture(scope="module")
