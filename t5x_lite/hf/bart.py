@@ -137,9 +137,8 @@ def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config
     wrong shape, is named in the error."""
     tensors = tensor_map.Renamed(weights, lambda name: name.removeprefix("model."))
     shared = next((name for name in ("shared.weight", *TIED[:2]) if name in tensors), None)
-    bias = tensors["final_logits_bias"] if "final_logits_bias" in tensors else np.zeros(0)  # HF: a zero buffer
-    prepared = {"final_logits_bias": tensor_map.pad_vocab(tensor_map.to_numpy(bias).reshape(-1), config.vocab_size,
-                                                          "final_logits_bias")}
+    bias = tensor_map.to_numpy(tensors["final_logits_bias"] if "final_logits_bias" in tensors else np.zeros(0))
+    prepared = {"final_logits_bias": tensor_map.pad_vocab(bias.reshape(-1), config.vocab_size, "final_logits_bias")}
     if shared is not None:
         embedding = tensor_map.to_numpy(tensors[shared])
         prepared["shared.weight"] = tensor_map.pad_vocab(embedding, config.vocab_size, shared)

@@ -25,9 +25,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from t5x_lite.hf import registry, tensor_map
-from t5x_lite.models import encoder_only as eo
 from t5x_lite.models.base import BaseModel
-from t5x_lite.models.encoder_only import Bert, BertConfig
+from t5x_lite.models.encoder_only import (
+    Bert,
+    BertConfig,
+    EncoderClassificationModel,
+    EncoderOnlyMLMModel,
+    EncoderTaggingModel,
+    has_pooler,
+)
 
 ARCHITECTURES = {
     "BertForMaskedLM": "mlm",
@@ -37,9 +43,9 @@ ARCHITECTURES = {
     "BertModel": "none",
 }
 MODELS = {
-    "mlm": eo.EncoderOnlyMLMModel,
-    "classification": eo.EncoderClassificationModel,
-    "tagging": eo.EncoderTaggingModel,
+    "mlm": EncoderOnlyMLMModel,
+    "classification": EncoderClassificationModel,
+    "tagging": EncoderTaggingModel,
 }
 # config.json keys (-> the one value we support) that would make a BERT compute something else than ours.
 SUPPORTED = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
@@ -181,7 +187,7 @@ def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config
     one); names with or without `bert.`; a missing or unexpected tensor is named in the error."""
     tensors = tensor_map.Renamed(weights, hf_name)
     head = head_from_hf(hf_config, tensors)
-    pooler = eo.has_pooler(config, head) or (head == "none" and "pooler.dense.weight" in tensors)
+    pooler = has_pooler(config, head) or (head == "none" and "pooler.dense.weight" in tensors)
     # A head-less network has no pooler: a BertModel's pooler has the shapes of the classifier network's.
     shapes = tensor_map.param_shapes(Bert, config, "classification" if head == "none" and pooler else head)
     return tensor_map.params_from_hf(

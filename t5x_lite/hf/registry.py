@@ -1,7 +1,9 @@
 """One converter per model family, found by `config.json`'s `model_type` or by our config's class.
 
-A family module (e.g. `t5x_lite.hf.t5`) builds a `Family` and calls `register` at import; adding a
-family is one new module plus one line in `FAMILY_MODULES`.
+A family module (e.g. `t5x_lite.hf.t5`) holds its `config.json` both ways, its tensor map (in the
+format of `t5x_lite.hf.tensor_map`) and its special cases, builds a `Family` and calls `register` at
+import; adding a family is one new module plus one line in `FAMILY_MODULES`. The `config.json` checks
+the families share are here too.
 """
 
 from __future__ import annotations

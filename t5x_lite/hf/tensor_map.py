@@ -90,6 +90,7 @@ def set_path(tree: dict, path: tuple, value: Any) -> None:
 
 
 def path_name(path: tuple) -> str:
+    """`layers/0/mlp/wi/kernel` for a parameter path."""
     return "/".join(map(str, path))
 
 
