@@ -44,7 +44,7 @@ def hf_to_t5x(hf_dir: str, out_dir: str) -> Path:
     """Writes the HF directory's parameters as a t5x_lite checkpoint plus `model.gin`; returns out_dir."""
     checkpoint = hf.open_checkpoint(hf_dir)
     gin_text = hf.model_gin(checkpoint.model(), str(checkpoint.path))
-    params = checkpoint.family.params_from_hf(checkpoint.weights, checkpoint.hf_config, checkpoint.config)
+    params = checkpoint.params()
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     with ocp.CheckpointManager(out / "checkpoints", item_names=("state",)) as manager:

@@ -22,7 +22,6 @@ For large models, `BertConfig.scan_layers` and `remat_policy` work as T5's (`t5x
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -261,11 +260,3 @@ class Bert(nnx.Module):
 def has_pooler(config: BertConfig, head: str) -> bool:
     """Whether the network of `head` has the pooler (as `Bert.__init__` decides)."""
     return head == "classification" or (head == "mlm" and config.next_sentence_prediction)
-
-
-def params_head(params: Mapping) -> str:
-    """The head (`HEADS`) whose parameters `params` hold."""
-    for key, head in (("classifier", "classification"), ("tagger", "tagging"), ("mlm", "mlm")):
-        if key in params:
-            return head
-    return "none"

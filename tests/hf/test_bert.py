@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 from t5x_lite import checkpoints, hf
+from t5x_lite.hf import bert as hf_bert
 from t5x_lite.models import encoder_only as eo
+from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import save_hf_tokenizer, seqio_packed_examples, wordpiece
 
 torch = pytest.importorskip("torch")
@@ -41,10 +43,7 @@ def random_hf_bert(variant: str):
     class_name, num_labels, _, _ = VARIANTS[variant]
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(transformers.BertConfig(**TINY, num_labels=num_labels)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.uniform_(0.5, 1.5) if "LayerNorm.weight" in name else param.normal_(0.0, 0.2)
-    return model
+    return randomised(model, lambda name: "LayerNorm.weight" in name)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +176,7 @@ def test_finetuning_a_classifier_from_a_masked_lm_directory_keeps_the_new_head_f
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
 
     restored = checkpoints.restore_params(f"hf:{mlm_dir}", abstract, model, fresh=fresh)
-    expected = eo.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, config, "none")
+    expected = hf_bert.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, {}, config)
     for name in ("embeddings", "layers"):
         jax.tree.map(np.testing.assert_array_equal, restored[name], expected[name])
     for head in ("pooler", "classifier"):

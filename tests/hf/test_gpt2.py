@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from t5x_lite import config, hf, partitioning
+from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import gpt2_style_bpe, save_hf_tokenizer, seqio_packed_examples
 
 torch = pytest.importorskip("torch")
@@ -26,10 +27,8 @@ TINY = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positio
 def gpt2_dir(tmp_path_factory):
     """(HF model, its save_pretrained directory with tokenizer files); n_inner unset (HF: 4 * n_embd)."""
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.uniform_(0.5, 1.5) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else param.normal_(0, 0.2)
+    model = randomised(transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval(),
+                       lambda name: name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")))
     folder = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(folder)
     tokenizer_json = gpt2_style_bpe(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")

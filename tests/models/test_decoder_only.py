@@ -18,7 +18,7 @@ import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks read below)
 from t5x_lite import config, evaluation, partitioning
 from t5x_lite import train as train_lib
 from t5x_lite.decoding import DecodeConfig
-from t5x_lite.models import decoder_only
+from t5x_lite.hf import gpt2 as hf_gpt2
 from t5x_lite.models.causal import DecoderOnlyModel, PrefixLMModel
 from t5x_lite.networks.gpt import GPT, GPTConfig
 
@@ -60,7 +60,7 @@ def load(network: nnx.Module, params: dict) -> None:
 
 def network_from_hf(hf: transformers.GPT2LMHeadModel, config: GPTConfig = TINY) -> GPT:
     network = GPT(config, rngs=nnx.Rngs(1))
-    load(network, decoder_only.params_from_hf(hf.state_dict(), config))
+    load(network, hf_gpt2.params_from_hf(hf.state_dict(), hf.config.to_dict(), config))
     return network
 
 
@@ -103,7 +103,7 @@ def test_logits_match_hf_with_right_and_left_padding(hf_and_ours):
 def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
     hf, network = hf_and_ours
     state_dict = {k: v.numpy() for k, v in hf.state_dict().items()}
-    back = decoder_only.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
+    back = hf_gpt2.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
     assert set(back) == set(state_dict) - {"lm_head.weight"}
     for name, value in back.items():
         np.testing.assert_array_equal(value, state_dict[name], err_msg=name)
@@ -111,16 +111,16 @@ def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
     # GPT2Model names (no `transformer.` prefix) import too; a padded vocabulary gets zero rows.
     bare = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k != "lm_head.weight"}
     padded = dataclasses.replace(TINY, vocab_size=128)
-    params = decoder_only.params_from_hf(bare, padded)
+    params = hf_gpt2.params_from_hf(bare, {}, padded)
     assert params["token_embedder"]["embedding"].shape == (128, TINY.d_model)
     assert not params["token_embedder"]["embedding"][TINY.vocab_size:].any()
 
     with pytest.raises(ValueError, match="no tensor 'h.1.ln_1.weight'"):
-        decoder_only.params_from_hf({k: v for k, v in bare.items() if k != "h.1.ln_1.weight"}, TINY)
+        hf_gpt2.params_from_hf({k: v for k, v in bare.items() if k != "h.1.ln_1.weight"}, {}, TINY)
     with pytest.raises(ValueError, match="tensors a GPT2LMHeadModel with 1 layers does not"):
-        decoder_only.params_from_hf(bare, dataclasses.replace(TINY, num_layers=1))
+        hf_gpt2.params_from_hf(bare, {}, dataclasses.replace(TINY, num_layers=1))
     with pytest.raises(ValueError, match=r"wpe.weight.*shape \(40, 32\).*needs \(64, 32\)"):
-        decoder_only.params_from_hf(bare, dataclasses.replace(TINY, max_position_embeddings=64))
+        hf_gpt2.params_from_hf(bare, {}, dataclasses.replace(TINY, max_position_embeddings=64))
 
 
 def prompt_batch(prompts: list[list[int]], width: int) -> dict[str, jax.Array]:
