@@ -72,7 +72,7 @@ def t5x_to_hf(
     bindings: Sequence[str] = (),
 ) -> Path:
     """Writes a t5x_lite checkpoint of the gin-configured model as a HF directory; returns out_dir."""
-    config.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", *bindings,
+    config.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
                                  "exported_model.model = %MODEL"])
     model = exported_model()
     mesh = partitioning.make_mesh({"data": -1})

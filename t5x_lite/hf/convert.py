@@ -248,6 +248,6 @@ def model_gin(model: BaseModel | Any, source: str = "") -> str:
     lines += [f"{config_name}.{field} = {getattr(config, field)!r}"
               for field in (*family.checkpoint_fields, *family.head_fields)]
     macros = {"dropout_rate": "DROPOUT_RATE", "attention_dropout_rate": "DROPOUT_RATE",
-              "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE"}
+              "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE", "kernels": "KERNELS"}
     lines += [f"{config_name}.{name} = %{macro}" for name, macro in macros.items() if hasattr(config, name)]
     return "\n".join(lines) + "\n"

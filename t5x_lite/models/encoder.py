@@ -65,12 +65,12 @@ class _EncoderModel(BaseModel):
         decode: DecodeConfig = GREEDY,
         rng: jax.Array | None = None,
     ) -> jax.Array:
-        """The most likely class at every scored position (the head predicts in one pass; nothing is decoded)."""
-        logits, _, _ = self.scored_tokens(network, batch)
+        """The head's most likely class at every position it predicts (one pass, no targets; nothing is decoded)."""
+        logits = self.network_logits(network, batch, None)
         return self.prediction_ids(jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
     def prediction_ids(self, best_columns: jax.Array) -> jax.Array:
-        """The ids a prediction reports for the argmax logit columns."""
+        """The ids a prediction reports for the argmax logit columns (MLM: token ids at every position)."""
         return best_columns
 
 
@@ -175,6 +175,10 @@ class EncoderClassificationModel(_EncoderModel):
         logits = self.network_logits(network, batch, dropout_rngs)
         labels = batch[self.targets_key].reshape(logits.shape[0], -1)[:, :1]
         return logits[:, None], labels, _row_weights(batch["encoder_input_tokens"])[:, None]
+
+    def prediction_ids(self, best_columns: jax.Array) -> jax.Array:
+        """[b, 1] class ids."""
+        return best_columns[:, None]
 
 
 @gin.configurable(module="t5x_lite")

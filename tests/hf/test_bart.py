@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite import hf
 from tests.hf.conftest import hf_logits, random_inputs, randomised
 from tests.hf.tokenizer_fixtures import bart_style_bpe, save_hf_tokenizer, seqio_packed_examples
@@ -80,7 +81,7 @@ def test_greedy_decode_matches_hf_generate(bart_dir, scan_layers):
     assert 0 < sum(eos in row for row in expected.tolist()) < len(enc)
     ours = hf.load_model(folder, scan_layers=scan_layers)
     predict = nnx.jit(lambda m, e: ours.predict_batch(m, {"encoder_input_tokens": e}, max_decode_length=length,
-                                                      eos_id=eos))
+                                                      decode=DecodeConfig(eos_id=eos)))
     np.testing.assert_array_equal(np.asarray(predict(network, jnp.asarray(enc))), expected)
 
 

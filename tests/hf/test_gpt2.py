@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite import config, hf, partitioning
 from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import gpt2_style_bpe, save_hf_tokenizer, seqio_packed_examples
@@ -89,7 +90,7 @@ def test_greedy_decode_matches_hf_generate(gpt2_dir, scan_layers):
     for row, prompt in enumerate(prompts):
         batch[row, : len(prompt)], causal[row, : len(prompt)] = prompt, 1
     ours = hf.load_model(folder, scan_layers=scan_layers)
-    predict = nnx.jit(lambda m, b: ours.predict_batch(m, b, max_decode_length=length, eos_id=eos))
+    predict = nnx.jit(lambda m, b: ours.predict_batch(m, b, max_decode_length=length, decode=DecodeConfig(eos_id=eos)))
     got = predict(network, {"decoder_input_tokens": jnp.asarray(batch), "decoder_causal_attention": jnp.asarray(causal)})
     np.testing.assert_array_equal(np.asarray(got), expected)
 

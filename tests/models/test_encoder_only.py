@@ -276,7 +276,7 @@ def test_bert_base_and_large_parameter_counts():
         gin.clear_config()
         gin.parse_config_files_and_bindings(
             [str(Path(__file__).parents[2] / "gin_configs" / "models" / "bert" / gin_file)],
-            ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "MODEL = @EncoderClassificationModel()",
+            ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", "MODEL = @EncoderClassificationModel()",
              "_configured.model = %MODEL"],
         )
         try:
