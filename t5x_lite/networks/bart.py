@@ -177,46 +177,24 @@ class Bart(EncoderDecoderNetwork):
         )
         self.final_logits_bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
 
-    def encode(
-        self,
-        encoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
+    def _encoder_stack(
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
-        """[b, s] tokens -> [b, s, d_model] encoded sequence (in the activation dtype)."""
-        mask = layers.encoder_mask(encoder_input_tokens, encoder_segment_ids)
-        positions = jnp.arange(encoder_input_tokens.shape[1])[None] if encoder_positions is None else encoder_positions
-        x = self.encoder_embedder(self.token_embedder(encoder_input_tokens), positions, dropout_rngs)
+        x = self.encoder_embedder(self.token_embedder(tokens), positions, dropout_rngs)
         return stacks.apply_layers(
             self.encoder_layers, x, (layers.mask_to_bias(mask),), dropout_rngs,
             scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
 
-    def decode(
-        self,
-        encoded: jax.Array,
-        encoder_input_tokens: jax.Array,
-        decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
+    def _decoder_stack(
+        self, tokens: jax.Array, positions: jax.Array, encoded: jax.Array, self_mask: jax.Array,
+        cross_mask: jax.Array, dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
-        """Teacher-forced decoder over [b, t] inputs (starting with the BOS id 0) -> float32 logits
-        [b, t, vocab]; padded tail positions are garbage and must be masked in the loss."""
-        self_mask, cross_mask = layers.decoder_masks(
-            encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids
-        )
-        positions = jnp.arange(decoder_input_tokens.shape[1])[None] if decoder_positions is None else decoder_positions
-        y = self.decoder_embedder(self.token_embedder(decoder_input_tokens), positions, dropout_rngs)
-        y = stacks.apply_layers(
+        y = self.decoder_embedder(self.token_embedder(tokens), positions, dropout_rngs)
+        return stacks.apply_layers(
             self.decoder_layers, y, (encoded, layers.mask_to_bias(self_mask), layers.mask_to_bias(cross_mask)),
             dropout_rngs, scan=self.config.scan_layers, remat_policy=self.config.remat_policy,
         )
-        return self._logits(y)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         return self.token_embedder.attend(y) + self.final_logits_bias[...]

@@ -264,43 +264,20 @@ class T5(EncoderDecoderNetwork):
             init=layers.variance_scaling("truncated_normal"), kernels=ops, dtype=config.dtype, rngs=rngs,
         )
 
-    def encode(
-        self,
-        encoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
+    def _encoder_stack(
+        self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
-        """[b, s] tokens -> [b, s, d_model] encoded sequence (in the activation dtype)."""
-        mask = layers.encoder_mask(encoder_input_tokens, encoder_segment_ids)
-        return self.encoder(self.token_embedder(encoder_input_tokens), mask, dropout_rngs)
+        return self.encoder(self.token_embedder(tokens), mask, dropout_rngs)
 
     def encoder_hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> list[jax.Array]:
         """[embedding output, layer 1, ..., layer n] of the encoder, the last normed as `encode` returns it."""
         return self.encoder.hidden_states(self.token_embedder(tokens), layers.encoder_mask(tokens, segment_ids))
 
-    def decode(
-        self,
-        encoded: jax.Array,
-        encoder_input_tokens: jax.Array,
-        decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
-        *,
-        dropout_rngs: nnx.Rngs | None = None,
+    def _decoder_stack(
+        self, tokens: jax.Array, positions: jax.Array, encoded: jax.Array, self_mask: jax.Array,
+        cross_mask: jax.Array, dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
-        """Teacher-forced decoder over [b, t] inputs -> float32 logits [b, t, vocab].
-
-        Decoder inputs start with token 0 (BOS = pad id), so unpacked self-attention is only causal;
-        padded tail positions are garbage and must be masked in the loss.
-        """
-        self_mask, cross_mask = layers.decoder_masks(
-            encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids
-        )
-        y = self.decoder(self.token_embedder(decoder_input_tokens), encoded, self_mask, cross_mask, dropout_rngs)
-        return self._logits(y)
+        return self.decoder(self.token_embedder(tokens), encoded, self_mask, cross_mask, dropout_rngs)
 
     def _logits(self, y: jax.Array) -> jax.Array:
         """Decoder output [b, t, e] -> float32 logits [b, t, vocab] (tied or untied)."""
