@@ -43,10 +43,14 @@ def bart_dir(tmp_path_factory):
     return model, folder
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_imported_logits_match_hf(bart_dir, scan_layers):
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
+
+
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
+def test_imported_logits_match_hf(bart_dir, scan_layers, kernels):
     model, folder = bart_dir
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert (network.config.num_heads, network.config.d_ff, network.config.vocab_size) == (4, 64, VOCAB)
     enc, dec = random_inputs(VOCAB, first_id=3)

@@ -91,11 +91,15 @@ def our_outputs(network: Bert, tokens: np.ndarray, types: np.ndarray) -> dict[st
             "seq_relationship_logits": np.asarray(network.nsp_logits(hidden))}
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
+
+
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_imported_logits_match_hf(bert_dirs, variant, scan_layers):
+def test_imported_logits_match_hf(bert_dirs, variant, scan_layers, kernels):
     model, folder = bert_dirs[variant]
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert network.head == VARIANTS[variant][2]
     assert network.config.next_sentence_prediction == (variant == "pretraining")

@@ -51,10 +51,14 @@ def hf_logits(model, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(real)).logits.numpy()
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_imported_logits_match_hf(gpt2_dir, scan_layers):
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
+
+
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
+def test_imported_logits_match_hf(gpt2_dir, scan_layers, kernels):
     model, folder = gpt2_dir
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert (network.config.d_ff, network.config.head_dim, network.config.activation) == (128, 8, "gelu_tanh")
     tokens, real = right_padded()

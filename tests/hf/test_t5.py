@@ -25,10 +25,11 @@ def our_logits(network, enc, dec) -> np.ndarray:
     return np.asarray(network(jnp.asarray(enc), jnp.asarray(dec)))  # eager: quicker than compiling, for tiny models
 
 
+@pytest.mark.parametrize("kernels", ["cpu_tuned", "xla"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_imported_logits_match_hf(hf_t5_dirs, variant):
+def test_imported_logits_match_hf(hf_t5_dirs, variant, kernels):
     model, folder = hf_t5_dirs[variant]
-    network, vocabulary = hf.from_pretrained(folder)
+    network, vocabulary = hf.from_pretrained(folder, kernels=kernels)
     assert vocabulary is None  # no tokenizer files in this directory
     assert network.config.feed_forward == VARIANTS[variant][1]
     assert network.config.tie_word_embeddings == (variant == "t5_v1_0")
