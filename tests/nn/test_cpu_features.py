@@ -1,5 +1,7 @@
 """Tests for t5x_lite.nn.cpu_features: reading bf16 dot-product instructions from /proc/cpuinfo."""
 
+import sys
+
 import pytest
 
 from t5x_lite.nn import cpu_features
@@ -26,9 +28,17 @@ def test_only_the_first_processor_counts():
     assert cpu_features.bf16_dot_in_cpuinfo(AVX2_EPYC + "\n" + AVX512_BF16_EPYC) is False
 
 
-def test_this_machine_gives_an_answer_on_linux():
-    answer = cpu_features.has_bf16_dot()
-    assert answer in (True, False, None)
-    if answer is not None:
-        with open("/proc/cpuinfo") as f:
-            assert answer == cpu_features.bf16_dot_in_cpuinfo(f.read())
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_this_machine_gives_an_answer_on_linux(monkeypatch):
+    """Linux always states the flags: the answer is a bool, the one the first processor's flag line gives."""
+    answer = cpu_features.has_bf16_dot.__wrapped__()  # uncached
+    assert answer is not None
+    with open("/proc/cpuinfo") as f:
+        line = next(line for line in f if line.split(":")[0].strip() in ("flags", "Features"))
+    assert answer == bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.split(":", 1)[1].split()))
+
+    def unreadable(self):
+        raise PermissionError("no /proc")
+
+    monkeypatch.setattr(cpu_features.Path, "read_text", unreadable)
+    assert cpu_features.has_bf16_dot.__wrapped__() is None  # unknown, not False
