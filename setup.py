@@ -44,6 +44,7 @@ setuptools.setup(
         "test": [
             "pytest",
             "pytest-xdist==3.8.0",  # pytest.ini runs the suite on parallel workers (compilation is single-threaded)
+            "ruff==0.17.6",  # .ci/run lints with it (settings in ruff.toml)
             "torch==2.13.0",
             "transformers==5.23.0",
             *HF,

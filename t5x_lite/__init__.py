@@ -1,19 +1,7 @@
 """t5x_lite: pre-training and fine-tuning transformer language models with JAX, Flax and SeqIO.
 
-Importing the package registers the bundled seqio tasks and the gin configurables of the
-model families.
+Importing the package imports nothing else (no TensorFlow, no seqio) and registers nothing:
+`import t5x_lite.tasks` registers the bundled seqio tasks (the CLI does so on the first task lookup).
 """
 
-from t5x_lite.data import (
-    classification_tasks,  # noqa: F401
-    family_tasks,  # noqa: F401
-    qa_tasks,  # noqa: F401
-    tasks,  # noqa: F401
-)
-from t5x_lite.models import (  # noqa: F401
-    bart,
-    decoder_only,
-    encoder_decoder,
-    encoder_only,
-)
-from t5x_lite.training import freezing  # noqa: F401
+__version__ = "0.1.0"

@@ -26,19 +26,8 @@ FLAGS = flags.FLAGS
 
 GIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
 
-# Modules whose gin configurables the gin files name; imported before the first parse.
-CONFIGURABLE_MODULES = (
-    "t5x_lite.models.encoder_decoder",
-    "t5x_lite.models.decoder_only",
-    "t5x_lite.models.encoder_only",
-    "t5x_lite.models.bart",
-    "t5x_lite.training.loop",
-    "t5x_lite.training.freezing",
-    "t5x_lite.data.tasks",
-    "t5x_lite.data.qa_tasks",
-    "t5x_lite.data.classification_tasks",
-    "t5x_lite.data.family_tasks",
-)
+# Modules whose gin configurables the gin files name (the run's `train` among them); imported before the first parse.
+CONFIGURABLE_MODULES = ("t5x_lite.configurables", "t5x_lite.training.loop")
 
 MODEL_EXAMPLE = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
 CHECKPOINT_EXAMPLE = "--gin.CHECKPOINT_PATH=\"'runs/my_run'\""

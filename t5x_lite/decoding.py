@@ -4,8 +4,9 @@ Every algorithm drives a model-agnostic step function
 
     step_fn(state, token_ids [b]) -> (logits [b, vocab] float32, new_state)
 
-that feeds one token per row and returns the next-token logits (e.g. `T5.decode_step` over its
-KV-cache `DecodeState`). Each algorithm is ONE `jax.lax.while_loop` (no per-token Python, so it runs
+that feeds one token per row and returns the next-token logits (every network's `decode_step` over
+the one KV-cache `nn.attention.DecodeState`). `decode` picks the algorithm and its settings from one
+`DecodeConfig`. Each algorithm is ONE `jax.lax.while_loop` (no per-token Python, so it runs
 inside `jax.jit`) that feeds `start_id` first and stops once every row is finished or after
 `max_decode_length` steps. Output tokens are int32 [.., max_decode_length] with 0 after a row's EOS.
 
@@ -16,6 +17,7 @@ counters) are shared by all rows. The keyword arguments are Python values (they 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,35 @@ import jax.numpy as jnp
 
 State = Any
 StepFn = Callable[[State, jax.Array], tuple[jax.Array, State]]
+METHODS = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode: `method` "greedy", "sample" (temperature 0 = argmax, `top_k` 0 = off, `top_p` 1 =
+    off; needs an rng) or "beam" (`beam_size`, length penalty `alpha`; the best beam is returned).
+    Hashable, so it can be a static argument of a jitted function."""
+
+    method: str = "greedy"
+    beam_size: int = 4
+    alpha: float = 0.6
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int = 1
+    start_id: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown decoding method={self.method!r}; use one of {list(METHODS)}.")
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size={self.beam_size} must be >= 1.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables nucleus sampling).")
 
 
 def _decode_loop(
@@ -89,12 +120,7 @@ def temperature_sample(
     renormalised after any top-k cut. Both are applied in descending-sorted space (`lax.top_k`), so
     ties never let more than k tokens through. Step t draws with `fold_in(rng, t)`: fixed rng, same tokens.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy).")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 disables top-k).")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 disables nucleus sampling).")
+    DecodeConfig(method="sample", temperature=temperature, top_k=top_k, top_p=top_p)  # checks the settings
 
     def choose(logits: jax.Array, step: jax.Array) -> jax.Array:
         if temperature == 0:
@@ -141,8 +167,7 @@ def beam_search(
     hypotheses. With beam_size 1 this is exactly greedy decoding. A score is -inf (tokens 0) only
     where fewer than `beam` finite-probability hypotheses exist.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size={beam_size} must be >= 1.")
+    DecodeConfig(method="beam", beam_size=beam_size)  # checks the settings
     b, k, length = batch_size, beam_size, max_decode_length
     state = jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, k, axis=0), state)
     rank_ok = jnp.arange(2 * k) < k  # [2k]: candidates allowed to finish
@@ -197,35 +222,29 @@ def beam_search(
     return finished_tokens, finished_scores
 
 
+GREEDY = DecodeConfig()
+
+
 def decode(
     step_fn: StepFn,
     state: State,
     batch_size: int,
     max_decode_length: int,
-    *,
-    method: str = "greedy",
+    config: DecodeConfig = GREEDY,
     rng: jax.Array | None = None,
-    beam_size: int = 4,
-    alpha: float = 0.6,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_id: int = 1,
-    start_id: int = 0,
 ) -> jax.Array:
-    """[b, max_decode_length] tokens by `method`: "greedy", "sample" (needs `rng`) or "beam" (the best beam)."""
-    if method == "greedy":
-        return greedy_decode(step_fn, state, batch_size, max_decode_length, eos_id=eos_id, start_id=start_id)
-    if method == "sample":
+    """[b, max_decode_length] tokens by `config.method`: greedy, sampling (needs `rng`) or the best beam."""
+    c = config
+    if c.method == "greedy":
+        return greedy_decode(step_fn, state, batch_size, max_decode_length, eos_id=c.eos_id, start_id=c.start_id)
+    if c.method == "sample":
         if rng is None:
-            raise ValueError("predict_batch(method='sample') needs rng=jax.random.key(...).")
+            raise ValueError("Decoding with method='sample' needs rng=jax.random.key(...).")
         return temperature_sample(
             step_fn, state, rng, batch_size, max_decode_length,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, start_id=start_id,
+            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, eos_id=c.eos_id, start_id=c.start_id,
         )
-    if method == "beam":
-        tokens, _ = beam_search(
-            step_fn, state, batch_size, beam_size, max_decode_length, alpha=alpha, eos_id=eos_id, start_id=start_id
-        )
-        return tokens[:, 0]
-    raise ValueError(f"predict_batch: unknown method={method!r}; use 'greedy', 'sample' or 'beam'.")
+    tokens, _ = beam_search(
+        step_fn, state, batch_size, c.beam_size, max_decode_length, alpha=c.alpha, eos_id=c.eos_id, start_id=c.start_id
+    )
+    return tokens[:, 0]

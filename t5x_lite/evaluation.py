@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from t5x_lite import partitioning
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite.models.base import BaseModel
 
 
@@ -50,14 +51,11 @@ class ModelRunner:
         self.predict_features = model.predict_features
         self.replicate = jax.process_count() > 1
         self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
-        decode = {
-            "method": method, "beam_size": beam_size, "alpha": alpha, "temperature": temperature, "top_k": top_k,
-            "top_p": top_p, "eos_id": eos_id,
-        }
+        decode = DecodeConfig(method, beam_size, alpha, temperature, top_k, top_p, eos_id)
 
         def predict(params, batch, rng, max_decode_length):
             network = nnx.merge(graphdef, params)
-            return model.predict_batch(network, batch, max_decode_length=max_decode_length, rng=rng, **decode)
+            return model.predict_batch(network, batch, max_decode_length=max_decode_length, decode=decode, rng=rng)
 
         def score(params, batch):
             return model.score_batch(nnx.merge(graphdef, params), batch)

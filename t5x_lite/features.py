@@ -1,5 +1,5 @@
 """Frozen features (ELMo style): an encoder's hidden states of chosen layers, for downstream use
-without fine-tuning. Works for BERT (`encoder_only.Bert`) and for the T5 encoder (`T5`).
+without fine-tuning. Works for BERT (`networks.bert.Bert`) and for the T5 encoder (`networks.t5.T5`).
 
 Layers are numbered as Hugging Face's `output_hidden_states`: 0 is the embedding output, i is the
 output of block i, n (or -1) the last; for T5 the last entry is the encoder output after its final
@@ -25,44 +25,14 @@ import numpy as np
 import seqio
 from flax import nnx
 
-import t5x_lite  # noqa: F401  (registers the bundled tasks and gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite.data import pipeline, special_tokens, vocab
-from t5x_lite.models import layers as layers_lib
 from t5x_lite.models.base import BaseModel
-from t5x_lite.models.encoder_decoder import T5
-from t5x_lite.models.encoder_only import Bert
+from t5x_lite.networks.bert import Bert
+from t5x_lite.networks.t5 import T5
 
 POOLINGS = ("none", "mean", "cls")
-
-
-def _t5_hidden_states(network: T5, tokens: jax.Array, segment_ids: jax.Array | None) -> list[jax.Array]:
-    """The T5 encoder's residual stream before each layer and after the last (then normed), as
-    `T5.encode` computes it (no dropout)."""
-    if segment_ids is None:
-        mask = layers_lib.padding_mask(tokens)
-    else:
-        mask = layers_lib.padding_mask(segment_ids) & layers_lib.segment_mask(segment_ids, segment_ids)
-    encoder = network.encoder
-    positions = jnp.arange(tokens.shape[1])
-    bias = encoder.relpos_bias(positions, positions) + layers_lib.mask_to_bias(mask)
-    x = network.token_embedder(tokens)
-    states = [x]
-    if encoder.scan_layers:
-        graphdef, stacked = nnx.split(encoder.layers)
-
-        def body(x, layer_state):
-            y = nnx.merge(graphdef, layer_state)(x, bias, None)
-            return y, y
-
-        _, outputs = jax.lax.scan(body, x, stacked)
-        states += list(outputs)
-    else:
-        for layer in encoder.layers:
-            x = layer(x, bias, None)
-            states.append(x)
-    states[-1] = encoder.encoder_norm(states[-1])
-    return states
 
 
 def hidden_states(
@@ -78,7 +48,7 @@ def hidden_states(
     if isinstance(network, T5):
         if token_type_ids is not None:
             raise ValueError("T5 has no token types; pass token_type_ids only for BERT.")
-        return _t5_hidden_states(network, tokens, segment_ids)
+        return network.encoder_hidden_states(tokens, segment_ids)
     raise TypeError(f"Frozen features need a BERT or T5 network, got {type(network).__name__}.")
 
 

@@ -17,9 +17,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
 from t5x_lite.data import pipeline, special_tokens, vocab
-from t5x_lite.data.classification_tasks import LabelVocabulary
+from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
 

@@ -22,7 +22,8 @@ from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite.data import pipeline
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import loop, optimizers, steps, train_state
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
@@ -57,9 +58,9 @@ def first_batch(task_name: str, lengths: dict[str, int] | None = None) -> dict[s
 
 
 def text_files_task(tmp_path: Path, train_files: Path, validation_files: Path | None = None) -> str:
-    from t5x_lite.data import tasks
+    from t5x_lite.data import registration
 
-    return tasks.text_files_task(name=f"bad_input_{tmp_path.name}", train_files=str(train_files),
+    return registration.text_files_task(name=f"bad_input_{tmp_path.name}", train_files=str(train_files),
                                  validation_files=None if validation_files is None else str(validation_files))
 
 

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from t5x_lite import decoding
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 
 TINY = T5Config(vocab_size=64, d_model=32, num_heads=2, head_dim=8, d_ff=48, num_encoder_layers=1, num_decoder_layers=2)
 EOS = 1
@@ -56,7 +57,7 @@ def teacher_forced_logits(graphdef, state, enc, dec_inputs):
 def decode_with(graphdef, algorithm, boost, state, enc, *args):
     """Encodes once and runs `algorithm(step_fn, decode_state, batch, *args)` on the cached step."""
     net = nnx.merge(graphdef, state)
-    decode_state = net.init_decode_state(net.encode(enc), enc, LENGTH)
+    decode_state = net.init_decode_state(net.encode(enc), enc > 0, LENGTH)
     return algorithm(boosted(net.decode_step, boost), decode_state, enc.shape[0], *args)
 
 
@@ -106,7 +107,7 @@ def test_cached_steps_equal_teacher_forced_logits(tied):
     @jax.jit
     def cached(state, enc, dec_inputs):
         net = nnx.merge(graphdef, state)
-        decode_state = net.init_decode_state(net.encode(enc), enc, LENGTH + 3)  # cache longer than targets
+        decode_state = net.init_decode_state(net.encode(enc), enc > 0, LENGTH + 3)  # cache longer than targets
 
         def step(decode_state, token_ids):
             logits, decode_state = net.decode_step(decode_state, token_ids)
@@ -119,11 +120,11 @@ def test_cached_steps_equal_teacher_forced_logits(tied):
     assert logits.shape == expected.shape and logits.dtype == jnp.float32
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     assert int(decode_state.index) == 6
-    assert decode_state.self_keys[0].shape == (4, TINY.num_heads, LENGTH + 3, TINY.head_dim)
-    assert decode_state.cross_values[1].shape == (4, TINY.num_heads, 7, TINY.head_dim)
-    assert len(decode_state.self_keys) == TINY.num_decoder_layers
-    assert np.all(np.any(decode_state.self_values[1][:, :, :6] != 0, axis=-1))  # slots 0..5 written
-    assert not np.any(decode_state.self_keys[1][:, :, 6:])  # slots past the index are never written
+    layers, heads, head_dim = TINY.num_decoder_layers, TINY.num_heads, TINY.head_dim
+    assert decode_state.cache.key.shape == (4, layers, heads, LENGTH + 3, head_dim)  # batch leading, then layers
+    assert decode_state.cross.value.shape == (4, layers, heads, 7, head_dim)
+    assert np.all(np.any(decode_state.cache.value[:, 1, :, :6] != 0, axis=-1))  # slots 0..5 written
+    assert not np.any(decode_state.cache.key[:, 1, :, 6:])  # slots past the index are never written
 
 
 def uncached_greedy(graphdef, state, enc, boost=EOS_BOOST):
@@ -352,7 +353,8 @@ def test_predict_batch_methods(tiny):
     def predict(state, enc, method, rng=None):
         net = nnx.merge(graphdef, state)
         return model.predict_batch(
-            net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH, method=method, rng=rng, beam_size=3
+            net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH,
+            decode=decoding.DecodeConfig(method=method, beam_size=3), rng=rng,
         )
 
     greedy = predict(state, enc, "greedy")
@@ -395,13 +397,14 @@ def test_bfloat16_cached_decoding_executes():
     @jax.jit
     def run(state, enc):
         net = nnx.merge(graphdef, state)
-        decode_state = net.init_decode_state(net.encode(enc), enc, LENGTH)
+        decode_state = net.init_decode_state(net.encode(enc), enc > 0, LENGTH)
         logits, next_state = net.decode_step(decode_state, jnp.zeros((4,), jnp.int32))
         tokens = model.predict_batch(net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH)
         beams = model.predict_batch(
-            net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH, method="beam", beam_size=2
+            net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH,
+            decode=decoding.DecodeConfig(method="beam", beam_size=2),
         )
-        return logits, next_state.self_keys[0], tokens, beams
+        return logits, next_state.cache.key, tokens, beams
 
     logits, keys, tokens, beams = jax.block_until_ready(run(state, enc))
     assert keys.dtype == jnp.bfloat16 and logits.dtype == jnp.float32

@@ -16,7 +16,8 @@ import seqio
 
 from t5x_lite import checkpoints, cli
 from t5x_lite import train as train_lib
-from t5x_lite.data import qa_tasks, tasks
+from t5x_lite.data import registration
+from t5x_lite.tasks import qa as qa_tasks
 from tests.subprocess_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,16 +55,16 @@ def write_corpus(folder: Path) -> tuple[list[str], str]:
 
 def test_text_files_task_registers_once_and_returns_the_name(tmp_path):
     train_files, valid = write_corpus(tmp_path / "corpus")
-    name = tasks.text_files_task(name="test_text_files_once", train_files=train_files, validation_files=valid)
+    name = registration.text_files_task(name="test_text_files_once", train_files=train_files, validation_files=valid)
     assert name == "test_text_files_once"
     task = seqio.get_mixture_or_task(name)
     assert task.source.list_shards("train") == [str(tmp_path / "corpus" / f"part-{i}.txt") for i in (0, 1)]
     assert task.source.list_shards("validation") == [valid]
-    assert tasks.text_files_task(name=name, train_files=train_files, validation_files=valid) == name
+    assert registration.text_files_task(name=name, train_files=train_files, validation_files=valid) == name
     assert seqio.get_mixture_or_task(name) is task  # same files: not registered again
 
     # Other files under the same name (a re-parsed config): the task follows them.
-    tasks.text_files_task(name=name, train_files=str(tmp_path / "corpus" / "part-0.txt"), validation_files=None)
+    registration.text_files_task(name=name, train_files=str(tmp_path / "corpus" / "part-0.txt"), validation_files=None)
     task = seqio.get_mixture_or_task(name)
     assert list(task.splits) == ["train"] and task.source.list_shards("train") == [str(tmp_path / "corpus" / "part-0.txt")]
 
@@ -71,9 +72,9 @@ def test_text_files_task_registers_once_and_returns_the_name(tmp_path):
 def test_text_files_task_errors(tmp_path):
     train_files, valid = write_corpus(tmp_path / "corpus")
     with pytest.raises(ValueError, match="'bundled_span_corruption' is already registered"):
-        tasks.text_files_task(name="bundled_span_corruption", train_files=train_files, validation_files=valid)
+        registration.text_files_task(name="bundled_span_corruption", train_files=train_files, validation_files=valid)
     with pytest.raises(FileNotFoundError, match=r"no file matches .*nope\.txt.* for split 'validation'"):
-        tasks.text_files_task(name="test_text_files_missing", train_files=train_files,
+        registration.text_files_task(name="test_text_files_missing", train_files=train_files,
                               validation_files=str(tmp_path / "nope.txt"))
     assert "test_text_files_missing" not in seqio.TaskRegistry.names()
 

@@ -16,7 +16,8 @@ import pytest
 from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite import eval as eval_lib
 from t5x_lite import infer as infer_lib
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import loop
 from tests import sensitive_eval_task
 from tests.test_cli import run_cli

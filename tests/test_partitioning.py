@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5x_lite import checkpoints, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import optimizers, steps, train_state
 
 CONFIG = T5Config(vocab_size=256, d_model=64, num_heads=8, head_dim=8, d_ff=128,
@@ -58,17 +59,35 @@ def one_step(mesh_shape, devices=None, num_microbatches=1, batch=None, config=CO
     return float(metrics["loss"]), jax.device_get(state.params), shardings
 
 
+KERNELS = ("cpu_tuned", "xla")
+
+
 @pytest.fixture(scope="module")
-def single_device_step():
-    return one_step({"data": 1}, devices=jax.devices()[:1])
+def single_device_steps():
+    """One step on one device with each KERNELS set."""
+    return {k: one_step({"data": 1}, devices=jax.devices()[:1], config=dataclasses.replace(CONFIG, kernels=k))
+            for k in KERNELS}
 
 
+@pytest.fixture(scope="module")
+def single_device_step(single_device_steps):
+    return single_device_steps["cpu_tuned"]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_device(layout, single_device_step):
-    loss, params, _ = one_step(LAYOUTS[layout])
-    ref_loss, ref_params, _ = single_device_step
+def test_layout_matches_single_device(layout, kernels, single_device_steps):
+    loss, params, _ = one_step(LAYOUTS[layout], config=dataclasses.replace(CONFIG, kernels=kernels))
+    ref_loss, ref_params, _ = single_device_steps[kernels]
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), params, ref_params)
+
+
+def test_both_kernel_sets_take_the_same_step(single_device_steps):
+    """Without dropout the two KERNELS sets compute the same loss and update (up to float rounding)."""
+    (tuned_loss, tuned_params, _), (xla_loss, xla_params, _) = (single_device_steps[k] for k in KERNELS)
+    np.testing.assert_allclose(xla_loss, tuned_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), xla_params, tuned_params)
 
 
 def state_shardings(mesh_shape):

@@ -24,7 +24,7 @@ What is measured, and how:
   the report gives the process CPU seconds of the same runs (`step_cpu_s`, `cpu_s`), which on an
   oversubscribed machine track the work done better than wall time.
 - kernels (with --compare-hf): each matmul form of the step (projection, feed-forward, weight gradient,
-  attention logits and values) alone, ours (`layers.einsum`) vs the product HF computes, in GFLOP/s: tells
+  attention logits and values) alone, ours (the `KERNELS` set's einsum) vs the product HF computes, in GFLOP/s: tells
   a gap in the matmul kernels apart from a gap in the rest of the step.
 - data: the bundled span-corruption task through `pipeline.get_dataset` with packing (seqio
   EncDecFeatureConverter), rows/s over `--data_batches` batches after a warm-up, beside the rows/s the
@@ -66,8 +66,11 @@ from flax import nnx
 
 from t5x_lite import host_memory, partitioning
 from t5x_lite.cli import UserError
-from t5x_lite.models import layers
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.decoding import DecodeConfig
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
+from t5x_lite.nn import attention as attention_lib
+from t5x_lite.nn import kernels as kernels_lib
 from t5x_lite.training import optimizers, steps, train_state
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -89,15 +92,20 @@ Timed = Callable[[], Any]  # runs one unit of work to completion (blocking) and 
 
 
 def model_config(name: str, dtype: str, dropout_rate: float, attention: str = "auto",
-                 scan_layers: bool = False) -> T5Config:
+                 scan_layers: bool = False, kernels: str = "auto") -> T5Config:
     """The named benchmark shape (see `SHAPES`) as a T5Config with the given activation dtype, dropout,
-    attention implementation (`layers.attention_impl`) and layer stacks (scanned or a Python loop)."""
+    attention implementation (`attention.attention_impl`), layer stacks (scanned or a Python loop) and
+    `KERNELS` set."""
     if name not in SHAPES:
         raise UserError(f"--config {name!r} is not a benchmark shape; use one of {sorted(SHAPES)}.")
-    if attention not in layers.ATTENTION_IMPLS:
-        raise UserError(f"--attention {attention!r} is not supported; use one of {list(layers.ATTENTION_IMPLS)}.")
+    if attention not in attention_lib.ATTENTION_IMPLS:
+        raise UserError(
+            f"--attention {attention!r} is not supported; use one of {list(attention_lib.ATTENTION_IMPLS)}."
+        )
+    if kernels not in kernels_lib.KERNEL_CHOICES:
+        raise UserError(f"--kernels {kernels!r} is not supported; use one of {list(kernels_lib.KERNEL_CHOICES)}.")
     return T5Config(**SHAPES[name], dtype=dtype, dropout_rate=dropout_rate, attention_impl=attention,
-                    scan_layers=scan_layers)
+                    scan_layers=scan_layers, kernels=kernels)
 
 
 def with_attention_fallback(build: Callable[[T5Config], Any], config: T5Config) -> tuple[Any, str]:
@@ -106,7 +114,7 @@ def with_attention_fallback(build: Callable[[T5Config], Any], config: T5Config) 
     If the cuDNN fused attention fails there (it supports a subset of shapes, and no test machine here has
     a GPU), the run goes on with einsum attention and the returned note says why.
     """
-    impl = layers.attention_impl(config.attention_impl, jnp.dtype(config.dtype), config.head_dim)
+    impl = attention_lib.attention_impl(config.attention_impl, jnp.dtype(config.dtype), config.head_dim)
     if impl != "einsum" and config.dropout_rate > 0:
         impl = "einsum (fused kernels have no attention dropout)"
     try:
@@ -203,12 +211,12 @@ def time_alternating(
     return wall, cpu
 
 
-def measure_peak(dtype: str, size: int | None = None, repeats: int = 5) -> dict[str, Any]:
+def measure_peak(dtype: str, size: int | None = None, repeats: int = 5, kernels: str = "auto") -> dict[str, Any]:
     """This device's matmul FLOP/s for a `dtype` model: a jitted [n, n] x [n, n] product in the operand dtype
-    the model's dots take (`layers.dot_operand_dtype`; low-precision operands accumulate in float32, the
+    the model's dots take (`Kernels.operand_dtype`; low-precision operands accumulate in float32, the
     model's fast path), median of `repeats` runs."""
     size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-    dt = layers.dot_operand_dtype(dtype)
+    dt = kernels_lib.resolve(kernels).operand_dtype(dtype)
     ka, kb = jax.random.split(jax.random.key(0))
     a, b = jax.random.normal(ka, (size, size), dt), jax.random.normal(kb, (size, size), dt)
     accumulate = None if dt == jnp.float32 else jnp.float32
@@ -372,7 +380,7 @@ def bench_train(
     tokens = args.batch * (args.inputs_length + args.targets_length)
     rows, ratios = [], {}
     for rate in args.dropout:
-        config = model_config(args.config, args.dtype, rate, args.attention, args.scan_layers)
+        config = model_config(args.config, args.dtype, rate, args.attention, args.scan_layers, args.kernels)
         host_batch = synthetic_batch(config.vocab_size, args.batch, args.inputs_length, args.targets_length)
 
         def build(config: T5Config, host_batch: dict = host_batch) -> T5xTrainer:
@@ -414,7 +422,6 @@ def bench_data(batch: int, inputs_length: int, targets_length: int, num_batches:
     """Rows/s and tokens/s of the packed span-corruption pipeline (bundled corpus), after `warmup` batches."""
     import seqio
 
-    import t5x_lite  # noqa: F401  (registers the bundled tasks)
     from t5x_lite.data import pipeline
 
     ds = pipeline.get_dataset(
@@ -477,7 +484,7 @@ def _torch_kernel(torch, name: str, x: np.ndarray, y: np.ndarray, device: str, d
 
 def bench_kernels(config: T5Config, batch: int, inputs_length: int, repeats: int = 7) -> list[dict[str, Any]]:
     """GFLOP/s of each matmul form of the step (`kernel_shapes`) alone, operands already in the run's dtype:
-    ours (jitted `layers.einsum`, float32 accumulation, attention logits in float32 like the model) and HF's
+    ours (the jitted `Kernels.einsum` of the config's `KERNELS`, float32 accumulation, attention logits in float32 like the model) and HF's
     PyTorch product (under autocast for bf16, as in HF's step).
     Separates how much of a train-step gap is matmul kernels from how much is the rest of the step."""
     torch, _ = _import_hf()
@@ -487,7 +494,8 @@ def bench_kernels(config: T5Config, batch: int, inputs_length: int, repeats: int
         rng = np.random.default_rng(0)
         x, y = rng.standard_normal(x_shape, np.float32), rng.standard_normal(y_shape, np.float32)
         out_dtype = jnp.float32 if name == "attention logits" else None
-        ours = jax.jit(functools.partial(layers.einsum, spec, dtype=config.dtype, out_dtype=out_dtype))
+        einsum = kernels_lib.resolve(config.kernels).einsum
+        ours = jax.jit(functools.partial(einsum, spec, dtype=config.dtype, out_dtype=out_dtype))
         jx, jy = jnp.asarray(x, config.dtype), jnp.asarray(y, config.dtype)
         seconds, _ = median_time(lambda ours=ours, jx=jx, jy=jy: ours(jx, jy).block_until_ready(), repeats + 1)
         product = _torch_kernel(torch, name, x, y, device, getattr(torch, jnp.dtype(config.dtype).name))
@@ -522,8 +530,8 @@ class T5xDecoder:
         def predict(params, inputs):
             batch = {"encoder_input_tokens": inputs}
             return model.predict_batch(
-                nnx.merge(graphdef, params), batch, max_decode_length=length, method=method,
-                beam_size=beam_size, eos_id=-1,
+                nnx.merge(graphdef, params), batch, max_decode_length=length,
+                decode=DecodeConfig(method=method, beam_size=beam_size, eos_id=-1),
             )
 
         self.inputs = jnp.asarray(inputs)
@@ -577,7 +585,7 @@ def _checked_decode(decoder: T5xDecoder | HFDecoder, impl: str, label: str, shap
 def bench_decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     """Greedy and beam decoding tokens/s for each length (HF alternating under --compare-hf), plus the
     marginal seconds per decode step between consecutive lengths (flat = constant per-token cost)."""
-    config = model_config(args.config, args.dtype, 0.0, args.attention, args.scan_layers)
+    config = model_config(args.config, args.dtype, 0.0, args.attention, args.scan_layers, args.kernels)
     batch = args.decode_batch or args.batch
     inputs = synthetic_batch(config.vocab_size, batch, args.inputs_length, 1, seed=1)["encoder_input_tokens"]
     rows, ratios = [], {}
@@ -631,7 +639,7 @@ def _si(x: float) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """The human-readable report of `results` (the dict printed as the final JSON line)."""
     r = results
-    dots = "" if r["dot_dtype"] == r["dtype"] else f" (dots in {r['dot_dtype']}: see layers.dot_operand_dtype)"
+    dots = "" if r["dot_dtype"] == r["dtype"] else f" (dots in {r['dot_dtype']}: see Kernels.operand_dtype)"
     lines = [
         (f"t5x_lite benchmark: config {r['config']}, batch {r['batch']} x {r['inputs_length']} -> "
          f"{r['targets_length']}, {r['dtype']}{dots}, {r['attention']} attention, device {r['device']}, "
@@ -699,6 +707,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-hf", "--compare_hf", dest="compare_hf", action="store_true",
                         help="time HF transformers T5 (PyTorch) alternately on the same work")
     parser.add_argument("--attention", default="auto", help="auto (cuDNN fused on GPU in bf16), einsum, xla, cudnn")
+    parser.add_argument("--kernels", default="auto", help="KERNELS: auto (cpu_tuned on CPU, else xla), xla, cpu_tuned")
     parser.add_argument("--scan_layers", default="auto", choices=["auto", "on", "off"],
                         help="scan each layer stack (T5Config.scan_layers); auto: on accelerators (T5-base compiles "
                              "in seconds instead of minutes there), a Python loop on CPU")
@@ -740,15 +749,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if sorted(set(args.decode_lengths)) != list(args.decode_lengths) or min(args.decode_lengths) < 1:
         raise UserError(f"--decode_lengths must be increasing positive lengths, got {args.decode_lengths}.")
     if "data" not in args.skip:
-        from t5x_lite.data import objectives
+        from t5x_lite.data.preprocessors import span_corruption
 
-        needed = objectives.random_spans_lengths(args.inputs_length)[1]
+        needed = span_corruption.random_spans_lengths(args.inputs_length)[1]
         if args.targets_length < needed:
             raise UserError(
                 f"Span corruption of --inputs_length {args.inputs_length} makes targets of {needed} tokens; "
                 f"pass --targets_length >= {needed} (T5: 512 -> 114) or --skip data."
             )
-    model_config(args.config, args.dtype or "float32", 0.0, args.attention)  # rejects unknown names early
+    model_config(args.config, args.dtype or "float32", 0.0, args.attention, kernels=args.kernels)  # rejects bad names early
     return args
 
 
@@ -770,16 +779,16 @@ def limit_threads(threads: int | None) -> int:
 
 def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """Runs every selected benchmark and returns all figures (the final JSON line)."""
-    config = model_config(args.config, args.dtype, 0.0, scan_layers=args.scan_layers)
+    config = model_config(args.config, args.dtype, 0.0, scan_layers=args.scan_layers, kernels=args.kernels)
     flops = model_flops(config, args.batch, args.inputs_length, args.targets_length)
-    peak = measure_peak(args.dtype, args.peak_size, args.peak_repeats)
+    peak = measure_peak(args.dtype, args.peak_size, args.peak_repeats, args.kernels)
     progress(f"peak {peak['dtype']} matmul: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s")
     results: dict[str, Any] = {
         "config": args.config, "model": {k: v for k, v in dataclasses.asdict(config).items() if k != "dropout_rate"},
         "batch": args.batch, "inputs_length": args.inputs_length, "targets_length": args.targets_length,
-        "dtype": args.dtype, "dot_dtype": layers.dot_operand_dtype(args.dtype).name, "optimizer": args.optimizer,
-        "device": jax.devices()[0].device_kind,
-        "attention": layers.attention_impl(args.attention, jnp.dtype(args.dtype), config.head_dim),
+        "dtype": args.dtype, "dot_dtype": peak["dtype"], "optimizer": args.optimizer,
+        "kernels": kernels_lib.resolve(args.kernels).name, "device": jax.devices()[0].device_kind,
+        "attention": attention_lib.attention_impl(args.attention, jnp.dtype(args.dtype), config.head_dim),
         "backend": jax.default_backend(), "threads": threads, "date": time.strftime("%Y-%m-%d"),
         "peak": peak, "flops": flops,
     }

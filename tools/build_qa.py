@@ -380,7 +380,7 @@ def token_stats(records: dict[str, list[dict]], spm_path: pathlib.Path) -> dict[
     """{format: (median input tokens, max input tokens, median target tokens, max target tokens)}."""
     import sentencepiece
 
-    from t5x_lite.data import unifiedqa  # the formatting the tasks use (imports seqio: a few seconds)
+    from t5x_lite.data.preprocessors import unifiedqa  # the formatting the tasks use (imports seqio: a few seconds)
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
     stats = {}

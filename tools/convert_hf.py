@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 import seqio
 
-import t5x_lite  # noqa: F401  (registers the gin configurables)
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies
@@ -44,7 +44,7 @@ def hf_to_t5x(hf_dir: str, out_dir: str) -> Path:
     """Writes the HF directory's parameters as a t5x_lite checkpoint plus `model.gin`; returns out_dir."""
     checkpoint = hf.open_checkpoint(hf_dir)
     gin_text = hf.model_gin(checkpoint.model(), str(checkpoint.path))
-    params = checkpoint.family.params_from_hf(checkpoint.weights, checkpoint.hf_config, checkpoint.config)
+    params = checkpoint.params()
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     with ocp.CheckpointManager(out / "checkpoints", item_names=("state",)) as manager:
@@ -72,7 +72,7 @@ def t5x_to_hf(
     bindings: Sequence[str] = (),
 ) -> Path:
     """Writes a t5x_lite checkpoint of the gin-configured model as a HF directory; returns out_dir."""
-    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", *bindings,
+    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
                               "exported_model.model = %MODEL"])
     model = exported_model()
     mesh = partitioning.make_mesh({"data": -1})

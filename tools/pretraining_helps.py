@@ -102,7 +102,8 @@ def register_small_task(task: str, fraction: float, seed: int, data_dir: Path) -
 
     Returns its name, the names of its tasks and its number of training examples.
     """
-    from t5x_lite.data import qa_tasks
+    from t5x_lite.data import registration
+    from t5x_lite.tasks import qa as qa_tasks
 
     percent = f"{100 * fraction:g}".replace(".", "_")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,20 +116,20 @@ def register_small_task(task: str, fraction: float, seed: int, data_dir: Path) -
         train_file.write_text("".join(lines[i] + "\n" for i in subset))
         name = f"bundled_qa_{fmt}_{percent}pct"
         validation = str(qa_tasks.QA_DIR / f"{fmt}_validation.jsonl")
-        qa_tasks.register_qa_task(name, {"train": str(train_file), "validation": validation}, format=fmt, overwrite=True)
+        registration.register_qa_task(name, {"train": str(train_file), "validation": validation}, format=fmt, overwrite=True)
         names.append(name)
         examples += keep
     if task != "mixture":
         return names[0], names, examples
     name = f"{qa_tasks.BUNDLED_MIXTURE}_{percent}pct"
     # The proportions of bundled_qa_mixture: its cap on a task's rate shrinks with the data.
-    qa_tasks.register_qa_mixture(name, names, maximum=max(1, round(qa_tasks.BUNDLED_MIXTURE_MAXIMUM * fraction)),
+    registration.register_qa_mixture(name, names, maximum=max(1, round(registration.QA_MIXING_MAXIMUM * fraction)),
                                  overwrite=True)
     return name, names, examples
 
 
 def count_train_examples(task: str) -> int:
-    from t5x_lite.data import qa_tasks
+    from t5x_lite.tasks import qa as qa_tasks
 
     formats = FORMATS if task == "mixture" else (task,)
     return sum(len((qa_tasks.QA_DIR / f"{f}_train.jsonl").read_text().splitlines()) for f in formats)
@@ -198,7 +199,7 @@ def main(argv=None) -> dict:
     from absl import logging
     from plot_metrics import plot
 
-    import t5x_lite  # noqa: F401  (registers the tasks and configurables)
+    import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
     from t5x_lite import host_memory
 
     host_memory.keep_freed_host_memory()  # as `python -m t5x_lite.train` does

@@ -68,7 +68,7 @@ def _dot(instruction: re.Match, shapes: dict[str, str]) -> tuple[int, str] | Non
     """FLOPs of one dot (2 x output elements x contraction size) and "f32[m,n] K=k"; `shapes` names its operands.
 
     None for a matrix-vector product (one operand has no free dimension, e.g. the sums with a vector of
-    ones in `layers.broadcast_add`'s backward): a memory-bound reduction, not one of the model's matmuls.
+    ones in the cpu_tuned bias add's backward): a memory-bound reduction, not one of the model's matmuls.
     """
     operands = [_dims(shapes.get(arg.strip().lstrip("%"), "")) for arg in instruction.group("args").split(",")[:2]]
     lhs = operands[0]

@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 import seqio
 
-import t5x_lite  # noqa: F401  (registers the bundled tasks)
-from t5x_lite.data import objectives, pipeline
+from t5x_lite.data import pipeline
+from t5x_lite.data.preprocessors import span_corruption
 
 
 def show(name: str, split: str, num_examples: int, inputs_length: int, targets_length: int | None, seed: int) -> None:
@@ -24,7 +24,7 @@ def show(name: str, split: str, num_examples: int, inputs_length: int, targets_l
     provider = pipeline.get_mixture_or_task(name)
     tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     if targets_length is None:
-        targets_length = objectives.random_spans_lengths(inputs_length)[1]
+        targets_length = span_corruption.random_spans_lengths(inputs_length)[1]
     lengths = {"inputs": inputs_length, "targets": targets_length}
     for task in tasks:
         print(f"=== task {task.name} (split {split}) ===")

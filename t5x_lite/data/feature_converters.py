@@ -1,9 +1,16 @@
-"""`MaskedLMFeatureConverter`: BERT MLM task features -> encoder model features.
+"""The feature converters seqio lacks: task features -> model features for the encoder-only models.
 
-seqio's `EncoderFeatureConverter` puts loss weight only where `inputs == mask_id`, which drops
+seqio's own converters (`EncDecFeatureConverter`, `DecoderFeatureConverter`, ...) serve the T5, BART,
+GPT and prefix-LM tasks; these three serve BERT's:
+
+* `MaskedLMFeatureConverter` (MLM, optionally with next-sentence pairs),
+* `ClassificationFeatureConverter` (one label per row, token types, never packed),
+* `TaggingFeatureConverter` (one tag per token, packed like seqio's).
+
+**MLM.** seqio's `EncoderFeatureConverter` puts loss weight only where `inputs == mask_id`, which drops
 BERT's 10% random-token and 10% unchanged positions from the loss (their inputs are not [MASK]).
-The MLM tasks (`t5x_lite.data.mlm`) instead mark every chosen position by a nonzero `targets`
-(the original id there, 0 elsewhere), so this converter weights the loss by `targets > 0`.
+The MLM tasks (`preprocessors.mlm`) instead mark every chosen position by a nonzero `targets`
+(the original id there, 0 elsewhere), so `MaskedLMFeatureConverter` weights the loss by `targets > 0`.
 
   task features  inputs, targets [, token_type_ids, next_sentence_label]
   model features encoder_input_tokens, encoder_target_tokens, encoder_loss_weights
@@ -13,6 +20,9 @@ The MLM tasks (`t5x_lite.data.mlm`) instead mark every chosen position by a nonz
 Sentence-pair examples (with `next_sentence_label`) are never packed: each is already a full
 [CLS] A [SEP] B [SEP] sequence and the NSP head reads one [CLS] per row; they are padded, and
 carry no segment ids or positions, whatever `pack` says.
+
+**Classification and tagging** (task features from `preprocessors.classification`): seqio has no
+converter for either layout (its `EncoderFeatureConverter` has no labels or token types).
 """
 
 from __future__ import annotations
@@ -23,16 +33,18 @@ from typing import ClassVar
 import seqio
 import tensorflow as tf
 
+from t5x_lite.data import special_tokens, vocab
+
 _INT = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
 _SCALAR = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0)
 
 
-def _check_aligned(task_feature_lengths: Mapping[str, int]) -> int:
+def _check_aligned(task_feature_lengths: Mapping[str, int], what: str) -> int:
     length = task_feature_lengths["inputs"]
     if task_feature_lengths["targets"] != length:
         raise ValueError(
-            f"MLM inputs and targets align position by position, so their lengths must be equal; got "
-            f"{dict(task_feature_lengths)}. Set TASK_FEATURE_LENGTHS={{'inputs': {length}, 'targets': {length}}}."
+            f"{what}, so their lengths must be equal; got {dict(task_feature_lengths)}. "
+            f"Set TASK_FEATURE_LENGTHS={{'inputs': {length}, 'targets': {length}}}."
         )
     return length
 
@@ -45,13 +57,13 @@ def _model_features(features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     }
 
 
-class MaskedLMFeatureConverter(seqio.FeatureConverter):
-    """BERT MLM: loss at every chosen position (`targets > 0`), not only at [MASK] inputs.
+class _AlignedTargetsFeatureConverter(seqio.FeatureConverter):
+    """One target id per input token, 0 where no loss is taken; packs like seqio's converters.
 
-    Takes the usual constructor arguments (`pack`, `use_custom_packing_ops`, ...); see the module
-    docstring for the features.
+    Subclasses name what the targets are in `ALIGNMENT` (for the error on unequal lengths).
     """
 
+    ALIGNMENT: ClassVar[str]
     TASK_FEATURES: ClassVar = {"inputs": _INT, "targets": _INT}
     MODEL_FEATURES: ClassVar = {
         "encoder_input_tokens": _INT,
@@ -60,16 +72,8 @@ class MaskedLMFeatureConverter(seqio.FeatureConverter):
     }
     PACKING_FEATURE_DTYPES: ClassVar = {"encoder_segment_ids": tf.int32, "encoder_positions": tf.int32}
 
-    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        # Delegating keeps seqio's validations: the pair converter runs them on its own features.
-        if "next_sentence_label" in ds.element_spec:
-            length = _check_aligned(task_feature_lengths)
-            pairs = _SentencePairMLMFeatureConverter(pack=False, apply_length_check=self._apply_length_check)
-            return pairs(ds, {**task_feature_lengths, "token_type_ids": length, "next_sentence_label": 1})
-        return super().__call__(ds, task_feature_lengths)
-
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        _check_aligned(task_feature_lengths)
+        _check_aligned(task_feature_lengths, self.ALIGNMENT)
 
         # seqio's packing takes a feature's length to be its count of nonzero ids, so the zeros
         # inside `targets` would cut it short: it is packed shifted by one, then shifted back.
@@ -88,6 +92,24 @@ class MaskedLMFeatureConverter(seqio.FeatureConverter):
         length = task_feature_lengths["inputs"]
         names = list(self.MODEL_FEATURES) + (list(self.PACKING_FEATURE_DTYPES) if self.pack else [])
         return {name: length for name in names}
+
+
+class MaskedLMFeatureConverter(_AlignedTargetsFeatureConverter):
+    """BERT MLM: loss at every chosen position (`targets > 0`), not only at [MASK] inputs.
+
+    Takes the usual constructor arguments (`pack`, `use_custom_packing_ops`, ...); see the module
+    docstring for the features.
+    """
+
+    ALIGNMENT = "MLM inputs and targets align position by position"
+
+    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        # Delegating keeps seqio's validations: the pair converter runs them on its own features.
+        if "next_sentence_label" in ds.element_spec:
+            length = _check_aligned(task_feature_lengths, self.ALIGNMENT)
+            pairs = _SentencePairMLMFeatureConverter(pack=False, apply_length_check=self._apply_length_check)
+            return pairs(ds, {**task_feature_lengths, "token_type_ids": length, "next_sentence_label": 1})
+        return super().__call__(ds, task_feature_lengths)
 
 
 class _SentencePairMLMFeatureConverter(seqio.FeatureConverter):
@@ -118,3 +140,49 @@ class _SentencePairMLMFeatureConverter(seqio.FeatureConverter):
     def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
         length = task_feature_lengths["inputs"]
         return {name: length for name in self.MODEL_FEATURES} | {"next_sentence_labels": 1}
+
+
+class ClassificationFeatureConverter(seqio.FeatureConverter):
+    """One labelled sequence per row: `inputs` -> `encoder_input_tokens`, token types (0 up to and
+    including the first [SEP], 1 after it) -> `encoder_token_type_ids`, `targets` -> `labels` [1].
+
+    Rows are never packed, whatever `pack` says (the trainer passes `pack=True`): the pooler reads
+    one [CLS] at position 0 of every row. `sep_id` defaults to the [SEP] of `vocab.get_vocabulary()`.
+    """
+
+    TASK_FEATURES: ClassVar[dict[str, seqio.FeatureConverter.FeatureSpec]] = {"inputs": _INT, "targets": _INT}
+    MODEL_FEATURES: ClassVar[dict[str, seqio.FeatureConverter.FeatureSpec]] = {"encoder_input_tokens": _INT, "encoder_token_type_ids": _INT, "labels": _INT}
+    PACKING_FEATURE_DTYPES: ClassVar[dict[str, tf.dtypes.DType]] = {}
+
+    def __init__(self, sep_id: int | None = None, **kwargs):
+        kwargs["pack"] = False
+        super().__init__(**kwargs)
+        self.sep_id = special_tokens.bert_special_ids(vocab.get_vocabulary()).sep if sep_id is None else sep_id
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        if task_feature_lengths["targets"] != 1:
+            raise ValueError(
+                f"Classification targets hold one label id, so TASK_FEATURE_LENGTHS needs 'targets': 1; got "
+                f"{dict(task_feature_lengths)}."
+            )
+        ds = self._pack_or_pad(ds, task_feature_lengths)
+
+        def convert(features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            tokens = features["inputs"]
+            seps_before = tf.cumsum(tf.cast(tf.equal(tokens, self.sep_id), tf.int32), exclusive=True)
+            token_types = tf.minimum(seps_before, 1) * tf.cast(tokens > 0, tf.int32)
+            return {"encoder_input_tokens": tokens, "encoder_token_type_ids": token_types, "labels": features["targets"]}
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        length = task_feature_lengths["inputs"]
+        return {"encoder_input_tokens": length, "encoder_token_type_ids": length, "labels": 1}
+
+
+class TaggingFeatureConverter(_AlignedTargetsFeatureConverter):
+    """Aligned tokens and tags: `inputs` -> `encoder_input_tokens`, `targets` (tag ids) ->
+    `encoder_target_tokens`, loss weight 1 where the tag id is > 0; packs like seqio's converters
+    (`encoder_segment_ids`, `encoder_positions`)."""
+
+    ALIGNMENT = "Tagging targets hold one tag per input token"

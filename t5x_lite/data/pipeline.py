@@ -1,4 +1,8 @@
-"""From a seqio task/mixture name to batches of model features for this process."""
+"""From a seqio task/mixture name to batches of model features for this process.
+
+Every lookup by name goes through `get_mixture_or_task`, which first imports `t5x_lite.tasks`: the
+bundled tasks register on first lookup, not when `t5x_lite` is imported.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,23 @@ import jax
 import seqio
 import tensorflow as tf
 
-# TF only reads data here; it must never take accelerator memory from JAX.
-tf.config.set_visible_devices([], "GPU")
+# What a too-long example's pipeline error says (`fit_to_length`'s "error" mode); the trainer matches it.
+from t5x_lite.data.preprocessors.text import LONG_SEQUENCE_ERROR  # noqa: F401
+
+DEFAULT_TASKS_MODULE = "t5x_lite.tasks"
+
+
+def import_default_tasks() -> None:
+    """Registers t5x_lite's own tasks and mixtures (once: a second import does nothing)."""
+    importlib.import_module(DEFAULT_TASKS_MODULE)
 
 
 def import_task_module(module: str | None) -> None:
-    """Imports the user's module that registers tasks (T5X's `MIXTURE_OR_TASK_MODULE`)."""
+    """Imports the user's module that registers tasks (T5X's `MIXTURE_OR_TASK_MODULE`).
+
+    The default tasks come first, so that the user's mixtures may name them.
+    """
+    import_default_tasks()
     if not module:
         return
     try:
@@ -31,6 +46,7 @@ def import_task_module(module: str | None) -> None:
 
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
     """Looks up a registered task or mixture; an unknown name gets close-name suggestions."""
+    import_default_tasks()
     try:
         return seqio.get_mixture_or_task(name)
     except ValueError:
@@ -53,40 +69,6 @@ def check_feature_lengths(provider: seqio.Task | seqio.Mixture, task_feature_len
             f"TASK_FEATURE_LENGTHS {dict(task_feature_lengths)} has no length for {missing} of task "
             f"{provider.name!r}; set e.g. --gin.TASK_FEATURE_LENGTHS=\"{example}\"."
         )
-
-
-LONG_SEQUENCE_ERROR = "is longer than TASK_FEATURE_LENGTHS allows"
-
-
-@gin.configurable(denylist=["dataset", "output_features", "sequence_length"])
-def fit_to_length(
-    dataset: tf.data.Dataset,
-    output_features: Mapping[str, seqio.Feature],
-    sequence_length: Mapping[str, int] | None = None,
-    long_sequences: str = "truncate",
-) -> tf.data.Dataset:
-    """The last preprocessor of a text-to-text task: appends EOS, fitting each feature to its length.
-
-    `long_sequences` (gin) chooses what an example longer than its length (EOS included) gets:
-    "truncate" keeps its first tokens (seqio's `append_eos_after_trim`, T5's choice), "error"
-    fails the pipeline with a message naming the feature and the length.
-    """
-    if long_sequences not in ("truncate", "error"):
-        raise ValueError(f"fit_to_length.long_sequences must be 'truncate' or 'error', got {long_sequences!r}.")
-    if long_sequences == "truncate" or sequence_length is None:
-        return seqio.preprocessors.append_eos_after_trim(dataset, output_features, sequence_length)
-
-    @seqio.map_over_dataset
-    def check(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        for key, length in sequence_length.items():
-            if key in features and key in output_features and output_features[key].add_eos and length is not None:
-                tf.debugging.assert_less_equal(
-                    tf.shape(features[key])[-1] + 1, length,
-                    message=f"An example's {key!r} (with EOS) {LONG_SEQUENCE_ERROR} ({length} tokens)",
-                )
-        return features
-
-    return seqio.preprocessors.append_eos(check(dataset), output_features)
 
 
 @gin.configurable(denylist=["split", "shuffle", "num_epochs"])

@@ -1,11 +1,13 @@
-"""SentencePiece vocabularies for t5x_lite tasks: the bundled 8k model or any `.model` file.
+"""Vocabularies for t5x_lite tasks: SentencePiece (the bundled 8k model or any `.model` file) and label names.
 
 The bundled model (trained by `tools/train_vocab.py` on `bundled/train.txt`) follows T5's id
 conventions: pad=0, eos=1, unk=2, no BOS; the `extra_ids` sentinels are appended on top, so
 `<extra_id_0>` is the last id. In gin: `get_vocabulary.spm_path = "/path/to/spiece.model"`.
+`LabelVocabulary` is the `targets` vocabulary of the classification and tagging tasks.
 """
 
 import pathlib
+from collections.abc import Sequence
 
 import gin
 import seqio
@@ -35,3 +37,27 @@ def get_vocabulary(spm_path: str | None = None, extra_ids: int = DEFAULT_EXTRA_I
             f"vocabulary {BUNDLED_SPM_PATH!r}."
         )
     return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+class LabelVocabulary(seqio.PassThroughVocabulary):
+    """Label or tag ids that pass through unchanged (as metrics want them) and know their names,
+    which `t5x_lite.infer` writes. `first_id` is the id of `names[0]` (tags start at 1: 0 means
+    "no label")."""
+
+    def __init__(self, names: Sequence[str], first_id: int = 0):
+        super().__init__(size=first_id + len(names))
+        self.names = tuple(names)
+        self.first_id = first_id
+
+    def label_name(self, label_id: int) -> str:
+        """The name of one label or tag id; a clear error for an id the task does not define."""
+        index = int(label_id) - self.first_id
+        if not 0 <= index < len(self.names):
+            raise ValueError(
+                f"Label id {label_id} is not one of this task's ids {self.first_id}..{self.size - 1} "
+                f"({', '.join(self.names)}); does the model's BertConfig.num_labels ({len(self.names)} here) match the task?"
+            )
+        return self.names[index]
+
+    def __str__(self) -> str:
+        return f"LabelVocabulary({', '.join(self.names)}; first id {self.first_id})"

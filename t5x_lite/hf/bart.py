@@ -1,9 +1,11 @@
 """BART <-> Hugging Face `BartForConditionalGeneration` (shared, tied embedding; `final_logits_bias`).
 
-The tensor mapping lives beside the network (`t5x_lite.models.bart.params_from_hf` / `params_to_hf`);
-this module adds `config.json` both ways. Our BART has one head count and one feed-forward width for
-both stacks and ties the output layer, so checkpoints that differ (or that use mBART's pre-norm
-layers) are refused by name.
+`config.json` both ways and the tensor map. Our BART has one head count and one feed-forward width
+for both stacks and ties the output layer, so checkpoints that differ (or that use mBART's pre-norm
+layers) are refused by name. Special cases: HF's position tables have 2 extra leading rows (fairseq's
+padding offset: position p reads row p + 2), which the import drops and the export writes as zeros;
+the shared embedding may come as a stack's `embed_tokens`; a `vocab_size` above the checkpoint's pads
+the embedding and `final_logits_bias` ([1, vocab] in HF, optional there) with zeros.
 
 Token ids: t5x_lite pads with 0 and starts decoding from 0 (seqio's conventions). With a BART
 tokenizer, id 0 is `<s>`, which the vocabulary never produces for text, so `<pad>` (1) goes unused
@@ -14,19 +16,23 @@ fine-tune it here before decoding with it. Export writes t5x_lite's ids (see `wr
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping
 
 import numpy as np
 
-from t5x_lite.hf import registry
-from t5x_lite.models import bart, stacks
-from t5x_lite.models.bart import BartConfig, BartModel
+from t5x_lite.hf import registry, tensor_map
+from t5x_lite.models.seq2seq import BartModel
+from t5x_lite.networks.bart import Bart, BartConfig
 
 # HF `activation_function` -> ours, and ours -> the name written on export.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 EXPORT_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-# Keys of older (fairseq-converted) config.json files that would change the network.
-_UNSUPPORTED = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True}
+# Keys (-> the one value we support) of older (fairseq-converted) config.json files that would change the network.
+SUPPORTED = {"normalize_before": False, "add_final_layer_norm": False, "normalize_embedding": True}
+POSITION_OFFSET = 2  # rows of HF's BartLearnedPositionalEmbedding before position 0
+# Tied copies of `shared.weight` that HF files may hold besides it.
+TIED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
 
 
 def _same_in_both_stacks(hf_config: Mapping, encoder_key: str, decoder_key: str, default: int) -> int:
@@ -39,38 +45,19 @@ def _same_in_both_stacks(hf_config: Mapping, encoder_key: str, decoder_key: str,
     return encoder
 
 
-def _has_untied_head(weights: Mapping[str, np.ndarray]) -> bool:
-    shared = next((n for n in ("model.shared.weight", "shared.weight") if n in weights), None)
-    return "lm_head.weight" in weights and shared is not None and not np.array_equal(
-        weights["lm_head.weight"], weights[shared]
-    )
-
-
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> BartConfig:
     """Our `BartConfig` for a HF BART `config.json` (HF's defaults for absent keys)."""
-    for key, supported in _UNSUPPORTED.items():
-        if hf_config.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's BART supports only {supported!r}.")
-    activation = hf_config.get("activation_function", "gelu")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"config.json has activation_function={activation!r}; t5x_lite's BART supports {sorted(ACTIVATIONS)}."
-        )
+    tensor_map.check_tied_head(weights, ("model.shared.weight", "shared.weight"), "BART")
+    registry.check_supported(hf_config, SUPPORTED, "BART")
+    activation = registry.translate(hf_config, "activation_function", "gelu", ACTIVATIONS, "BART")
     heads = _same_in_both_stacks(hf_config, "encoder_attention_heads", "decoder_attention_heads", 16)
     d_ff = _same_in_both_stacks(hf_config, "encoder_ffn_dim", "decoder_ffn_dim", 4096)
     d_model = hf_config.get("d_model", 1024)
-    if d_model % heads:
-        raise ValueError(f"config.json has d_model={d_model}, not a multiple of the {heads} attention heads.")
-    if _has_untied_head(weights):
-        raise ValueError(
-            "The checkpoint has an lm_head.weight that differs from model.shared.weight; t5x_lite's BART ties its "
-            "output layer to the shared embedding, so it cannot load an untied head."
-        )
     return BartConfig(
         vocab_size=hf_config.get("vocab_size", 50265),
         d_model=d_model,
         num_heads=heads,
-        head_dim=d_model // heads,
+        head_dim=registry.head_dim(d_model, heads, "d_model"),
         d_ff=d_ff,
         num_encoder_layers=hf_config.get("encoder_layers", 12),
         num_decoder_layers=hf_config.get("decoder_layers", 12),
@@ -78,7 +65,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Bar
         dropout_rate=float(hf_config.get("dropout", 0.1)),
         attention_dropout_rate=float(hf_config.get("attention_dropout", 0.0)),
         activation_dropout_rate=float(hf_config.get("activation_dropout", 0.0)),
-        activation=ACTIVATIONS[activation],
+        activation=activation,
         scale_embedding=bool(hf_config.get("scale_embedding", False)),
     )
 
@@ -122,22 +109,63 @@ def config_to_hf(config: BartConfig) -> dict:
     }
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="bart",
-        model_types=("bart",),
-        config_class=BartConfig,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=lambda weights, hf_config, config: bart.params_from_hf(weights, config),
-        params_to_hf=bart.params_to_hf,
-        build_model=BartModel,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
-            "max_position_embeddings", "activation", "scale_embedding", "layer_norm_epsilon",
-        ),
-        stack_layers=stacks.stack_layer_params,
-        unstack_layers=stacks.unstack_layer_params,
-        model_names=("BartModel",),
+def _entries(config: BartConfig) -> list[tensor_map.Entry]:
+    """The tensor map (names without `model.`)."""
+    entries = [("shared.weight", ("token_embedder", "embedding"), "same"),
+               ("final_logits_bias", ("final_logits_bias",), "same")]
+    for stack in ("encoder", "decoder"):
+        entries.append((f"{stack}.embed_positions.weight", (f"{stack}_embedder", "position_embedder", "embedding"),
+                        "same"))
+        entries += tensor_map.norm(f"{stack}.layernorm_embedding", (f"{stack}_embedder", "embedding_layer_norm"))
+        count = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
+        attentions = [("self_attn", "self_attention")] + [("encoder_attn", "cross_attention")] * (stack == "decoder")
+        for i in range(count):
+            hf, ours = f"{stack}.layers.{i}", (f"{stack}_layers", i)
+            for hf_att, our_att in attentions:
+                for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+                    entries += tensor_map.dense(f"{hf}.{hf_att}.{proj}", (*ours, our_att, name), "qkv", "heads")
+                entries += tensor_map.dense(f"{hf}.{hf_att}.out_proj", (*ours, our_att, "out"), "out")
+                entries += tensor_map.norm(f"{hf}.{hf_att}_layer_norm", (*ours, f"{our_att}_layer_norm"))
+            entries += tensor_map.dense(f"{hf}.fc1", (*ours, "mlp", "wi"))
+            entries += tensor_map.dense(f"{hf}.fc2", (*ours, "mlp", "wo"))
+            entries += tensor_map.norm(f"{hf}.final_layer_norm", (*ours, "mlp_layer_norm"))
+    return entries
+
+
+def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config: BartConfig) -> dict:
+    """Our unscanned parameters from a `BartForConditionalGeneration` state dict (or `BartModel` names,
+    without the `model.` prefix; numpy arrays or torch tensors); a missing or unexpected tensor, or a
+    wrong shape, is named in the error."""
+    tensors = tensor_map.Renamed(weights, lambda name: name.removeprefix("model."))
+    shared = next((name for name in ("shared.weight", *TIED[:2]) if name in tensors), None)
+    bias = tensor_map.to_numpy(tensors["final_logits_bias"] if "final_logits_bias" in tensors else np.zeros(0))
+    prepared = {"final_logits_bias": tensor_map.pad_vocab(bias.reshape(-1), config.vocab_size, "final_logits_bias")}
+    if shared is not None:
+        embedding = tensor_map.to_numpy(tensors[shared])
+        prepared["shared.weight"] = tensor_map.pad_vocab(embedding, config.vocab_size, shared)
+    for name in ("encoder.embed_positions.weight", "decoder.embed_positions.weight"):
+        if name in tensors:
+            prepared[name] = tensor_map.to_numpy(tensors[name])[POSITION_OFFSET:]
+    return tensor_map.params_from_hf(
+        ChainMap(prepared, tensors), _entries(config), tensor_map.param_shapes(Bart, config),
+        f"a BartForConditionalGeneration with {config.num_encoder_layers}+{config.num_decoder_layers} layers", TIED,
     )
-)
+
+
+def params_to_hf(params: Mapping, config: BartConfig) -> dict[str, np.ndarray]:
+    """`BartForConditionalGeneration` tensors (`model.` names; the tied copies of `model.shared.weight`
+    left out, as transformers writes) from our unscanned parameters, the inverse of `params_from_hf`."""
+    tensors = tensor_map.params_to_hf(params, _entries(config))
+    for name in ("encoder.embed_positions.weight", "decoder.embed_positions.weight"):
+        tensors[name] = np.pad(tensors[name], ((POSITION_OFFSET, 0), (0, 0)))
+    final_logits_bias = tensors.pop("final_logits_bias")[None]
+    return {**{f"model.{name}": value for name, value in tensors.items()}, "final_logits_bias": final_logits_bias}
+
+
+FAMILY = registry.register(registry.Family(
+    name="bart", model_types=("bart",), config_class=BartConfig, build_model=BartModel, model_names=("BartModel",),
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                       "num_decoder_layers", "max_position_embeddings", "activation", "scale_embedding",
+                       "layer_norm_epsilon"),
+))

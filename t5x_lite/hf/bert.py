@@ -1,9 +1,7 @@
 """BERT <-> Hugging Face `BertForMaskedLM`, `BertForPreTraining`, `BertForSequenceClassification`,
 `BertForTokenClassification` (and the head-less `BertModel`).
 
-The tensor mapping lives beside the network (`t5x_lite.models.encoder_only.params_from_hf` /
-`params_to_hf`); this module adds the family: `config.json` both ways and the head. A checkpoint's
-head comes from `architectures` in `config.json` (the first BERT class listed), or, when that is
+`config.json` both ways, the tensor map and the head. A checkpoint's head comes from `architectures` in `config.json` (the first BERT class listed), or, when that is
 absent, from its tensors (`cls.predictions.*`: masked LM; `classifier.*` with a pooler: sequence
 classification, without: token classification):
 
@@ -14,7 +12,10 @@ classification, without: token classification):
     BertForTokenClassification -> "tagging" (`EncoderTaggingModel`), `num_labels` from `id2label`;
     BertModel -> "none": only a starting point for fine-tuning (`INITIAL_CHECKPOINT_PATH='hf:...'`).
 
-Export writes the class of the parameters' head, with the tensor names its `from_pretrained` expects.
+Names are read without the `bert.` prefix and with old TF-era layer norms' `gamma`/`beta` read as
+`weight`/`bias`; the MLM decoder's weight and bias are tied copies (of the word embedding and
+`cls.predictions.bias`). Export writes the class of the parameters' head, with the tensor names its
+`from_pretrained` expects.
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from t5x_lite.hf import registry
-from t5x_lite.models import encoder_only as eo
-from t5x_lite.models import stacks
+from t5x_lite.hf import registry, tensor_map
 from t5x_lite.models.base import BaseModel
-from t5x_lite.models.encoder_only import BertConfig
+from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel, EncoderTaggingModel
+from t5x_lite.networks.bert import Bert, BertConfig, has_pooler
 
 ARCHITECTURES = {
     "BertForMaskedLM": "mlm",
@@ -37,16 +37,31 @@ ARCHITECTURES = {
     "BertModel": "none",
 }
 MODELS = {
-    "mlm": eo.EncoderOnlyMLMModel,
-    "classification": eo.EncoderClassificationModel,
-    "tagging": eo.EncoderTaggingModel,
+    "mlm": EncoderOnlyMLMModel,
+    "classification": EncoderClassificationModel,
+    "tagging": EncoderTaggingModel,
 }
-# config.json keys that would make a BERT compute something else than our network.
-_UNSUPPORTED = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
+# config.json keys (-> the one value we support) that would make a BERT compute something else than ours.
+SUPPORTED = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
+# HF `hidden_act` -> our activation.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# HF tensors that hold nothing of their own: the MLM decoder's tied copies and an old position buffer.
+IGNORED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "embeddings.position_ids")
+# HF names of the heads (outside the `bert.` prefix of the encoder and pooler).
+HEAD_PREFIXES = ("cls.", "classifier.")
+
+
+def hf_name(name: str) -> str:
+    """A HF tensor name as the tensor map spells it: no `bert.` prefix, `.weight`/`.bias` for old TF-era
+    layer norms' `.gamma`/`.beta`."""
+    name = name.removeprefix("bert.")
+    if name.endswith("LayerNorm.gamma"):
+        return name.removesuffix("gamma") + "weight"
+    return name.removesuffix("beta") + "bias" if name.endswith("LayerNorm.beta") else name
 
 
 def _names(weights: Mapping[str, np.ndarray]) -> set[str]:
-    return {eo.hf_name(name) for name in weights}
+    return {hf_name(name) for name in weights}
 
 
 def head_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> str:
@@ -69,16 +84,26 @@ def head_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> str:
 
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> BertConfig:
     """Our `BertConfig` for a HF BERT `config.json`; the next-sentence head if the weights have it."""
-    for key, supported in _UNSUPPORTED.items():
-        if hf_config.get(key, supported) != supported:
-            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's BERT supports only {supported!r}.")
-    if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
-        raise ValueError(
-            f"config.json has hidden_size={hf_config['hidden_size']}, not a multiple of num_attention_heads="
-            f"{hf_config['num_attention_heads']}."
-        )
+    registry.check_supported(hf_config, SUPPORTED, "BERT")
+    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    activation = registry.translate(hf_config, "hidden_act", "gelu", ACTIVATIONS, "BERT")
     nsp = head_from_hf(hf_config, weights) == "mlm" and "cls.seq_relationship.weight" in _names(weights)
-    return eo.config_from_hf(hf_config, next_sentence_prediction=nsp)
+    return BertConfig(
+        vocab_size=hf_config["vocab_size"],
+        d_model=d_model,
+        num_heads=num_heads,
+        head_dim=registry.head_dim(d_model, num_heads, "hidden_size"),
+        d_ff=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        max_position_embeddings=hf_config["max_position_embeddings"],
+        type_vocab_size=hf_config["type_vocab_size"],
+        dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.0)),
+        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
+        activation=activation,
+        initializer_range=hf_config.get("initializer_range", 0.02),
+        num_labels=len(hf_config.get("id2label") or {0: 0, 1: 1}),
+        next_sentence_prediction=nsp,
+    )
 
 
 def config_to_hf(config: BertConfig, head: str = "mlm") -> dict:
@@ -116,21 +141,63 @@ def config_to_hf(config: BertConfig, head: str = "mlm") -> dict:
     return hf_config
 
 
+def _entries(config: BertConfig, head: str, pooler: bool) -> list[tensor_map.Entry]:
+    """The tensor map (names as `hf_name` gives them) of the encoder, the pooler if `pooler`, and `head`."""
+    entries = [(f"embeddings.{table}_embeddings.weight", ("embeddings", f"{table}_embeddings", "embedding"), "same")
+               for table in ("word", "position", "token_type")]
+    entries += tensor_map.norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
+    for i in range(config.num_layers):
+        hf, ours = f"encoder.layer.{i}", ("layers", i)
+        for name in ("query", "key", "value"):
+            entries += tensor_map.dense(f"{hf}.attention.self.{name}", (*ours, "attention", name), "qkv", "heads")
+        entries += tensor_map.dense(f"{hf}.attention.output.dense", (*ours, "attention", "out"), "out")
+        entries += tensor_map.norm(f"{hf}.attention.output.LayerNorm", (*ours, "attention_norm"))
+        entries += tensor_map.dense(f"{hf}.intermediate.dense", (*ours, "mlp", "wi"))
+        entries += tensor_map.dense(f"{hf}.output.dense", (*ours, "mlp", "wo"))
+        entries += tensor_map.norm(f"{hf}.output.LayerNorm", (*ours, "mlp_norm"))
+    if pooler:
+        entries += tensor_map.dense("pooler.dense", ("pooler",))
+    if head == "mlm":
+        entries += tensor_map.dense("cls.predictions.transform.dense", ("mlm", "transform"))
+        entries += tensor_map.norm("cls.predictions.transform.LayerNorm", ("mlm", "layer_norm"))
+        entries.append(("cls.predictions.bias", ("mlm", "bias"), "same"))
+        if config.next_sentence_prediction:
+            entries += tensor_map.dense("cls.seq_relationship", ("nsp",))
+    elif head in ("classification", "tagging"):
+        entries += tensor_map.dense("classifier", ("classifier" if head == "classification" else "tagger",))
+    return entries
+
+
+def params_head(params: Mapping) -> str:
+    """The head (`encoder_only.HEADS`) whose parameters `params` hold."""
+    for key, head in (("classifier", "classification"), ("tagger", "tagging"), ("mlm", "mlm")):
+        if key in params:
+            return head
+    return "none"
+
+
 def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config: BertConfig) -> dict:
-    """Our parameters for the checkpoint's own head (a `BertModel`'s pooler too, when it has one); a
-    missing or unexpected tensor is named in the error."""
-    head = head_from_hf(hf_config, weights)
-    names = _names(weights)
-    pooler = eo.has_pooler(config, head) or (head == "none" and "pooler.dense.weight" in names)
-    params = eo.params_from_hf(weights, config, head, pooler)
-    used = {name for name, _, _ in eo.hf_mapping(config, head, pooler)}
-    unexpected = sorted(names - used - set(eo.HF_IGNORED))
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a {head!r}-head BERT with {config.num_layers} layers does not: "
-            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; is it another architecture?"
-        )
-    return params
+    """Our unscanned parameters for the checkpoint's own head (a `BertModel`'s pooler too, when it has
+    one); names with or without `bert.`; a missing or unexpected tensor is named in the error."""
+    tensors = tensor_map.Renamed(weights, hf_name)
+    head = head_from_hf(hf_config, tensors)
+    pooler = has_pooler(config, head) or (head == "none" and "pooler.dense.weight" in tensors)
+    # A head-less network has no pooler: a BertModel's pooler has the shapes of the classifier network's.
+    shapes = tensor_map.param_shapes(Bert, config, "classification" if head == "none" and pooler else head)
+    return tensor_map.params_from_hf(
+        tensors, _entries(config, head, pooler), shapes, f"a {head!r}-head BERT with {config.num_layers} layers",
+        IGNORED,
+    )
+
+
+def params_to_hf(params: Mapping, config: BertConfig) -> dict[str, np.ndarray]:
+    """HF tensors from our unscanned parameters, named as the `BertFor*` class of their head expects
+    (`bert.`-prefixed encoder; `BertModel` names, unprefixed, for the "none" head). The tied MLM
+    decoder weight and bias are left out, as transformers writes them."""
+    head = params_head(params)
+    prefix = "" if head == "none" else "bert."
+    tensors = tensor_map.params_to_hf(params, _entries(config, head, "pooler" in params))
+    return {(name if name.startswith(HEAD_PREFIXES) else prefix + name): value for name, value in tensors.items()}
 
 
 def build_model(config: BertConfig, head: str = "mlm") -> BaseModel:
@@ -144,25 +211,11 @@ def build_model(config: BertConfig, head: str = "mlm") -> BaseModel:
     return MODELS[head](config)
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="bert",
-        model_types=("bert",),
-        config_class=BertConfig,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=eo.params_to_hf,
-        build_model=build_model,
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
-            "type_vocab_size", "layer_norm_eps", "activation",
-        ),
-        stack_layers=stacks.stack_layer_params,
-        unstack_layers=stacks.unstack_layer_params,
-        model_names=tuple(model.__name__ for model in MODELS.values()),
-        head_from_hf=head_from_hf,
-        head_from_params=eo.params_head,
-        head_fields=("num_labels", "next_sentence_prediction"),
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="bert", model_types=("bert",), config_class=BertConfig, build_model=build_model,
+    model_names=tuple(model.__name__ for model in MODELS.values()),
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers", "max_position_embeddings",
+                       "type_vocab_size", "layer_norm_eps", "activation"),
+    head_from_hf=head_from_hf, head_from_params=params_head, head_fields=("num_labels", "next_sentence_prediction"),
+))

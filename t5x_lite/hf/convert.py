@@ -16,8 +16,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from t5x_lite.hf import files, registry, vocabularies
-from t5x_lite.models import stacks
 from t5x_lite.models.base import BaseModel
+from t5x_lite.nn import stacks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,10 @@ class Checkpoint:
     def model(self, config: Any = None) -> BaseModel:
         """The trainer's model of this checkpoint's family and head, for `config` (default: its own)."""
         return self.family.model(self.config if config is None else config, self.head)
+
+    def params(self) -> dict:
+        """Our parameters, a nested dict of numpy arrays in the unscanned layout (layers keyed 0..n-1)."""
+        return self.family.params_from_hf(self.weights, self.hf_config, self.config)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -65,11 +69,9 @@ def _looks_stacked(params: Mapping) -> bool:
 
 def _converted_params(checkpoint: Checkpoint, stacked: bool) -> dict[str, np.ndarray]:
     """Our parameters by name, in the scanned layout if `stacked`."""
-    params = checkpoint.family.params_from_hf(checkpoint.weights, checkpoint.hf_config, checkpoint.config)
+    params = checkpoint.params()
     if stacked:
-        if checkpoint.family.stack_layers is None:
-            raise ValueError(f"The {checkpoint.family.name} family has no scanned layout (scan_layers=True).")
-        params = checkpoint.family.stack_layers(params)
+        params = stacks.stack_layer_params(params)
     return {param_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
@@ -213,7 +215,7 @@ def write_pretrained(
     family = registry.for_config(config)
     params = jax.tree.map(_to_host, dict(params))
     if _looks_stacked(params):
-        params = family.unstack_layers(params)
+        params = stacks.unstack_layer_params(params)
     head = None if family.head_from_params is None else family.head_from_params(params)
     hf_config = family.hf_config(config, head)
     if vocabulary is not None and vocabulary.eos_id is not None and "eos_token_id" in hf_config:
@@ -246,6 +248,6 @@ def model_gin(model: BaseModel | Any, source: str = "") -> str:
     lines += [f"{config_name}.{field} = {getattr(config, field)!r}"
               for field in (*family.checkpoint_fields, *family.head_fields)]
     macros = {"dropout_rate": "DROPOUT_RATE", "attention_dropout_rate": "DROPOUT_RATE",
-              "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE"}
+              "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE", "kernels": "KERNELS"}
     lines += [f"{config_name}.{name} = %{macro}" for name, macro in macros.items() if hasattr(config, name)]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """One converter per model family, found by `config.json`'s `model_type` or by our config's class.
 
-A family module (e.g. `t5x_lite.hf.t5`) builds a `Family` and calls `register` at import; adding a
-family is one new module plus one line in `FAMILY_MODULES`.
+A family module (e.g. `t5x_lite.hf.t5`) holds its `config.json` both ways, its tensor map (in the
+format of `t5x_lite.hf.tensor_map`) and its special cases, builds a `Family` and calls `register` at
+import; adding a family is one new module plus one line in `FAMILY_MODULES`. The `config.json` checks
+the families share are here too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ class Family:
     build_model(config) -> the trainer's model object (a `BaseModel`).
     checkpoint_fields: the config fields `config.json` fixes (they shape the parameters or the
         function); the others (dropout, activation dtype, remat, scan layout, ...) are free to differ.
-    stack_layers / unstack_layers: unscanned <-> scanned parameter layout, for configs with
-        `scan_layers=True` (None: the family has no scanned layout).
     model_names: the gin names of every trainer model taking this config; `model_gin` binds the config
         for each, so that `MODEL` may switch between them (e.g. a causal LM and a prefix LM).
 
@@ -54,8 +54,6 @@ class Family:
     params_to_hf: Callable[[Mapping, Any], dict[str, np.ndarray]]
     build_model: Callable[..., BaseModel]
     checkpoint_fields: tuple[str, ...]
-    stack_layers: Callable[[dict], dict] | None = None
-    unstack_layers: Callable[[dict], dict] | None = None
     model_names: tuple[str, ...] = ()
     head_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], str] | None = None
     head_from_params: Callable[[Mapping], str] | None = None
@@ -109,6 +107,29 @@ def for_config(config: Any) -> Family:
         f"No Hugging Face converter for a model configured by {type(config).__name__}; supported: "
         f"{', '.join(f.config_class.__name__ for f in _families())}."
     )
+
+
+def check_supported(hf_config: Mapping, supported: Mapping[str, Any], family: str) -> None:
+    """Raises for a `config.json` key that would make the network compute something else than `family`'s
+    (`supported`: key -> the one value we support, also assumed when the key is absent)."""
+    for key, value in supported.items():
+        if hf_config.get(key, value) != value:
+            raise ValueError(f"config.json has {key}={hf_config[key]!r}; t5x_lite's {family} supports only {value!r}.")
+
+
+def translate(hf_config: Mapping, key: str, default: str, ours: Mapping[str, str], family: str) -> str:
+    """Our name for `config.json`'s `key` (`default` when absent) through `ours`; other values are refused."""
+    value = hf_config.get(key, default)
+    if value not in ours:
+        raise ValueError(f"config.json has {key}={value!r}; t5x_lite's {family} supports {sorted(ours)}.")
+    return ours[value]
+
+
+def head_dim(d_model: int, heads: int, d_model_key: str) -> int:
+    """`config.json`'s width per attention head; a `d_model_key` value that heads do not divide is refused."""
+    if d_model % heads:
+        raise ValueError(f"config.json has {d_model_key}={d_model}, not a multiple of its {heads} attention heads.")
+    return d_model // heads
 
 
 def check_config_matches(family: Family, expected: Any, configured: Any, source: str) -> None:

@@ -15,59 +15,47 @@ scaling folded in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from t5x_lite.hf import registry
-from t5x_lite.models import stacks
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.hf import registry, tensor_map
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5, T5Config
 
-FEED_FORWARD_PROJ = ("relu", "gated-gelu")
+FEED_FORWARD_PROJ = {"relu": "relu", "gated-gelu": "gated-gelu"}  # HF's -> ours
 
 # Tensors of HF files that duplicate others (tied copies) or that HF itself never uses.
 IGNORED = (
     "encoder.embed_tokens.weight",
     "decoder.embed_tokens.weight",
     "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+    "lm_head.weight",  # a copy of shared.weight when the head is tied
 )
 
 
-# Each layout: (to ours from HF, to HF from ours), given (heads, head_dim).
-def _qkv(h: int, d: int) -> tuple[Callable, Callable]:
-    return (lambda w: w.T.reshape(-1, h, d)), (lambda k: k.reshape(k.shape[0], h * d).T)
-
-
-def _out(h: int, d: int) -> tuple[Callable, Callable]:
-    return (lambda w: w.T.reshape(h, d, -1)), (lambda k: k.reshape(h * d, k.shape[-1]).T)
-
-
-_TRANSPOSE = (lambda w: w.T), (lambda k: k.T)
-_SAME = (lambda w: w), (lambda k: k)
-
-
-def _mapping(config: T5Config) -> Iterator[tuple[str, tuple, tuple[Callable, Callable]]]:
-    """(HF tensor name, our param path, layouts) for every parameter except the output head."""
-    h, d = config.num_heads, config.head_dim
+def _entries(config: T5Config) -> Iterator[tensor_map.Entry]:
+    """The tensor map: every parameter, the untied head included."""
     mlp = ("wi_0", "wi_1", "wo") if config.feed_forward == "gated-gelu" else ("wi", "wo")
 
-    def attention(hf: str, ours: tuple) -> Iterator:
+    def attention(hf: str, ours: tuple) -> Iterator[tensor_map.Entry]:
         for hf_name, our_name in (("q", "query"), ("k", "key"), ("v", "value")):
-            yield f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"), _qkv(h, d)
-        yield f"{hf}.o.weight", (*ours, "out", "kernel"), _out(h, d)
+            yield f"{hf}.{hf_name}.weight", (*ours, our_name, "kernel"), "qkv"
+        yield f"{hf}.o.weight", (*ours, "out", "kernel"), "out"
 
-    def norm(hf: str, ours: tuple) -> Iterator:
-        yield f"{hf}.layer_norm.weight", (*ours, "scale"), _SAME
+    def norm(hf: str, ours: tuple) -> Iterator[tensor_map.Entry]:
+        yield f"{hf}.layer_norm.weight", (*ours, "scale"), "same"
 
-    def feed_forward(hf: str, ours: tuple) -> Iterator:
+    def feed_forward(hf: str, ours: tuple) -> Iterator[tensor_map.Entry]:
         for name in mlp:
-            yield f"{hf}.DenseReluDense.{name}.weight", (*ours, "mlp", name, "kernel"), _TRANSPOSE
+            yield f"{hf}.DenseReluDense.{name}.weight", (*ours, "mlp", name, "kernel"), "transpose"
 
-    yield "shared.weight", ("token_embedder", "embedding"), _SAME
+    yield "shared.weight", ("token_embedder", "embedding"), "same"
     for stack in ("encoder", "decoder"):
         bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-        yield bias, (stack, "relpos_bias", "rel_embedding"), _TRANSPOSE
-        yield f"{stack}.final_layer_norm.weight", (stack, f"{stack}_norm", "scale"), _SAME
+        yield bias, (stack, "relpos_bias", "rel_embedding"), "transpose"
+        yield f"{stack}.final_layer_norm.weight", (stack, f"{stack}_norm", "scale"), "same"
     for i in range(config.num_encoder_layers):
         hf, ours = f"encoder.block.{i}.layer", ("encoder", "layers", i)
         yield from attention(f"{hf}.0.SelfAttention", (*ours, "attention"))
@@ -82,6 +70,8 @@ def _mapping(config: T5Config) -> Iterator[tuple[str, tuple, tuple[Callable, Cal
         yield from norm(f"{hf}.1", (*ours, "pre_cross_attention_layer_norm"))
         yield from feed_forward(f"{hf}.2", ours)
         yield from norm(f"{hf}.2", (*ours, "pre_mlp_layer_norm"))
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", ("logits_dense", "kernel"), "transpose"
 
 
 def _scales_decoder_output(hf_config: Mapping) -> bool:
@@ -92,18 +82,9 @@ def _scales_decoder_output(hf_config: Mapping) -> bool:
     return hf_config.get("tie_word_embeddings", True) is not False
 
 
-def _has_separate_head(weights: Mapping[str, np.ndarray]) -> bool:
-    return "lm_head.weight" in weights and not np.array_equal(weights["lm_head.weight"], weights["shared.weight"])
-
-
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5Config:
     """Our `T5Config` for a HF T5/mT5 `config.json` (and its weights, for the head)."""
-    proj = hf_config.get("feed_forward_proj", "relu")
-    if proj not in FEED_FORWARD_PROJ:
-        raise ValueError(
-            f"config.json has feed_forward_proj={proj!r}; t5x_lite's T5 supports {list(FEED_FORWARD_PROJ)} "
-            "(T5 v1.0 and v1.1 / Flan-T5 / mT5)."
-        )
+    proj = registry.translate(hf_config, "feed_forward_proj", "relu", FEED_FORWARD_PROJ, "T5 (v1.0, v1.1, mT5)")
     layers = hf_config.get("num_layers", 6)
     decoder_layers = hf_config.get("num_decoder_layers")
     return T5Config(
@@ -118,7 +99,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5C
         relative_attention_num_buckets=hf_config.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf_config.get("relative_attention_max_distance", 128),
         feed_forward=proj,
-        tie_word_embeddings=_scales_decoder_output(hf_config) and not _has_separate_head(weights),
+        tie_word_embeddings=_scales_decoder_output(hf_config) and not tensor_map.untied_head(weights, ("shared.weight",)),
         layer_norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-6)),
     )
 
@@ -148,66 +129,32 @@ def config_to_hf(config: T5Config) -> dict:
     }
 
 
-def _set(tree: dict, path: tuple, value: np.ndarray) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple) -> np.ndarray:
-    for key in path:
-        tree = tree[key] if key in tree else tree[str(key)]  # layer keys are str in some checkpoints
-    return np.asarray(tree, np.float32)
-
-
 def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config: T5Config) -> dict:
-    """Our unscanned parameters from HF tensors; a missing or unexpected tensor is named in the error."""
-    params: dict = {}
-    used = set(IGNORED)
-    for name, path, (to_ours, _) in _mapping(config):
-        if name not in weights:
-            raise ValueError(f"The checkpoint has no tensor {name!r} (needed for {'/'.join(map(str, path))}).")
-        _set(params, path, to_ours(weights[name]))
-        used.add(name)
-    if not config.tie_word_embeddings:
-        head = weights["lm_head.weight"] if "lm_head.weight" in weights else weights["shared.weight"]
+    """Our unscanned parameters from HF tensors; a missing or unexpected tensor is named in the error.
+
+    An untied head is `lm_head.weight` (else `shared.weight`), with a scaled decoder output folded in."""
+    prepared = {}
+    source = next((name for name in ("lm_head.weight", "shared.weight") if name in weights), None)
+    if not config.tie_word_embeddings and source is not None:
+        head = tensor_map.to_numpy(weights[source])
         if _scales_decoder_output(hf_config):  # a scaled, untied head: fold the scale into the kernel
             head = head * np.float32(config.d_model**-0.5)
-        _set(params, ("logits_dense", "kernel"), head.T)
-    used.add("lm_head.weight")
-    unexpected = sorted(set(weights) - used)
-    if unexpected:
-        raise ValueError(
-            f"The checkpoint has tensors a T5ForConditionalGeneration does not: {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''}; is it another architecture or a model with an extra head?"
-        )
-    return params
+        prepared["lm_head.weight"] = head
+    return tensor_map.params_from_hf(
+        ChainMap(prepared, weights), list(_entries(config)), tensor_map.param_shapes(T5, config),
+        "a T5ForConditionalGeneration", IGNORED,
+    )
 
 
 def params_to_hf(params: Mapping, config: T5Config) -> dict[str, np.ndarray]:
     """HF tensors from our unscanned parameters (no `lm_head.weight` when tied, as transformers writes)."""
-    tensors = {name: to_hf(_get(params, path)) for name, path, (_, to_hf) in _mapping(config)}
-    if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = _get(params, ("logits_dense", "kernel")).T
-    return tensors
+    return tensor_map.params_to_hf(params, list(_entries(config)))
 
 
-FAMILY = registry.register(
-    registry.Family(
-        name="t5",
-        model_types=("t5", "mt5"),
-        config_class=T5Config,
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        params_from_hf=params_from_hf,
-        params_to_hf=params_to_hf,
-        build_model=lambda config: EncoderDecoderModel(config),
-        checkpoint_fields=(
-            "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers", "num_decoder_layers",
-            "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward",
-            "tie_word_embeddings", "layer_norm_epsilon",
-        ),
-        stack_layers=stacks.stack_layer_params,
-        unstack_layers=stacks.unstack_layer_params,
-    )
-)
+FAMILY = registry.register(registry.Family(
+    name="t5", model_types=("t5", "mt5"), config_class=T5Config, build_model=EncoderDecoderModel,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, params_from_hf=params_from_hf, params_to_hf=params_to_hf,
+    checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                       "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance",
+                       "feed_forward", "tie_word_embeddings", "layer_norm_epsilon"),
+))

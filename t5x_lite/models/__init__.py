@@ -1,0 +1,3 @@
+"""Trainer adapters of the model families; importing the package registers their gin configurables."""
+
+from t5x_lite.models import causal, encoder, seq2seq  # noqa: F401

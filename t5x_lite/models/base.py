@@ -1,50 +1,49 @@
-"""The contract between the trainer and a model family: build a network, score a batch.
+"""The contract between the trainer and a model family: build a network, score a batch, decode.
 
-A family subclass says which seqio feature converter shapes its batches, how to build
-its NNX network, and which batch features feed it (`network_logits`). The loss, the
-metrics and everything the trainer needs are shared here.
+A trainer model (gin-configurable) wraps a network config: it says which seqio feature converter
+shapes its batches, how to build its NNX network, and which batch features feed it. The loss,
+scoring and everything else the trainer needs are shared here; families override only what differs.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import seqio
 from flax import nnx
 
+from t5x_lite.decoding import GREEDY, DecodeConfig
+from t5x_lite.networks.config_checks import max_dropout_rate
 from t5x_lite.training import losses
 
 
 class BaseModel(abc.ABC):
     """A model family: network construction plus the loss over a feature-converted batch."""
 
-    feature_converter_cls: type[seqio.FeatureConverter]
     # Whether inputs and targets are text (so `infer` can take a file of raw inputs); BERT's heads
     # predict masked pieces, labels or tags of a task's examples instead.
     text_to_text = True
     targets_key = "decoder_target_tokens"
     weights_key = "decoder_loss_weights"
 
-    def __init__(self, label_smoothing: float = 0.0, z_loss: float = 0.0):
+    def __init__(self, config: Any, label_smoothing: float = 0.0, z_loss: float = 0.0):
+        self.config = config
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+
+    @property
+    @abc.abstractmethod
+    def feature_converter_cls(self) -> type:
+        """The seqio `FeatureConverter` class that shapes this model's batches (imported on use:
+        seqio brings TensorFlow, which only the processes that read data need)."""
 
     @abc.abstractmethod
     def build_network(self, rngs: nnx.Rngs) -> nnx.Module:
         """Creates the network with freshly initialised parameters."""
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int:
-        """The number of rows of the output projection (>= the vocabulary's size)."""
-
-    @property
-    @abc.abstractmethod
-    def dropout_rate(self) -> float:
-        """Dropout probability used in training (0 disables the dropout RNG)."""
 
     @abc.abstractmethod
     def network_logits(
@@ -52,47 +51,57 @@ class BaseModel(abc.ABC):
     ) -> jax.Array:
         """Runs the network on a batch and returns float32 logits aligned with the targets."""
 
+    @property
+    def vocab_size(self) -> int:
+        """The number of rows of the output projection (>= the vocabulary's size)."""
+        return self.config.vocab_size
+
+    @property
+    def dropout_rate(self) -> float:
+        """The largest dropout probability of training (0 disables the dropout RNG)."""
+        return max_dropout_rate(self.config)
+
+    def scored_tokens(
+        self, network: nnx.Module, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(float32 logits [.., classes], target ids [..], weights [..]) over which the loss and the
+        scores are computed: by default the network's logits, `targets_key` and `weights_key`."""
+        logits = self.network_logits(network, batch, dropout_rngs)
+        return logits, batch[self.targets_key], batch[self.weights_key].astype(jnp.float32)
+
     def loss_fn(
         self, network: nnx.Module, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Mean token loss (normalised by the number of target tokens) and the summed terms."""
-        logits = self.network_logits(network, batch, dropout_rngs)
+        """Mean token loss (normalised by the summed weights) and the summed terms."""
+        logits, targets, weights = self.scored_tokens(network, batch, dropout_rngs)
         sums = losses.cross_entropy(
-            logits,
-            batch[self.targets_key],
-            batch[self.weights_key],
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
+            logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss
         )
-        return sums["loss_sum"] / jax.numpy.maximum(sums["weight_sum"], 1.0), sums
+        return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+
+    def score_batch(self, network: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """[b] float32 log-likelihood of each row's targets (teacher-forced, one pass): the targets'
+        log-probabilities summed with their weights. For rank classification, score each option as its
+        own (unpacked) row and take the max."""
+        logits, targets, weights = self.scored_tokens(network, batch)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(token_log_probs * weights, axis=-1)
 
     def predict_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The features of an unpacked host batch that `predict_batch` may see: inputs, never targets."""
         return {k: v for k, v in batch.items() if k.startswith("encoder_")}
 
+    @abc.abstractmethod
     def predict_batch(
         self,
         network: nnx.Module,
         batch: Mapping[str, jax.Array],
         *,
         max_decode_length: int,
-        method: str = "greedy",
+        decode: DecodeConfig = GREEDY,
         rng: jax.Array | None = None,
-        beam_size: int = 4,
-        alpha: float = 0.6,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_id: int = 1,
     ) -> jax.Array:
-        """Decodes [b, max_decode_length] output tokens (0 after EOS) for an unpacked batch.
-
-        `method`: "greedy", "sample" (needs `rng`; `temperature` 0 = argmax, `top_k` 0 = off,
-        `top_p` 1 = off) or "beam" (`beam_size`, length penalty `alpha`; returns the best beam).
-        Call it inside `jax.jit` with the keyword arguments fixed (they shape the computation).
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not implement predict_batch yet.")
-
-    def score_batch(self, network: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """[b] float32 per-row log-likelihood of the targets, weighted by the loss weights."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement score_batch yet.")
+        """Predicted output ids for an unpacked batch: decoded tokens [b, max_decode_length] (0 after
+        EOS) by `decode` for generative models, labels or tags for encoder heads. Call it inside
+        `jax.jit` with `max_decode_length` and `decode` static (they shape the computation)."""

@@ -23,6 +23,7 @@ from clu.data.dataset_iterator import TfDatasetIterator
 from flax import nnx
 from jax.sharding import Mesh
 
+import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel

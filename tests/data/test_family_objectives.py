@@ -16,8 +16,10 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import bart, family_tasks, lm, mlm, pipeline, special_tokens, tasks, vocab
+import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks these tests read)
+from t5x_lite.data import pipeline, registration, sources, special_tokens, vocab
 from t5x_lite.data.feature_converters import MaskedLMFeatureConverter
+from t5x_lite.data.preprocessors import bart_noise, lm, mlm
 
 VOCAB = vocab.get_vocabulary()
 MASK, CLS, SEP = 8099, 8098, 8097
@@ -344,7 +346,7 @@ def test_infilling_span_lengths_are_poisson_3_and_rate_is_30_percent():
     length, num = 500, 2000
 
     def plan(seed):
-        is_span, span_length = bart.infilling_plan(length, seed, 0.3, 3.0)
+        is_span, span_length = bart_noise.infilling_plan(length, seed, 0.3, 3.0)
         return {"is_span": is_span, "span_length": span_length}
 
     first_spans, zero = [], 0
@@ -369,8 +371,8 @@ def test_infilling_replaces_each_span_by_one_mask():
     tokens = tf.constant(_random_tokens(1, 200, seed=6)[0])
 
     def infill(seed):
-        is_span, span_length = bart.infilling_plan(200, seed, 0.3, 3.0)
-        noised = bart.infill_text(tokens, seed, 0.3, 3.0, MASK)
+        is_span, span_length = bart_noise.infilling_plan(200, seed, 0.3, 3.0)
+        noised = bart_noise.infill_text(tokens, seed, 0.3, 3.0, MASK)
         return {"noised": noised, "is_span": is_span, "span_length": span_length}
 
     original = tokens.numpy()
@@ -411,7 +413,7 @@ def test_sentence_permutation_keeps_the_multiset_of_sentences():
     tokens = _random_tokens(300, 120, seed=7)
     tokens[rng.random(tokens.shape) < 0.1] = ends[0]
     ds = tf.data.Dataset.from_tensor_slices((tokens, np.stack([np.arange(300), np.full(300, 17)], 1)))
-    permuted = _numpy(ds.map(lambda t, seed: {"out": bart.permute_sentences(t, seed, table)}))
+    permuted = _numpy(ds.map(lambda t, seed: {"out": bart_noise.permute_sentences(t, seed, table)}))
     for original, ex in zip(tokens, permuted):
         assert _as_concatenation(ex["out"], _sentences(original, is_end)) is not None
     assert sum(not np.array_equal(o, ex["out"]) for o, ex in zip(tokens, permuted)) > 280
@@ -420,7 +422,7 @@ def test_sentence_permutation_keeps_the_multiset_of_sentences():
 def test_token_deletion_rate_and_order():
     tokens = np.arange(LOW, LOW + 100, dtype=np.int32)
     deleted = np.zeros(100)
-    for ex in _per_seed(lambda seed: {"out": bart.delete_tokens(tf.constant(tokens), seed, 0.2)}, 2000):
+    for ex in _per_seed(lambda seed: {"out": bart_noise.delete_tokens(tf.constant(tokens), seed, 0.2)}, 2000):
         assert len(ex["out"]) == 80 and (np.diff(ex["out"]) > 0).all()  # a subsequence, in order
         deleted[np.setdiff1d(tokens, ex["out"]) - LOW] += 1
     # Each position is deleted with probability 0.2: SE 0.0089 per position over 2000; bound 0.045.
@@ -429,7 +431,7 @@ def test_token_deletion_rate_and_order():
 
 def test_token_masking_rate():
     tokens = _random_tokens(1, 100, seed=8)[0]
-    for ex in _per_seed(lambda seed: {"out": bart.mask_tokens(tf.constant(tokens), seed, 0.15, MASK)}, 50):
+    for ex in _per_seed(lambda seed: {"out": bart_noise.mask_tokens(tf.constant(tokens), seed, 0.15, MASK)}, 50):
         assert (ex["out"] == MASK).sum() == 15
         np.testing.assert_array_equal(ex["out"][ex["out"] != MASK], tokens[ex["out"] != MASK])
 
@@ -437,7 +439,7 @@ def test_token_masking_rate():
 def test_document_rotation_is_a_rotation():
     tokens = np.arange(LOW, LOW + 50, dtype=np.int32)
     offsets = set()
-    for ex in _per_seed(lambda seed: {"out": bart.rotate_document(tf.constant(tokens), seed)}, 300):
+    for ex in _per_seed(lambda seed: {"out": bart_noise.rotate_document(tf.constant(tokens), seed)}, 300):
         offset = int(ex["out"][0] - LOW)
         np.testing.assert_array_equal(ex["out"], np.roll(tokens, -offset))
         offsets.add(offset)
@@ -446,7 +448,7 @@ def test_document_rotation_is_a_rotation():
 
 def test_bart_noise_defaults_and_gin_switches():
     sequences = list(_random_tokens(50, 100, seed=9))
-    out = _run(bart.bart_noise, sequences, output_features=FEATURES, sequence_length={"inputs": 128, "targets": 128})
+    out = _run(bart_noise.bart_noise, sequences, output_features=FEATURES, sequence_length={"inputs": 128, "targets": 128})
     for original, ex in zip(sequences, out):
         np.testing.assert_array_equal(ex["targets"], original)
         assert (ex["inputs"] == MASK).any() and len(ex["inputs"]) < 100
@@ -455,19 +457,19 @@ def test_bart_noise_defaults_and_gin_switches():
         "bart_noise.token_deletion_rate = 0.1\nbart_noise.document_rotation = True"
     )
     try:
-        out = _run(bart.bart_noise, sequences, output_features=FEATURES)
+        out = _run(bart_noise.bart_noise, sequences, output_features=FEATURES)
     finally:
         gin.clear_config()
     assert all(len(ex["inputs"]) == 90 and not (ex["inputs"] == MASK).any() for ex in out)
     with pytest.raises(ValueError, match="text_infilling_rate"):
-        _run(bart.bart_noise, sequences, output_features=FEATURES, text_infilling_rate=1.5)
+        _run(bart_noise.bart_noise, sequences, output_features=FEATURES, text_infilling_rate=1.5)
 
 
 # ---------------------------------------------------------------- registered tasks
 
 
 def _stream(split="validation"):
-    with open(tasks.BUNDLED_DIR / f"{split}.txt") as f:
+    with open(sources.BUNDLED_DIR / f"{split}.txt") as f:
         return [VOCAB.encode(line.rstrip("\n")) for line in f]
 
 
@@ -515,7 +517,7 @@ def test_bundled_task_gives_batches(name, lengths, converter, batch_features):
         assert loss_weights.sum() < loss_weights.size
 
 
-@pytest.mark.parametrize("objective", sorted(family_tasks.OBJECTIVES))
+@pytest.mark.parametrize("objective", sorted(registration.OBJECTIVES))
 def test_c4_twin_absent_fails_at_once_naming_the_flag(tmp_path, objective):
     seqio.set_tfds_data_dir_override(str(tmp_path))
     seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS.clear()
@@ -530,11 +532,11 @@ def test_c4_twin_absent_fails_at_once_naming_the_flag(tmp_path, objective):
 def test_register_family_task_over_user_files(tmp_path):
     (tmp_path / "a.txt").write_text("The first document. It has two sentences!\nA second document, longer than one.\n")
     name = f"tmp_{uuid.uuid4().hex}"
-    task = family_tasks.register_family_task(name, "bart_denoising", {"train": str(tmp_path / "*.txt")})
+    task = registration.register_family_task(name, "bart_denoising", {"train": str(tmp_path / "*.txt")})
     try:
         example = next(task.get_dataset({"inputs": 16, "targets": 16}, split="train", shuffle=False).as_numpy_iterator())
         assert example["targets"][-1] == 1 and len(example["targets"]) == 16
     finally:
         seqio.TaskRegistry.remove(name)
     with pytest.raises(ValueError, match="Unknown objective 'gpt'"):
-        family_tasks.register_family_task(name, "gpt", {"train": str(tmp_path / "*.txt")})
+        registration.register_family_task(name, "gpt", {"train": str(tmp_path / "*.txt")})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from t5x_lite.data import qa_metrics
+from t5x_lite.data.metrics import qa as qa_metrics
 
 
 def test_squad_normalisation():

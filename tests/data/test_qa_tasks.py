@@ -10,7 +10,10 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5x_lite.data import qa_metrics, qa_tasks, unifiedqa, vocab
+from t5x_lite.data import registration, vocab
+from t5x_lite.data.metrics import qa as qa_metrics
+from t5x_lite.data.preprocessors import unifiedqa
+from t5x_lite.tasks import qa as qa_tasks
 
 LENGTHS = {"inputs": 512, "targets": 64}
 QA_DIR = qa_tasks.QA_DIR
@@ -121,9 +124,9 @@ def test_seqio_evaluator_with_perfect_predictions(format, expected):
 
 def test_squad_targets_keep_every_reference():
     ex = {"answers": np.array([b"denver broncos", b"the broncos"])}
-    assert qa_tasks.postprocess_with_references("ignored", example=ex, is_target=True) == ["denver broncos", "the broncos"]
-    assert qa_tasks.postprocess_with_references(" broncos ", example=ex, is_target=False) == "broncos"
-    assert qa_metrics.squad([qa_tasks.postprocess_with_references("", example=ex, is_target=True)], ["Broncos"])["em"] == 100.0
+    assert qa_metrics.postprocess_with_references("ignored", example=ex, is_target=True) == ["denver broncos", "the broncos"]
+    assert qa_metrics.postprocess_with_references(" broncos ", example=ex, is_target=False) == "broncos"
+    assert qa_metrics.squad([qa_metrics.postprocess_with_references("", example=ex, is_target=True)], ["Broncos"])["em"] == 100.0
 
 
 # ------------------------------------------------------------------ the mixture
@@ -155,7 +158,7 @@ def test_bundled_mixture_samples_tasks_examples_proportionally():
     mixture = seqio.get_mixture_or_task(qa_tasks.BUNDLED_MIXTURE)
     sizes = {t.name: t.num_input_examples("train") for t in mixture.tasks}
     assert sorted(sizes.values()) == [600, 800, 1000, 1200]
-    expected = expected_shares(sizes, qa_tasks.BUNDLED_MIXTURE_MAXIMUM, 1.0)  # 1000, 800, 1000, 600 of 3400
+    expected = expected_shares(sizes, registration.QA_MIXING_MAXIMUM, 1.0)  # 1000, 800, 1000, 600 of 3400
     assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == pytest.approx(
         {k: min(n, 1000) for k, n in sizes.items()})
     shares = sample_task_shares(qa_tasks.BUNDLED_MIXTURE, 2000)  # binomial sd <= 0.011
@@ -166,7 +169,7 @@ def test_bundled_mixture_samples_tasks_examples_proportionally():
 @pytest.mark.parametrize("maximum, temperature", [(None, 1.0), (700, 2.0)])
 def test_configured_mixture_rates(maximum, temperature):
     names = ["bundled_qa_yes_no", "bundled_qa_abstractive"]
-    qa_tasks.register_qa_mixture("tmp_qa_mix", names, maximum=maximum, temperature=temperature, overwrite=True)
+    registration.register_qa_mixture("tmp_qa_mix", names, maximum=maximum, temperature=temperature, overwrite=True)
     try:
         sizes = {"bundled_qa_yes_no": 1200, "bundled_qa_abstractive": 600}
         expected = expected_shares(sizes, maximum, temperature)  # 2/3 | sqrt(700)/(sqrt(700)+sqrt(600)) = 0.519
@@ -178,8 +181,8 @@ def test_configured_mixture_rates(maximum, temperature):
 
 def test_qa_mixing_rate_formula():
     task = seqio.get_mixture_or_task("bundled_qa_yes_no")
-    assert qa_tasks.qa_mixing_rate(task) == 1000
-    assert qa_tasks.qa_mixing_rate(task, maximum=None, temperature=2.0) == pytest.approx(1200 ** 0.5)
+    assert registration.qa_mixing_rate(task) == 1000
+    assert registration.qa_mixing_rate(task, maximum=None, temperature=2.0) == pytest.approx(1200 ** 0.5)
 
 
 # ------------------------------------------------------------------ your own files
@@ -205,7 +208,7 @@ def test_register_from_jsonl(tmp_path, registered):
     ]
     path = write_jsonl(tmp_path / "train.jsonl", records)
     registered.append("tmp_qa_jsonl")
-    task = qa_tasks.register_qa_task("tmp_qa_jsonl", {"train": path}, "extractive")
+    task = registration.register_qa_task("tmp_qa_jsonl", {"train": path}, "extractive")
     assert task.metric_fns == [qa_metrics.squad]
     examples = list(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
     assert [ex["inputs_pretokenized"].decode() for ex in examples] == [
@@ -224,8 +227,8 @@ def test_register_from_tsv_multiple_choice_and_yes_no(tmp_path, registered):
         "Who was Billy?\tThe skinny kid|The big kid\tThe big kid\tBilly was like a king.\n")
     (tmp_path / "yn.tsv").write_text("question\tcontext\tanswer\nIs it?\tIt is.\ttrue\nIs it not?\tIt is.\tNo\n")
     registered.extend(["tmp_qa_mc", "tmp_qa_yn"])
-    mc = qa_tasks.register_qa_task("tmp_qa_mc", {"validation": str(tmp_path / "mc.tsv")}, "multiple_choice")
-    yn = qa_tasks.register_qa_task("tmp_qa_yn", {"train": str(tmp_path / "yn.tsv")}, "yes_no")
+    mc = registration.register_qa_task("tmp_qa_mc", {"validation": str(tmp_path / "mc.tsv")}, "multiple_choice")
+    yn = registration.register_qa_task("tmp_qa_yn", {"train": str(tmp_path / "yn.tsv")}, "yes_no")
     assert mc.metric_fns == [qa_metrics.accuracy] and yn.metric_fns == [qa_metrics.accuracy]
     ex = list(mc.get_dataset(LENGTHS, split="validation", shuffle=False).as_numpy_iterator())
     assert ex[0]["inputs_pretokenized"].decode() == "which is the best conductor?" + unifiedqa.SEPARATOR + "(a) iron (b) feather"
@@ -240,7 +243,7 @@ def test_register_from_tsv_multiple_choice_and_yes_no(tmp_path, registered):
 def test_multiple_choice_answer_index_and_custom_metrics(tmp_path, registered):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Q?", "options": ["a", "b", "c"], "answers": [2]}])
     registered.append("tmp_qa_mc_index")
-    task = qa_tasks.register_qa_task("tmp_qa_mc_index", {"train": path}, "multiple_choice",
+    task = registration.register_qa_task("tmp_qa_mc_index", {"train": path}, "multiple_choice",
                                      metric_fns=[qa_metrics.squad])
     assert task.metric_fns == [qa_metrics.squad]
     assert next(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())["targets_pretokenized"] == b"c"
@@ -252,14 +255,14 @@ def test_record_missing_a_field_names_file_line_and_field(tmp_path):
         {"question": "Who else?", "answers": ["Bo"]},
     ])
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: the record has no 'context' field.*'extractive'"):
-        qa_tasks.register_qa_task("tmp_qa_bad", {"train": path}, "extractive")
+        registration.register_qa_task("tmp_qa_bad", {"train": path}, "extractive")
     assert "tmp_qa_bad" not in seqio.TaskRegistry.names()
     path = write_jsonl(tmp_path / "bad_mc.jsonl", [{"question": "Q?", "answers": ["x"]}])
     with pytest.raises(ValueError, match=r"bad_mc\.jsonl, line 1: the record has no 'options' field"):
-        qa_tasks.register_qa_task("tmp_qa_bad", {"train": path}, "multiple_choice")
+        registration.register_qa_task("tmp_qa_bad", {"train": path}, "multiple_choice")
     (tmp_path / "bad.tsv").write_text("question\tcontext\nWho?\tAnn.\n")
     with pytest.raises(ValueError, match=r"bad\.tsv, line 2: the record has no 'answers' field \(or 'answer'\)"):
-        qa_tasks.register_qa_task("tmp_qa_bad", {"train": str(tmp_path / "bad.tsv")}, "extractive")
+        registration.register_qa_task("tmp_qa_bad", {"train": str(tmp_path / "bad.tsv")}, "extractive")
 
 
 def test_bad_values_are_named(tmp_path):
@@ -270,10 +273,10 @@ def test_bad_values_are_named(tmp_path):
     for record, format, message in cases:
         path = write_jsonl(tmp_path / f"{format}.jsonl", [record])
         with pytest.raises(ValueError, match=rf"line 1: .*{message}"):
-            qa_tasks.register_qa_task("tmp_qa_bad", {"train": path}, format)
+            registration.register_qa_task("tmp_qa_bad", {"train": path}, format)
     (tmp_path / "broken.jsonl").write_text('{"question": "Q?"\n')
     with pytest.raises(ValueError, match=r"broken\.jsonl, line 1: not valid JSON"):
-        qa_tasks.register_qa_task("tmp_qa_bad", {"train": str(tmp_path / "broken.jsonl")}, "extractive")
+        registration.register_qa_task("tmp_qa_bad", {"train": str(tmp_path / "broken.jsonl")}, "extractive")
 
 
 @pytest.mark.parametrize("filename, text", [("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("empty.tsv", ""),
@@ -281,17 +284,17 @@ def test_bad_values_are_named(tmp_path):
 def test_empty_file(tmp_path, filename, text):
     (tmp_path / filename).write_text(text)
     with pytest.raises(ValueError, match=rf"{filename.replace('.', '[.]')}: no records \(the file is empty\)"):
-        qa_tasks.register_qa_task("tmp_qa_empty", {"train": str(tmp_path / filename)}, "extractive")
+        registration.register_qa_task("tmp_qa_empty", {"train": str(tmp_path / filename)}, "extractive")
 
 
 def test_missing_file_unknown_extension_unknown_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="tmp_qa_none.*No file matches"):
-        qa_tasks.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "nothing*.jsonl")}, "extractive")
+        registration.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "nothing*.jsonl")}, "extractive")
     (tmp_path / "data.csv").write_text("question,context,answer\n")
     with pytest.raises(ValueError, match="unknown QA file type '.csv'"):
-        qa_tasks.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "data.csv")}, "extractive")
+        registration.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "data.csv")}, "extractive")
     with pytest.raises(ValueError, match="Unknown UnifiedQA format"):
-        qa_tasks.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "data.csv")}, "span")
+        registration.register_qa_task("tmp_qa_none", {"train": str(tmp_path / "data.csv")}, "span")
 
 
 # ------------------------------------------------------------------ TFDS tasks
@@ -305,14 +308,14 @@ def test_squad_and_boolq_record_adapters():
                     "answer_start": tf.ragged.constant([[23, 23]])},
         "title": ["Nikola_Tesla"], "id": ["x"],
     })
-    ex = next(unifiedqa.extractive_preprocessor(qa_tasks.squad_to_records(squad)).as_numpy_iterator())
+    ex = next(unifiedqa.extractive_preprocessor(unifiedqa.squad_to_records(squad)).as_numpy_iterator())
     assert ex["inputs"].decode() == ("at what speed did the turbine operate?" + unifiedqa.SEPARATOR
                                      + "tesla demonstrated his 16,000 rpm bladeless turbine.")
     assert ex["targets"] == b"16,000 rpm" and ex["answers"].tolist() == [b"16,000 rpm", b"16,000 rpm"]
     boolq = tf.data.Dataset.from_tensor_slices({
         "question": ["was america the first country to have a president", "is it?"],
         "passage": ["(President) The first usage ...", "It is."], "label": [0, 1], "idx": [0, 1]})
-    out = list(unifiedqa.yes_no_preprocessor(qa_tasks.boolq_to_records(boolq)).as_numpy_iterator())
+    out = list(unifiedqa.yes_no_preprocessor(unifiedqa.boolq_to_records(boolq)).as_numpy_iterator())
     assert out[0]["inputs"].decode() == ("was america the first country to have a president?" + unifiedqa.SEPARATOR
                                          + "(president) the first usage ...")
     assert [o["targets"] for o in out] == [b"no", b"yes"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from t5x_lite.data import qa_tasks, unifiedqa
+from t5x_lite.data import sources
+from t5x_lite.data.preprocessors import unifiedqa
 
 SEP = " \\n "  # space, backslash, n, space
 
@@ -101,7 +102,7 @@ def test_format_example_yes_no_from_bool_answer():
 @pytest.mark.parametrize("format", unifiedqa.FORMATS)
 def test_tf_preprocessor_matches_python(format):
     record = {"context": "", "options": [], **RECORDS[format]}
-    ds = qa_tasks.records_to_dataset([record])
+    ds = sources.records_to_dataset([record])
     out = next(unifiedqa.PREPROCESSORS[format](ds).as_numpy_iterator())
     assert out["inputs"].decode() == EXPECTED[format]["inputs"]
     assert out["targets"].decode() == EXPECTED[format]["targets"]
@@ -110,13 +111,13 @@ def test_tf_preprocessor_matches_python(format):
 
 def test_tf_multiple_choice_without_context():
     record = {"question": "Which is the best conductor?", "context": "", "options": ["iron", "feather"], "answers": ["iron"]}
-    out = next(unifiedqa.multiple_choice_preprocessor(qa_tasks.records_to_dataset([record])).as_numpy_iterator())
+    out = next(unifiedqa.multiple_choice_preprocessor(sources.records_to_dataset([record])).as_numpy_iterator())
     assert out["inputs"].decode() == "which is the best conductor?" + SEP + "(a) iron (b) feather"
 
 
 def test_tf_preprocessor_keeps_case_when_asked():
     record = {"question": "Who?", "context": "Ann  met\tBo.", "options": [], "answers": ["Ann"]}
-    ds = unifiedqa.to_text_to_text(qa_tasks.records_to_dataset([record]), format="extractive", lowercase=False)
+    ds = unifiedqa.to_text_to_text(sources.records_to_dataset([record]), format="extractive", lowercase=False)
     out = next(ds.as_numpy_iterator())
     assert out["inputs"].decode() == "Who?" + SEP + "Ann met Bo." and out["targets"].decode() == "Ann"
 
@@ -124,7 +125,7 @@ def test_tf_preprocessor_keeps_case_when_asked():
 def test_multiple_choice_rank_classification_expands_options():
     record = dict(RECORDS["multiple_choice"])
     other = {"question": "Which?", "context": "", "options": ["red", "Blue"], "answers": ["blue"]}
-    ds = unifiedqa.multiple_choice_rank_classification(qa_tasks.records_to_dataset([record, other]))
+    ds = unifiedqa.multiple_choice_rank_classification(sources.records_to_dataset([record, other]))
     rows = list(ds.as_numpy_iterator())
     assert len(rows) == 6
     assert [r["targets"].decode() for r in rows[:4]] == ["the skinny kid", "a teacher", "a little kid", "the big kid"]

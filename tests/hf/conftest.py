@@ -1,4 +1,7 @@
-"""Random tiny Hugging Face T5 models saved to temporary directories (no download)."""
+"""Random tiny Hugging Face T5 models saved to temporary directories (no download), and the inputs and
+logits of encoder-decoder parity checks."""
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -49,13 +52,25 @@ def hf_t5_dirs(tmp_path_factory):
     return out
 
 
-def random_inputs(vocab_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder ids with padding (0) in two rows, and decoder ids starting with BOS = 0."""
+def randomised(model, norm_scale: Callable[[str], bool]):
+    """`model` with every parameter random: norm scales (the names `norm_scale` accepts) in [0.5, 1.5],
+    the rest normal(0, 0.2); HF's zero biases and unit scales would hide a wrong mapping."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.uniform_(0.5, 1.5) if norm_scale(name) else param.normal_(0.0, 0.2)
+    return model
+
+
+def random_inputs(vocab_size: int, seed: int = 0, first_id: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder ids in [first_id, vocab_size) with padding (0) in two rows, and decoder ids starting with 0
+    (BOS, t5x_lite's decoder start)."""
     rng = np.random.default_rng(seed)
-    enc = rng.integers(2, vocab_size, (3, 11)).astype(np.int32)
+    enc = rng.integers(first_id, vocab_size, (3, 11)).astype(np.int32)
     enc[0, 7:] = 0
     enc[2, 4:] = 0
-    dec = rng.integers(2, vocab_size, (3, 9)).astype(np.int32)
+    dec = rng.integers(first_id, vocab_size, (3, 9)).astype(np.int32)
     dec[:, 0] = 0
     return enc, dec
 

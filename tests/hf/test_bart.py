@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from t5x_lite.decoding import DecodeConfig
 from t5x_lite import hf
+from tests.hf.conftest import hf_logits, random_inputs, randomised
 from tests.hf.tokenizer_fixtures import bart_style_bpe, save_hf_tokenizer, seqio_packed_examples
 
 torch = pytest.importorskip("torch")
@@ -28,11 +30,9 @@ TINY = {"vocab_size": VOCAB, "d_model": 32, "encoder_layers": 2, "decoder_layers
 def bart_dir(tmp_path_factory):
     """(HF model, its save_pretrained directory with tokenizer files), every parameter random."""
     torch.manual_seed(0)
-    model = transformers.BartForConditionalGeneration(transformers.BartConfig(**TINY)).eval()
+    model = randomised(transformers.BartForConditionalGeneration(transformers.BartConfig(**TINY)).eval(),
+                       lambda name: ("layer_norm" in name or "layernorm" in name) and name.endswith("weight"))
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            norm_scale = ("layer_norm" in name or "layernorm" in name) and name.endswith("weight")
-            param.uniform_(0.5, 1.5) if norm_scale else param.normal_(0.0, 0.2)
         model.final_logits_bias.normal_(0.0, 0.5)
     folder = tmp_path_factory.mktemp("bart")
     model.save_pretrained(folder)
@@ -43,30 +43,17 @@ def bart_dir(tmp_path_factory):
     return model, folder
 
 
-def random_inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder ids with t5x_lite's padding (0) in two rows; decoder ids starting from 0 (our start id)."""
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(3, VOCAB, (3, 11)).astype(np.int32)
-    enc[0, 7:] = 0
-    enc[2, 4:] = 0
-    dec = rng.integers(3, VOCAB, (3, 9)).astype(np.int32)
-    dec[:, 0] = 0
-    return enc, dec
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
 
 
-def hf_logits(model, enc: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0),
-                     decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
-
-
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_imported_logits_match_hf(bart_dir, scan_layers):
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
+def test_imported_logits_match_hf(bart_dir, scan_layers, kernels):
     model, folder = bart_dir
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert (network.config.num_heads, network.config.d_ff, network.config.vocab_size) == (4, 64, VOCAB)
-    enc, dec = random_inputs()
+    enc, dec = random_inputs(VOCAB, first_id=3)
     diff = float(np.abs(np.asarray(network(jnp.asarray(enc), jnp.asarray(dec))) - hf_logits(model, enc, dec)).max())
     print(f"bart: max |logits - HF| = {diff:.2e}")
     assert diff < 1e-4
@@ -90,7 +77,7 @@ def test_greedy_decode_matches_hf_generate(bart_dir, scan_layers):
     model, folder = bart_dir
     network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
     length = 8
-    enc, _ = random_inputs(seed=3)
+    enc, _ = random_inputs(VOCAB, seed=3, first_id=3)
     # As EOS, a token that some rows emit early and others never: the padding after EOS is compared too.
     free = hf_greedy(model, enc, length, None)
     eos = next(t for t in free[:, :length // 2].ravel().tolist() if not all(t in row for row in free.tolist()))
@@ -98,7 +85,7 @@ def test_greedy_decode_matches_hf_generate(bart_dir, scan_layers):
     assert 0 < sum(eos in row for row in expected.tolist()) < len(enc)
     ours = hf.load_model(folder, scan_layers=scan_layers)
     predict = nnx.jit(lambda m, e: ours.predict_batch(m, {"encoder_input_tokens": e}, max_decode_length=length,
-                                                      eos_id=eos))
+                                                      decode=DecodeConfig(eos_id=eos)))
     np.testing.assert_array_equal(np.asarray(predict(network, jnp.asarray(enc))), expected)
 
 
@@ -118,7 +105,7 @@ def test_export_round_trips_through_transformers(bart_dir, tmp_path):
             assert not value[:2].any()
             value, expected = value[2:], expected[2:]
         np.testing.assert_array_equal(value, expected, err_msg=name)
-    enc, dec = random_inputs(seed=1)
+    enc, dec = random_inputs(VOCAB, seed=1, first_id=3)
     np.testing.assert_array_equal(hf_logits(reloaded, enc, dec), hf_logits(model, enc, dec))
     again, _ = hf.from_pretrained(tmp_path / "exported")
     jax.tree.map(np.testing.assert_array_equal, nnx.state(again, nnx.Param), nnx.state(network, nnx.Param))

@@ -13,7 +13,10 @@ import pytest
 from flax import nnx
 
 from t5x_lite import checkpoints, hf
-from t5x_lite.models import encoder_only as eo
+from t5x_lite.hf import bert as hf_bert
+from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel
+from t5x_lite.networks.bert import Bert
+from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import save_hf_tokenizer, seqio_packed_examples, wordpiece
 
 torch = pytest.importorskip("torch")
@@ -41,10 +44,7 @@ def random_hf_bert(variant: str):
     class_name, num_labels, _, _ = VARIANTS[variant]
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(transformers.BertConfig(**TINY, num_labels=num_labels)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.uniform_(0.5, 1.5) if "LayerNorm.weight" in name else param.normal_(0.0, 0.2)
-    return model
+    return randomised(model, lambda name: "LayerNorm.weight" in name)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def hf_outputs(model, tokens: np.ndarray, types: np.ndarray):
                      token_type_ids=torch.tensor(types, dtype=torch.long))
 
 
-def our_outputs(network: eo.Bert, tokens: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
+def our_outputs(network: Bert, tokens: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
     """The head's logits under HF's output names (eager: quicker than compiling, for tiny models)."""
     hidden = network.encode(jnp.asarray(tokens), token_type_ids=jnp.asarray(types))
     if network.head != "mlm":
@@ -91,11 +91,15 @@ def our_outputs(network: eo.Bert, tokens: np.ndarray, types: np.ndarray) -> dict
             "seq_relationship_logits": np.asarray(network.nsp_logits(hidden))}
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
+
+
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_imported_logits_match_hf(bert_dirs, variant, scan_layers):
+def test_imported_logits_match_hf(bert_dirs, variant, scan_layers, kernels):
     model, folder = bert_dirs[variant]
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert network.head == VARIANTS[variant][2]
     assert network.config.next_sentence_prediction == (variant == "pretraining")
@@ -172,12 +176,12 @@ def test_finetuning_a_classifier_from_a_masked_lm_directory_keeps_the_new_head_f
     model_mlm, mlm_dir = bert_dirs["mlm"]
     model_pre, pre_dir = bert_dirs["pretraining"]
     config = dataclasses.replace(hf.open_checkpoint(mlm_dir).config, num_labels=5, dropout_rate=0.1)
-    model = eo.EncoderClassificationModel(config)
+    model = EncoderClassificationModel(config)
     fresh = nnx.to_pure_dict(nnx.state(model.build_network(nnx.Rngs(7)), nnx.Param))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
 
     restored = checkpoints.restore_params(f"hf:{mlm_dir}", abstract, model, fresh=fresh)
-    expected = eo.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, config, "none")
+    expected = hf_bert.params_from_hf({k: v.numpy() for k, v in model_mlm.state_dict().items()}, {}, config)
     for name in ("embeddings", "layers"):
         jax.tree.map(np.testing.assert_array_equal, restored[name], expected[name])
     for head in ("pooler", "classifier"):
@@ -189,12 +193,12 @@ def test_finetuning_a_classifier_from_a_masked_lm_directory_keeps_the_new_head_f
 
     with pytest.raises(ValueError, match=r"has parameters this model lacks: \['mlm/"):  # only with fresh params
         checkpoints.restore_params(f"hf:{mlm_dir}", abstract, model)
-    nsp_model = eo.EncoderOnlyMLMModel(dataclasses.replace(config, next_sentence_prediction=True))
+    nsp_model = EncoderOnlyMLMModel(dataclasses.replace(config, next_sentence_prediction=True))
     nsp_fresh = nnx.to_pure_dict(nnx.state(nsp_model.build_network(nnx.Rngs(7)), nnx.Param))
     nsp_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nsp_fresh)
     with pytest.raises(ValueError, match=r"has no parameter (nsp|pooler)/"):  # not a fresh head of that model
         checkpoints.restore_params(f"hf:{mlm_dir}", nsp_abstract, nsp_model, fresh=nsp_fresh)
-    wrong = eo.EncoderClassificationModel(dataclasses.replace(config, d_ff=128))
+    wrong = EncoderClassificationModel(dataclasses.replace(config, d_ff=128))
     with pytest.raises(ValueError, match=r"BertConfig.d_ff is 128 in the model config but 64 in "):
         checkpoints.restore_params(f"hf:{mlm_dir}", abstract, wrong, fresh=fresh)
 

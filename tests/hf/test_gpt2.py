@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from t5x_lite import checkpoints, hf, partitioning
+from t5x_lite.decoding import DecodeConfig
+from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import gpt2_style_bpe, save_hf_tokenizer, seqio_packed_examples
 
 torch = pytest.importorskip("torch")
@@ -26,10 +28,8 @@ TINY = {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positio
 def gpt2_dir(tmp_path_factory):
     """(HF model, its save_pretrained directory with tokenizer files); n_inner unset (HF: 4 * n_embd)."""
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.uniform_(0.5, 1.5) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else param.normal_(0, 0.2)
+    model = randomised(transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval(),
+                       lambda name: name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")))
     folder = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(folder)
     tokenizer_json = gpt2_style_bpe(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
@@ -51,10 +51,14 @@ def hf_logits(model, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(real)).logits.numpy()
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_imported_logits_match_hf(gpt2_dir, scan_layers):
+# Each KERNELS set ('cpu_tuned' is what 'auto' picks on the CPU), unrolled and scanned.
+LAYOUTS = [(False, "cpu_tuned"), (True, "cpu_tuned"), (False, "xla"), (True, "xla")]
+
+
+@pytest.mark.parametrize("scan_layers,kernels", LAYOUTS)
+def test_imported_logits_match_hf(gpt2_dir, scan_layers, kernels):
     model, folder = gpt2_dir
-    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers, kernels=kernels)
     assert network.config.scan_layers is scan_layers
     assert (network.config.d_ff, network.config.head_dim, network.config.activation) == (128, 8, "gelu_tanh")
     tokens, real = right_padded()
@@ -90,7 +94,7 @@ def test_greedy_decode_matches_hf_generate(gpt2_dir, scan_layers):
     for row, prompt in enumerate(prompts):
         batch[row, : len(prompt)], causal[row, : len(prompt)] = prompt, 1
     ours = hf.load_model(folder, scan_layers=scan_layers)
-    predict = nnx.jit(lambda m, b: ours.predict_batch(m, b, max_decode_length=length, eos_id=eos))
+    predict = nnx.jit(lambda m, b: ours.predict_batch(m, b, max_decode_length=length, decode=DecodeConfig(eos_id=eos)))
     got = predict(network, {"decoder_input_tokens": jnp.asarray(batch), "decoder_causal_attention": jnp.asarray(causal)})
     np.testing.assert_array_equal(np.asarray(got), expected)
 

@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from t5x_lite import hf, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import train_state
 from tests.hf.conftest import TINY, VARIANTS, hf_logits, random_inputs
 
@@ -24,10 +25,11 @@ def our_logits(network, enc, dec) -> np.ndarray:
     return np.asarray(network(jnp.asarray(enc), jnp.asarray(dec)))  # eager: quicker than compiling, for tiny models
 
 
+@pytest.mark.parametrize("kernels", ["cpu_tuned", "xla"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_imported_logits_match_hf(hf_t5_dirs, variant):
+def test_imported_logits_match_hf(hf_t5_dirs, variant, kernels):
     model, folder = hf_t5_dirs[variant]
-    network, vocabulary = hf.from_pretrained(folder)
+    network, vocabulary = hf.from_pretrained(folder, kernels=kernels)
     assert vocabulary is None  # no tokenizer files in this directory
     assert network.config.feed_forward == VARIANTS[variant][1]
     assert network.config.tie_word_embeddings == (variant == "t5_v1_0")

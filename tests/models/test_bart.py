@@ -14,8 +14,10 @@ from flax import nnx
 
 from t5x_lite import cli
 from t5x_lite import train as train_lib
-from t5x_lite.models import bart
-from t5x_lite.models.bart import Bart, BartConfig, BartModel
+from t5x_lite.decoding import DecodeConfig
+from t5x_lite.hf import bart as hf_bart
+from t5x_lite.models.seq2seq import BartModel
+from t5x_lite.networks.bart import Bart, BartConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -53,7 +55,7 @@ def random_hf_bart(config: BartConfig) -> transformers.BartForConditionalGenerat
 def network_from_hf(hf: transformers.BartForConditionalGeneration, config: BartConfig) -> Bart:
     network = Bart(config, rngs=nnx.Rngs(1))
     state = nnx.state(network, nnx.Param)
-    params = bart.params_from_hf(hf.state_dict(), config)
+    params = hf_bart.params_from_hf(hf.state_dict(), hf.config.to_dict(), config)
     assert jax.tree.structure(nnx.to_pure_dict(state)) == jax.tree.structure(params)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     nnx.update(network, state)
@@ -104,7 +106,7 @@ def test_logits_match_hf(scale_embedding, hf_and_ours):
 def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
     hf, network = hf_and_ours
     state_dict = {k: v.numpy() for k, v in hf.state_dict().items()}
-    back = bart.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
+    back = hf_bart.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
     tied = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"}
     assert set(back) == set(state_dict) - tied
     for name, value in back.items():
@@ -115,16 +117,16 @@ def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
 
     # BartModel names (no `model.` prefix) import too; a padded vocabulary gets zero rows and biases.
     bare = {k.removeprefix("model."): v for k, v in state_dict.items() if k != "lm_head.weight"}
-    params = bart.params_from_hf(bare, dataclasses.replace(TINY, vocab_size=128))
+    params = hf_bart.params_from_hf(bare, {}, dataclasses.replace(TINY, vocab_size=128))
     assert params["token_embedder"]["embedding"].shape == (128, TINY.d_model)
     assert not params["final_logits_bias"][TINY.vocab_size:].any()
 
     with pytest.raises(ValueError, match="no tensor 'decoder.layers.1.fc2.bias'"):
-        bart.params_from_hf({k: v for k, v in bare.items() if k != "decoder.layers.1.fc2.bias"}, TINY)
+        hf_bart.params_from_hf({k: v for k, v in bare.items() if k != "decoder.layers.1.fc2.bias"}, {}, TINY)
     with pytest.raises(ValueError, match=r"with 2\+1 layers does not: \['decoder.layers.1"):
-        bart.params_from_hf(bare, dataclasses.replace(TINY, num_decoder_layers=1))
+        hf_bart.params_from_hf(bare, {}, dataclasses.replace(TINY, num_decoder_layers=1))
     with pytest.raises(ValueError, match=r"encoder.embed_positions.weight.*\(24, 32\).*needs \(30, 32\)"):
-        bart.params_from_hf(bare, dataclasses.replace(TINY, max_position_embeddings=30))
+        hf_bart.params_from_hf(bare, {}, dataclasses.replace(TINY, max_position_embeddings=30))
 
 
 def uncached_greedy(network: Bart, encoder: np.ndarray, steps: int) -> np.ndarray:
@@ -144,7 +146,7 @@ def test_cached_greedy_equals_uncached_and_hf_generate(hf_and_ours):
     steps = 8
     encoder, _ = batch_with_padding(TINY, seed=1)
     model = BartModel(TINY)
-    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, eos_id=NO_EOS))
+    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, decode=DecodeConfig(eos_id=NO_EOS)))
     cached = np.asarray(predict(network, {"encoder_input_tokens": jnp.asarray(encoder)}))
     np.testing.assert_array_equal(cached, uncached_greedy(network, encoder, steps))
     with torch.no_grad():
@@ -206,7 +208,7 @@ def test_config_and_decode_length_errors(hf_and_ours):
         BartConfig(attention_dropout_rate=1.0)
     encoded = jnp.zeros((1, 3, TINY.d_model))
     with pytest.raises(ValueError, match="max_decode_length 25 exceeds the decoder's 24 learned positions"):
-        network.init_decode_state(encoded, jnp.ones((1, 3), jnp.int32), 25)
+        network.init_decode_state(encoded, jnp.ones((1, 3), bool), 25)
 
 
 # ------------------------------------------------------------------ gin files and training through t5x_lite.train

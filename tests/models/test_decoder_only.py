@@ -14,10 +14,13 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks read below)
 from t5x_lite import cli, evaluation, partitioning
 from t5x_lite import train as train_lib
-from t5x_lite.models import decoder_only
-from t5x_lite.models.decoder_only import GPT, DecoderOnlyModel, GPTConfig, PrefixLMModel
+from t5x_lite.decoding import DecodeConfig
+from t5x_lite.hf import gpt2 as hf_gpt2
+from t5x_lite.models.causal import DecoderOnlyModel, PrefixLMModel
+from t5x_lite.networks.gpt import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -57,7 +60,7 @@ def load(network: nnx.Module, params: dict) -> None:
 
 def network_from_hf(hf: transformers.GPT2LMHeadModel, config: GPTConfig = TINY) -> GPT:
     network = GPT(config, rngs=nnx.Rngs(1))
-    load(network, decoder_only.params_from_hf(hf.state_dict(), config))
+    load(network, hf_gpt2.params_from_hf(hf.state_dict(), hf.config.to_dict(), config))
     return network
 
 
@@ -100,7 +103,7 @@ def test_logits_match_hf_with_right_and_left_padding(hf_and_ours):
 def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
     hf, network = hf_and_ours
     state_dict = {k: v.numpy() for k, v in hf.state_dict().items()}
-    back = decoder_only.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
+    back = hf_gpt2.params_to_hf(nnx.to_pure_dict(nnx.state(network, nnx.Param)), TINY)
     assert set(back) == set(state_dict) - {"lm_head.weight"}
     for name, value in back.items():
         np.testing.assert_array_equal(value, state_dict[name], err_msg=name)
@@ -108,16 +111,16 @@ def test_hf_mapping_round_trips_and_rejects_mismatches(hf_and_ours):
     # GPT2Model names (no `transformer.` prefix) import too; a padded vocabulary gets zero rows.
     bare = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k != "lm_head.weight"}
     padded = dataclasses.replace(TINY, vocab_size=128)
-    params = decoder_only.params_from_hf(bare, padded)
+    params = hf_gpt2.params_from_hf(bare, {}, padded)
     assert params["token_embedder"]["embedding"].shape == (128, TINY.d_model)
     assert not params["token_embedder"]["embedding"][TINY.vocab_size:].any()
 
     with pytest.raises(ValueError, match="no tensor 'h.1.ln_1.weight'"):
-        decoder_only.params_from_hf({k: v for k, v in bare.items() if k != "h.1.ln_1.weight"}, TINY)
+        hf_gpt2.params_from_hf({k: v for k, v in bare.items() if k != "h.1.ln_1.weight"}, {}, TINY)
     with pytest.raises(ValueError, match="tensors a GPT2LMHeadModel with 1 layers does not"):
-        decoder_only.params_from_hf(bare, dataclasses.replace(TINY, num_layers=1))
+        hf_gpt2.params_from_hf(bare, {}, dataclasses.replace(TINY, num_layers=1))
     with pytest.raises(ValueError, match=r"wpe.weight.*shape \(40, 32\).*needs \(64, 32\)"):
-        decoder_only.params_from_hf(bare, dataclasses.replace(TINY, max_position_embeddings=64))
+        hf_gpt2.params_from_hf(bare, {}, dataclasses.replace(TINY, max_position_embeddings=64))
 
 
 def prompt_batch(prompts: list[list[int]], width: int) -> dict[str, jax.Array]:
@@ -156,7 +159,7 @@ def test_cached_greedy_equals_uncached_and_hf_generate(hf_and_ours):
     hf, network = hf_and_ours
     steps = 9
     model = DecoderOnlyModel(TINY)
-    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, eos_id=NO_EOS))
+    predict = nnx.jit(lambda m, b: model.predict_batch(m, b, max_decode_length=steps, decode=DecodeConfig(eos_id=NO_EOS)))
     cached = np.asarray(predict(network, prompt_batch(PROMPTS, width=10)))
 
     uncached = [uncached_greedy(network, prompt, steps, prefix_lm=False) for prompt in PROMPTS]
@@ -186,7 +189,7 @@ def test_prefix_lm_cached_decoding_equals_uncached_and_ignores_targets(hf_and_ou
 
     for method in ("greedy", "beam"):
         predict = nnx.jit(lambda m, b, method=method: model.predict_batch(
-            m, b, max_decode_length=steps, method=method, beam_size=1, eos_id=NO_EOS))
+            m, b, max_decode_length=steps, decode=DecodeConfig(method=method, beam_size=1, eos_id=NO_EOS)))
         cached = np.asarray(predict(network, features))
         uncached = [uncached_greedy(network, prompt, steps, prefix_lm=True) for prompt in PROMPTS]
         np.testing.assert_array_equal(cached, uncached, err_msg=method)

@@ -15,15 +15,17 @@ import pytest
 from flax import nnx
 
 from t5x_lite import features
-from t5x_lite.models import encoder_only as eo
-from t5x_lite.models import stacks
-from t5x_lite.models.encoder_decoder import T5, T5Config
+from t5x_lite.hf import bert as hf_bert
+from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel, EncoderTaggingModel
+from t5x_lite.networks.bert import Bert, BertConfig
+from t5x_lite.networks.t5 import T5, T5Config
+from t5x_lite.nn import stacks
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
-TINY = eo.BertConfig(vocab_size=120, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2,
+TINY = BertConfig(vocab_size=120, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2,
                      max_position_embeddings=40, num_labels=3)
 
 
@@ -52,11 +54,11 @@ def random_network(make, seed: int = 0) -> nnx.Module:
     return network
 
 
-def ours_from(hf: torch.nn.Module, head: str, **overrides) -> eo.Bert:
-    config = eo.config_from_hf(hf.config.to_dict(), **overrides)
-    network = nnx.eval_shape(lambda: eo.Bert(config, head, rngs=nnx.Rngs(1)))
+def ours_from(hf: torch.nn.Module, head: str, **overrides) -> Bert:
     weights = {name: value.detach().numpy() for name, value in hf.state_dict().items()}
-    params = eo.params_from_hf(weights, config, head)
+    config = dataclasses.replace(hf_bert.config_from_hf(hf.config.to_dict(), weights), **overrides)
+    network = nnx.eval_shape(lambda: Bert(config, head, rngs=nnx.Rngs(1)))
+    params = hf_bert.params_from_hf(weights, hf.config.to_dict(), config)
     nnx.update(network, stacks.stack_layer_params(params) if config.scan_layers else params)
     return network
 
@@ -107,7 +109,7 @@ def test_classification_and_tagging_logits_match_hugging_face():
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_frozen_features_equal_hugging_face_hidden_states(scan_layers):
-    hf = randomised(transformers.BertModel(hf_config()))
+    hf = randomised(transformers.BertModel(hf_config(), add_pooling_layer=False))  # the "none" network has none
     ours = ours_from(hf, "none", scan_layers=scan_layers)
     with torch.no_grad():
         expected = hf(**hf_inputs(), output_hidden_states=True).hidden_states
@@ -153,7 +155,7 @@ def mlm_batch(rng: np.random.Generator, batch: int = 4, length: int = 16) -> dic
 
 
 def test_mlm_loss_ignores_unchosen_positions_and_the_gathered_loss_is_exact():
-    model = eo.EncoderOnlyMLMModel(TINY)
+    model = EncoderOnlyMLMModel(TINY)
     network = random_network(lambda: model.build_network(nnx.Rngs(0)))
     batch = mlm_batch(np.random.default_rng(0))
     loss_of = nnx.jit(lambda network, batch: model.loss_fn(network, batch))
@@ -172,13 +174,13 @@ def test_mlm_loss_ignores_unchosen_positions_and_the_gathered_loss_is_exact():
     expected = -jnp.sum(picked * batch["encoder_loss_weights"]) / jnp.sum(batch["encoder_loss_weights"])
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
     assert int(np.sum(batch["encoder_loss_weights"])) > 0.05 * batch["encoder_loss_weights"].size
-    overflowing = eo.EncoderOnlyMLMModel(TINY, max_prediction_fraction=0.05)
+    overflowing = EncoderOnlyMLMModel(TINY, max_prediction_fraction=0.05)
     np.testing.assert_allclose(float(overflowing.loss_fn(network, batch)[0]), float(expected), rtol=1e-5)
 
 
 def test_bf16_training_step_with_dropout_executes():
-    config = eo.BertConfig(**{**TINY.__dict__, "dtype": "bfloat16", "dropout_rate": 0.1, "remat_policy": "full"})
-    model = eo.EncoderOnlyMLMModel(config)
+    config = BertConfig(**{**TINY.__dict__, "dtype": "bfloat16", "dropout_rate": 0.1, "remat_policy": "full"})
+    model = EncoderOnlyMLMModel(config)
     network = random_network(lambda: model.build_network(nnx.Rngs(0)))
     batch = mlm_batch(np.random.default_rng(2))
 
@@ -194,8 +196,8 @@ def test_bf16_training_step_with_dropout_executes():
 
 
 def test_nsp_adds_its_mean_loss_and_needs_the_head():
-    config = eo.BertConfig(**{**TINY.__dict__, "next_sentence_prediction": True})
-    model = eo.EncoderOnlyMLMModel(config)
+    config = BertConfig(**{**TINY.__dict__, "next_sentence_prediction": True})
+    model = EncoderOnlyMLMModel(config)
     network = random_network(lambda: model.build_network(nnx.Rngs(0)))
     batch = mlm_batch(np.random.default_rng(1))
     labels = jnp.asarray([1, 0, 1, 1])
@@ -204,13 +206,13 @@ def test_nsp_adds_its_mean_loss_and_needs_the_head():
     hidden = network.encode(batch["encoder_input_tokens"])
     nsp = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(network.nsp_logits(hidden)), (1 - labels)[:, None], -1))
     np.testing.assert_allclose(with_nsp, mlm_only + float(nsp), rtol=1e-5)
-    plain = eo.EncoderOnlyMLMModel(TINY)
+    plain = EncoderOnlyMLMModel(TINY)
     with pytest.raises(ValueError, match="next_sentence_prediction = True"):
         plain.loss_fn(random_network(lambda: plain.build_network(nnx.Rngs(0))), dict(batch, next_sentence_labels=labels))
 
 
 def test_packed_segments_do_not_see_each_other():
-    network = random_network(lambda: eo.Bert(TINY, "mlm", rngs=nnx.Rngs(0)))
+    network = random_network(lambda: Bert(TINY, "mlm", rngs=nnx.Rngs(0)))
     run = nnx.jit(lambda network, tokens, segments, positions: network(tokens, segments, positions))
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
     packed = jnp.asarray([a + b + [0, 0]])
@@ -231,7 +233,7 @@ def test_packed_segments_do_not_see_each_other():
 
 
 def test_classification_and_tagging_models():
-    cls_model = eo.EncoderClassificationModel(TINY)
+    cls_model = EncoderClassificationModel(TINY)
     network = random_network(lambda: cls_model.build_network(nnx.Rngs(0)))
     tokens = jnp.asarray(TOKENS)
     batch = {"encoder_input_tokens": tokens, "encoder_token_type_ids": jnp.asarray(TYPES),
@@ -249,7 +251,7 @@ def test_classification_and_tagging_models():
     padded = {k: jnp.concatenate([v, jnp.zeros_like(v[:1])]) for k, v in batch.items()}
     np.testing.assert_allclose(float(cls_model.loss_fn(network, padded)[0]), float(loss), rtol=1e-5)
 
-    tag_model = eo.EncoderTaggingModel(TINY)
+    tag_model = EncoderTaggingModel(TINY)
     tagger = random_network(lambda: tag_model.build_network(nnx.Rngs(0)))
     tags = jnp.asarray(np.where(TOKENS > 0, (TOKENS % 3) + 1, 0)).at[:, 0].set(0)
     tag_batch = {"encoder_input_tokens": tokens, "encoder_target_tokens": tags,
@@ -274,7 +276,7 @@ def test_bert_base_and_large_parameter_counts():
         gin.clear_config()
         gin.parse_config_files_and_bindings(
             [str(Path(__file__).parents[2] / "gin_configs" / "models" / "bert" / gin_file)],
-            ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "MODEL = @EncoderClassificationModel()",
+            ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", "MODEL = @EncoderClassificationModel()",
              "_configured.model = %MODEL"],
         )
         try:
@@ -290,11 +292,11 @@ def test_bert_base_and_large_parameter_counts():
 
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="remat_policy='some'"):
-        eo.BertConfig(remat_policy="some")
+        BertConfig(remat_policy="some")
     with pytest.raises(ValueError, match="Unknown BERT head 'qa'"):
-        eo.Bert(TINY, "qa", rngs=nnx.Rngs(0))
+        Bert(TINY, "qa", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exceeds the model's 40 learned positions"):
-        random_network(lambda: eo.Bert(TINY, "none", rngs=nnx.Rngs(0)))(jnp.ones((1, 41), jnp.int32))
+        random_network(lambda: Bert(TINY, "none", rngs=nnx.Rngs(0)))(jnp.ones((1, 41), jnp.int32))
 
 
 # ------------------------------------------------------------------ training runs
@@ -333,14 +335,14 @@ def check_fine_tuning_starts_fresh_heads(model_dir: Path) -> None:
     """A classifier initialised from the MLM checkpoint: the encoder restored, pooler/classifier fresh."""
     from t5x_lite import checkpoints
 
-    config = eo.BertConfig(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_layers=2)
-    model = eo.EncoderClassificationModel(config)
+    config = BertConfig(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_layers=2)
+    model = EncoderClassificationModel(config)
     fresh = nnx.to_pure_dict(nnx.state(model.build_network(nnx.Rngs(7)), nnx.Param))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
     restored = checkpoints.restore_params(str(model_dir), abstract, model, fresh=fresh)
     mlm = checkpoints.restore_params(str(model_dir), jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: eo.Bert(config, "mlm", rngs=nnx.Rngs(0))), nnx.Param))))
+        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Bert(config, "mlm", rngs=nnx.Rngs(0))), nnx.Param))))
     np.testing.assert_array_equal(restored["layers"][1]["mlp"]["wi"]["kernel"], mlm["layers"][1]["mlp"]["wi"]["kernel"])
     assert not np.array_equal(restored["layers"][1]["mlp"]["wi"]["kernel"], fresh["layers"][1]["mlp"]["wi"]["kernel"])
     for head in ("pooler", "classifier"):
@@ -394,7 +396,7 @@ def check_feature_cli(model_dir: Path) -> None:
 def test_classification_fine_tune_beats_chance(tmp_path):
     # From the command line on one device, as a user runs it (in this process, 8 simulated devices on two
     # cores would take twice as long for the 120 steps).
-    from t5x_lite.data import classification_tasks as ct
+    from t5x_lite.tasks import classification as ct
     from tests.test_cli import run_cli
 
     trained = run_cli(

@@ -6,7 +6,7 @@ Logit parity of whole models goes through the library's importer: tests/hf/test_
 import numpy as np
 import pytest
 
-from t5x_lite.models import layers
+from t5x_lite.nn import layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

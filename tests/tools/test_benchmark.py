@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchmark
 
 from t5x_lite.cli import UserError
-from t5x_lite.models import layers
-from t5x_lite.models.encoder_decoder import T5
+from t5x_lite.networks.t5 import T5
+from t5x_lite.nn import kernels
 
 
 @pytest.mark.parametrize("feed_forward", ["gated-gelu", "relu"])
@@ -184,7 +184,7 @@ def test_bf16_train_step_runs_against_hf_autocast(capsys):
     ]
     r = _run(capsys, argv)
     assert r["model"]["dtype"] == "bfloat16" and r["model"]["scan_layers"]
-    assert r["peak"]["dtype"] == r["dot_dtype"] == layers.dot_operand_dtype("bfloat16").name
+    assert r["peak"]["dtype"] == r["dot_dtype"] == kernels.resolve("auto").operand_dtype("bfloat16").name
     assert [row["impl"] for row in r["train"]] == ["t5x_lite", "hf"]
     assert all(0 < row["loss"] < 3 * math.log(2048) for row in r["train"])
     assert _positive(r["ratio_vs_hf"]) and "decode" not in r and "data" not in r
@@ -207,7 +207,7 @@ def test_failed_cudnn_attention_falls_back_to_einsum_and_says_why():
 
 
 def test_kernel_forms_compute_the_same_products_on_both_sides():
-    """Each kernel of the side-by-side (ours: `layers.einsum` in model layouts; HF's torch product in its
+    """Each kernel of the side-by-side (ours: the kernels' einsum in model layouts; HF's torch product in its
     layouts) computes the same numbers, so the GFLOP/s compare like for like."""
     torch = pytest.importorskip("torch")
     config = benchmark.model_config("tiny", "float32", 0.0)
@@ -220,6 +220,6 @@ def test_kernel_forms_compute_the_same_products_on_both_sides():
     rng = np.random.default_rng(0)
     for name, (spec, x_shape, y_shape) in benchmark.kernel_shapes(config, 2, 16).items():
         x, y = rng.standard_normal(x_shape, np.float32), rng.standard_normal(y_shape, np.float32)
-        ours = np.asarray(layers.einsum(spec, jnp.asarray(x), jnp.asarray(y), dtype=jnp.float32))
+        ours = np.asarray(kernels.resolve("auto").einsum(spec, jnp.asarray(x), jnp.asarray(y), dtype=jnp.float32))
         theirs = benchmark._torch_kernel(torch, name, x, y, "cpu", torch.float32)().numpy()
         np.testing.assert_allclose(to_hf.get(name, lambda o: o)(ours), theirs, rtol=1e-4, atol=1e-4, err_msg=name)

@@ -14,7 +14,8 @@ import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import optimizers, train_state
 
 REPO = Path(__file__).resolve().parents[2]

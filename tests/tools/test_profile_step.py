@@ -49,7 +49,7 @@ ENTRY %main (a: f32[8,6,512,64], b: f32[8,6,64,512], x: f32[16,32], w: f32[32,8]
     assert fused.source == "jvp(bqhd,bkhd->bhqk)/dot_general"
     assert (ops["dot.2"].kind, ops["dot.2"].flops) == ("dot", 2 * 16 * 8 * 32)
     assert ops["x"].flops == 0
-    assert ops["dot.4"].flops == 0  # a sum with a vector of ones (layers.broadcast_add's backward), not a matmul
+    assert ops["dot.4"].flops == 0  # a sum with a vector of ones (the cpu_tuned bias add's backward), not a matmul
 
 
 @pytest.mark.parametrize("argv,match", [(["--config", "huge"], "--config 'huge'"), (["--steps", "0"], "--steps")])

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from t5x_lite import cli, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import freezing, optimizers, steps, train_state
 
 CONFIG = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
@@ -46,13 +47,15 @@ def test_presets_select_what_they_say():
 
 def test_top_layers_in_every_family():
     """GPT and BERT name their one stack `layers`, BART its two `encoder_layers`/`decoder_layers`."""
-    from t5x_lite.models import bart, decoder_only, encoder_only
+    from t5x_lite.networks.bart import Bart, BartConfig
+    from t5x_lite.networks.bert import Bert, BertConfig
+    from t5x_lite.networks.gpt import GPT, GPTConfig
 
     sizes = {"vocab_size": 64, "d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "max_position_embeddings": 16}
     networks = {
-        "gpt": decoder_only.GPT(decoder_only.GPTConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
-        "bert": encoder_only.Bert(encoder_only.BertConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
-        "bart": bart.Bart(bart.BartConfig(**sizes, num_encoder_layers=2, num_decoder_layers=3), rngs=nnx.Rngs(0)),
+        "gpt": GPT(GPTConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
+        "bert": Bert(BertConfig(**sizes, num_layers=3), rngs=nnx.Rngs(0)),
+        "bart": Bart(BartConfig(**sizes, num_encoder_layers=2, num_decoder_layers=3), rngs=nnx.Rngs(0)),
     }
     top = {}
     for name, network in networks.items():
@@ -64,7 +67,7 @@ def test_top_layers_in_every_family():
         ("encoder_layers", "0"), ("encoder_layers", "1"), ("decoder_layers", "1"), ("decoder_layers", "2")}
     bart_params = nnx.to_pure_dict(nnx.state(networks["bart"], nnx.Param))
     assert {p.split("/")[:2][1] for p in freezing.select(bart_params, "top_k_decoder_layers=1")} == {"2"}
-    scanned = decoder_only.GPT(decoder_only.GPTConfig(**sizes, num_layers=3, scan_layers=True), rngs=nnx.Rngs(0))
+    scanned = GPT(GPTConfig(**sizes, num_layers=3, scan_layers=True), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs per-layer parameters, but the layers are stacked"):
         freezing.select(nnx.to_pure_dict(nnx.state(scanned, nnx.Param)), "top_k_layers=1")
 

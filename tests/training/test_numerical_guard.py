@@ -14,7 +14,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from t5x_lite import cli, partitioning
-from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+from t5x_lite.models.seq2seq import EncoderDecoderModel
+from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import loop, optimizers, steps, train_state
 
 CONFIG = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,

@@ -111,7 +111,8 @@ def test_checkpoint_restores_identical_params(tmp_path):
     from clu.data.dataset_iterator import TfDatasetIterator
 
     from t5x_lite import checkpoints, partitioning
-    from t5x_lite.models.encoder_decoder import EncoderDecoderModel, T5Config
+    from t5x_lite.models.seq2seq import EncoderDecoderModel
+    from t5x_lite.networks.t5 import T5Config
     from t5x_lite.training import optimizers, train_state
 
     model = EncoderDecoderModel(T5Config(vocab_size=256, d_model=32, num_heads=2, head_dim=16, d_ff=64,

@@ -1,0 +1,119 @@
+"""Causal (GPT) and prefix language-model objectives as SeqIO preprocessors.
+
+Documents are tokenized, each is followed by EOS (the document separator, as GPT-2's
+<|endoftext|>), and the stream is cut into fixed-length chunks:
+
+  causal LM:  targets = a chunk of `sequence_length["targets"]` tokens
+  prefix LM:  a chunk of max(inputs, targets length) tokens split at a random point:
+              inputs = chunk[:split], targets = chunk[split:]   (inputs + targets == chunk)
+
+No EOS is appended to the chunks (features have add_eos=False): a chunk is a window on running
+text. Feature converter: `seqio.DecoderFeatureConverter` for both (it runs the prefix-LM
+conversion, with `decoder_causal_attention` and loss on the targets only, when the task
+feature lengths have `inputs`), or `seqio.LMFeatureConverter` / `seqio.PrefixLMFeatureConverter`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import gin
+import seqio
+import tensorflow as tf
+
+from t5x_lite.data.preprocessors import text
+
+
+def _feature_length(sequence_length: Mapping[str, int] | None, key: str, objective: str) -> int:
+    if not sequence_length or not sequence_length.get(key):
+        raise ValueError(
+            f"The {objective} objective needs sequence_length[{key!r}] (got {sequence_length!r}); set it in "
+            "TASK_FEATURE_LENGTHS."
+        )
+    return sequence_length[key]
+
+
+def _documents_with_eos(dataset: tf.data.Dataset, eos_id: int) -> tf.data.Dataset:
+    return dataset.map(
+        lambda ex: {"targets": tf.concat([ex["targets"], tf.constant([eos_id], ex["targets"].dtype)], axis=0)}
+    )
+
+
+def _eos_id(output_features: Mapping[str, seqio.Feature]) -> int:
+    eos_id = output_features["targets"].vocabulary.eos_id
+    if eos_id is None:
+        raise ValueError("The LM objectives separate documents with EOS, but the targets vocabulary has no eos_id.")
+    return eos_id
+
+
+@gin.configurable
+def pack_lm_chunks(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None,
+    output_features: Mapping[str, seqio.Feature],
+) -> tf.data.Dataset:
+    """Concatenates the documents (each + EOS) and cuts chunks of `sequence_length["targets"]` tokens.
+
+    Every chunk but the stream's last fills the targets length. Output: `{"targets": chunk}`.
+    """
+    chunk_length = _feature_length(sequence_length, "targets", "causal LM")
+    return text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+
+
+def prefix_lm_chunk_length(sequence_length: Mapping[str, int]) -> int:
+    """Chunk length of the prefix LM: max(inputs, targets); the split keeps each part within its length."""
+    return max(
+        _feature_length(sequence_length, "inputs", "prefix LM"), _feature_length(sequence_length, "targets", "prefix LM")
+    )
+
+
+@gin.configurable
+def pack_prefix_lm_chunks(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None,
+    output_features: Mapping[str, seqio.Feature],
+) -> tf.data.Dataset:
+    """Like `pack_lm_chunks` with `prefix_lm_chunk_length` tokens per chunk; drops a last chunk under 2 tokens."""
+    chunk_length = prefix_lm_chunk_length(sequence_length)
+    chunks = text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+    return chunks.filter(lambda ex: tf.size(ex["targets"]) >= 2)
+
+
+@gin.configurable
+@seqio.map_over_dataset(num_seeds=1)
+def split_prefix_lm(
+    features: Mapping[str, tf.Tensor], sequence_length: Mapping[str, int] | None, seed: tf.Tensor
+) -> dict[str, tf.Tensor]:
+    """Splits `targets` (n >= 2 tokens) at a uniformly random point into `inputs` (prefix) and `targets` (suffix).
+
+    The split s is uniform over the points that leave both parts non-empty and within their
+    lengths: max(1, n - targets_length) <= s <= min(inputs_length, n - 1).
+    """
+    tokens = features["targets"]
+    n = tf.size(tokens)
+    low = tf.maximum(1, n - _feature_length(sequence_length, "targets", "prefix LM"))
+    high = tf.minimum(_feature_length(sequence_length, "inputs", "prefix LM"), n - 1)
+    with tf.control_dependencies(
+        [tf.debugging.assert_less_equal(low, high, message="prefix LM: no split point fits the feature lengths")]
+    ):
+        split = tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
+    return {"inputs": tokens[:split], "targets": tokens[split:]}
+
+
+def _text_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
+    return [
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+        seqio.CacheDatasetPlaceholder(),
+    ]
+
+
+def lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
+    """Causal LM over a `text` field: rekey, tokenize, cache placeholder, pack."""
+    return [*_text_preprocessors(), pack_lm_chunks]
+
+
+def prefix_lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
+    """Prefix LM over a `text` field: rekey, tokenize, cache placeholder, pack, random split."""
+    return [*_text_preprocessors(), pack_prefix_lm_chunks, split_prefix_lm]

@@ -1,0 +1,389 @@
+"""Helpers that register seqio tasks over your own files; importing this module registers nothing.
+
+| helper | task | files |
+| --- | --- | --- |
+| `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
+| `register_family_task` | "mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising" (`OBJECTIVES`) | text, one document per line |
+| `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
+| `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
+| `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
+| `register_classification_task` | `[CLS] A [SEP] (B [SEP])` -> label | TSV with a header row |
+| `register_tagging_task` | one tag per word | TSV with a header row |
+
+t5x_lite's own tasks (`t5x_lite.tasks`) are built with these helpers. Register yours in a module
+named by `MIXTURE_OR_TASK_MODULE`, then train with `--gin.MIXTURE_OR_TASK_NAME="'my_task'"`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import gin
+import seqio
+
+from t5x_lite.data import pipeline, sources, vocab
+from t5x_lite.data.metrics import classification as classification_metrics
+from t5x_lite.data.metrics import qa as qa_metrics
+from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, unifiedqa
+
+SplitFiles = Mapping[str, str | Sequence[str]]
+QA_MIXING_MAXIMUM = 1000
+
+
+def _features(names: Sequence[str], add_eos: bool, vocabulary: seqio.Vocabulary | None) -> dict[str, seqio.Feature]:
+    vocabulary = vocabulary or vocab.get_vocabulary()
+    return {name: seqio.Feature(vocabulary=vocabulary, add_eos=add_eos) for name in names}
+
+
+def _add(name: str, overwrite: bool, **task_args: Any) -> seqio.Task:
+    if overwrite:
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(name, **task_args)
+
+
+# ------------------------------------------------------------------ pre-training objectives
+
+
+def span_corruption_output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+    """`inputs`/`targets` features over the (default: bundled) SentencePiece vocabulary."""
+    vocabulary = vocabulary or vocab.get_vocabulary()
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=False),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+    }
+
+
+def register_span_corruption_task(
+    name: str,
+    split_to_filepattern: SplitFiles,
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a span-corruption task over plain-text files (one document per line).
+
+    Example: `register_span_corruption_task("my_corpus", {"train": "/data/train*.txt",
+    "validation": "/data/valid.txt"})`, then train with `--gin.MIXTURE_OR_TASK_NAME="'my_corpus'"`.
+    """
+    sources.check_files(name, split_to_filepattern)
+    return _add(
+        name,
+        overwrite,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        preprocessors=[text.lines_to_text_examples, *span_corruption.span_corruption_preprocessors()],
+        output_features=span_corruption_output_features(vocabulary),
+        metric_fns=[],
+    )
+
+
+# Tasks registered by `text_files_task`: name -> the split patterns they were registered with.
+_TEXT_FILES_TASKS: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+@gin.configurable
+def text_files_task(
+    name: str = gin.REQUIRED,
+    train_files: str | Sequence[str] = gin.REQUIRED,
+    validation_files: str | Sequence[str] | None = None,
+) -> str:
+    """Registers a span-corruption task over your text files (one document per line); returns its name.
+
+    For gin, so that a run names its own corpus without a Python module (continued pre-training):
+
+        MIXTURE_OR_TASK_NAME = @text_files_task()
+        text_files_task.name = 'my_domain_span_corruption'
+        text_files_task.train_files = ['/data/domain/part-*.txt']
+        text_files_task.validation_files = '/data/domain/valid.txt'
+
+    Files are file patterns (globs), one or a list per split. Without `validation_files` the task
+    has only a `train` split: set `train.eval_period = 0`. Calling it again with the same files
+    returns the name; with other files it re-registers the task (only a task it registered itself:
+    a name taken by another task, e.g. `bundled_span_corruption`, is an error).
+
+    Raises:
+      ValueError: `name` is taken by a task `text_files_task` did not register.
+      FileNotFoundError: a split's pattern matches no file.
+    """
+    splits = {"train": train_files} if validation_files is None else {"train": train_files, "validation": validation_files}
+    patterns = {split: (p,) if isinstance(p, str) else tuple(p) for split, p in splits.items()}
+    pipeline.import_default_tasks()  # their names are taken
+    if name in seqio.TaskRegistry.names():
+        if name not in _TEXT_FILES_TASKS:
+            raise ValueError(f"text_files_task: the task name {name!r} is already registered by other code; pick another name.")
+        if _TEXT_FILES_TASKS[name] == patterns:
+            return name
+    register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
+    _TEXT_FILES_TASKS[name] = patterns
+    return name
+
+
+# objective -> (preprocessors over a `text` field, output features for a vocabulary).
+OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]] = {
+    "mlm": (mlm.mlm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "mlm_nsp": (
+        lambda: mlm.mlm_preprocessors(next_sentence_prediction=True),
+        lambda v: _features(["inputs", "targets"], False, v),
+    ),
+    "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
+    "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
+}
+
+
+def _objective(name: str) -> tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {name!r}; pick one of {sorted(OBJECTIVES)}.")
+    return OBJECTIVES[name]
+
+
+def register_family_task(
+    name: str,
+    objective: str,
+    split_to_filepattern: SplitFiles,
+    vocabulary: seqio.Vocabulary | None = None,
+) -> seqio.Task:
+    """Registers `objective` ("mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising") over text files.
+
+    One document per line, as `register_span_corruption_task`. Example:
+    `register_family_task("my_mlm", "mlm", {"train": "/data/train*.txt", "validation": "/data/valid.txt"})`.
+    """
+    preprocessors, output_features = _objective(objective)
+    sources.check_files(name, split_to_filepattern)
+    return _add(
+        name,
+        False,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        preprocessors=[text.lines_to_text_examples, *preprocessors()],
+        output_features=output_features(vocabulary),
+        metric_fns=[],
+    )
+
+
+# ------------------------------------------------------------------ question answering
+
+QA_METRICS: dict[str, list[Callable[..., dict[str, float]]]] = {
+    "extractive": [qa_metrics.squad],
+    "abstractive": [qa_metrics.rouge, qa_metrics.squad_f1],
+    "multiple_choice": [qa_metrics.accuracy],
+    "yes_no": [qa_metrics.accuracy],
+}
+QA_POSTPROCESSORS = {
+    "extractive": qa_metrics.postprocess_with_references,
+    "abstractive": qa_metrics.postprocess_with_references,
+    "multiple_choice": qa_metrics.postprocess_text,
+    "yes_no": qa_metrics.postprocess_text,
+}
+
+
+def qa_output_features(vocabulary: seqio.Vocabulary | None = None) -> dict[str, seqio.Feature]:
+    """`inputs`/`targets` over the (default: bundled) vocabulary, each ending in EOS."""
+    return _features(["inputs", "targets"], True, vocabulary)
+
+
+def add_qa_task(
+    name: str,
+    source: seqio.DataSource,
+    format: str,
+    record_preprocessors: Sequence[Callable[..., Any]] = (),
+    vocabulary: seqio.Vocabulary | None = None,
+    metric_fns: Sequence[Callable[..., Any]] | None = None,
+    lowercase: bool = True,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a UnifiedQA task over any source of QA records (after `record_preprocessors`).
+
+    The records have `question`, `context`, `options`, `answers` (see `preprocessors.unifiedqa`);
+    `metric_fns` default to `QA_METRICS[format]`.
+    """
+    return _add(
+        name,
+        overwrite,
+        source=source,
+        preprocessors=[
+            *record_preprocessors,
+            functools.partial(unifiedqa.to_text_to_text, format=format, lowercase=lowercase),
+            seqio.preprocessors.tokenize,
+            text.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
+        ],
+        output_features=qa_output_features(vocabulary),
+        postprocess_fn=QA_POSTPROCESSORS[format],
+        metric_fns=list(QA_METRICS[format] if metric_fns is None else metric_fns),
+    )
+
+
+def register_qa_task(
+    name: str,
+    split_to_filepattern: SplitFiles,
+    format: str,
+    vocabulary: seqio.Vocabulary | None = None,
+    metric_fns: Sequence[Callable[..., Any]] | None = None,
+    lowercase: bool = True,
+    validate: bool = True,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a UnifiedQA text-to-text task over your `.jsonl`/`.tsv` QA files (formats: `sources`).
+
+    Args:
+      name: the task name (for `MIXTURE_OR_TASK_NAME`).
+      split_to_filepattern: e.g. `{"train": "/data/qa/train*.jsonl", "validation": "/data/qa/dev.tsv"}`.
+      format: one of "extractive", "abstractive", "multiple_choice", "yes_no".
+      vocabulary: default: the bundled SentencePiece vocabulary.
+      metric_fns: default per format: extractive SQuAD EM/F1; abstractive ROUGE + SQuAD F1;
+        multiple choice and yes/no accuracy (the generated text equals the answer).
+      lowercase: lower-case inputs and targets (as UnifiedQA does).
+      validate: read every file now, so a bad record fails here rather than at the first batch.
+      overwrite: replace a task of the same name.
+
+    Raises:
+      ValueError: unknown format; QaRecordError (a ValueError) for a bad or empty file.
+      FileNotFoundError: a split's pattern matches no file.
+    """
+    unifiedqa.check_format(format)
+    source = sources.QaFileDataSource(split_to_filepattern, format)
+    for split in source.splits:
+        try:
+            source.list_shards(split)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"Task {name!r}: {e}") from None
+        if validate:
+            source.num_input_examples(split)
+    return add_qa_task(name, source, format, (), vocabulary, metric_fns, lowercase, overwrite)
+
+
+def register_rank_classification_task(
+    name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary | None = None, lowercase: bool = True
+) -> seqio.Task:
+    """Multiple choice by rank classification: one row per option, scored by the model's
+    log-likelihood of the option text; the best-scoring option per question is the answer."""
+    return _add(
+        name,
+        False,
+        source=source,
+        preprocessors=[
+            functools.partial(unifiedqa.multiple_choice_rank_classification, lowercase=lowercase),
+            seqio.preprocessors.tokenize,
+            text.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
+        ],
+        output_features=qa_output_features(vocabulary),
+        postprocess_fn=qa_metrics.postprocess_rank_target,
+        metric_fns=[qa_metrics.rank_classification],
+    )
+
+
+@gin.configurable
+def qa_mixing_rate(task: seqio.Task, maximum: int | None = QA_MIXING_MAXIMUM, temperature: float = 1.0,
+                   scale: float = 1.0) -> float:
+    """Examples-proportional rate: `min(scale * n_train_examples, maximum) ** (1 / temperature)`.
+
+    The rate of `bundled_qa_mixture`; change it in gin, e.g. `qa_mixing_rate.maximum = 500` or
+    `qa_mixing_rate.temperature = 2.0` (rates are computed when the dataset is built).
+    """
+    return seqio.mixing_rate_num_examples(task, maximum=maximum, scale=scale, temperature=temperature)
+
+
+def register_qa_mixture(
+    name: str,
+    task_names: Sequence[str],
+    maximum: int | None = None,
+    temperature: float = 1.0,
+    scale: float = 1.0,
+    overwrite: bool = False,
+) -> seqio.Mixture:
+    """Registers an examples-proportional mixture (T5's "examples-proportional mixing" with cap
+    `maximum` and temperature) of QA tasks that share output features."""
+    if overwrite:
+        seqio.MixtureRegistry.remove(name)
+    rate = functools.partial(seqio.mixing_rate_num_examples, maximum=maximum, temperature=temperature, scale=scale)
+    return seqio.MixtureRegistry.add(name, list(task_names), default_rate=rate)
+
+
+# ------------------------------------------------------------------ classification and tagging
+
+
+def classification_output_features(
+    label_names: Sequence[str], vocabulary: seqio.Vocabulary | None = None, first_id: int = 0
+) -> dict[str, seqio.Feature]:
+    """`inputs` (word pieces, no EOS: BERT ends with [SEP]) and `targets` (label or tag ids, named)."""
+    return {
+        **_features(["inputs"], False, vocabulary),
+        "targets": seqio.Feature(vocabulary=vocab.LabelVocabulary(label_names, first_id), add_eos=False),
+    }
+
+
+def add_classification_task(
+    name: str,
+    source: seqio.DataSource,
+    record_preprocessors: Sequence[Callable[..., Any]],
+    label_names: Sequence[str],
+    text_keys: Sequence[str],
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a classification task over any source whose records (after `record_preprocessors`)
+    hold the `text_keys` strings and an int `label` (an index in `label_names`)."""
+    return _add(
+        name,
+        overwrite,
+        source=source,
+        preprocessors=[*record_preprocessors, functools.partial(classification.to_bert_inputs, text_keys=tuple(text_keys))],
+        output_features=classification_output_features(label_names, vocabulary),
+        postprocess_fn=classification_metrics.postprocess_label,
+        metric_fns=[classification_metrics.classification_metrics],
+    )
+
+
+def register_classification_task(
+    name: str,
+    split_to_filepattern: SplitFiles,
+    label_names: Sequence[str],
+    pair: bool = False,
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a classification task over TSV files with a header row and columns
+    `label<TAB>sentence` (or `label<TAB>sentence1<TAB>sentence2` with `pair=True`); labels are
+    names from `label_names` (ids in that order). Fine-tune with `EncoderClassificationModel`,
+    `BertConfig.num_labels = len(label_names)`, `TASK_FEATURE_LENGTHS = {'inputs': L, 'targets': 1}`.
+    """
+    sources.check_files(name, split_to_filepattern)
+    columns = ("label", "sentence1", "sentence2") if pair else ("label", "sentence")
+    return add_classification_task(
+        name,
+        seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        [
+            functools.partial(text.parse_tsv_lines, columns=columns),
+            functools.partial(classification.label_names_to_ids, label_names=tuple(label_names)),
+        ],
+        label_names,
+        columns[1:],
+        vocabulary,
+        overwrite,
+    )
+
+
+def register_tagging_task(
+    name: str,
+    split_to_filepattern: SplitFiles,
+    tag_names: Sequence[str],
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a tagging task over TSV files with a header row and columns `tokens<TAB>tags`
+    (space-separated words, one tag name from `tag_names` per word; BIO names like `B-PER` give
+    entity F1). Fine-tune with `EncoderTaggingModel`, `BertConfig.num_labels = len(tag_names)`,
+    `TASK_FEATURE_LENGTHS = {'inputs': L, 'targets': L}`.
+    """
+    sources.check_files(name, split_to_filepattern)
+    return _add(
+        name,
+        overwrite,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        preprocessors=[
+            functools.partial(text.parse_tsv_lines, columns=("tokens", "tags")),
+            functools.partial(classification.to_tagging_inputs, tag_names=tuple(tag_names)),
+        ],
+        output_features=classification_output_features(tag_names, vocabulary, first_id=1),
+        postprocess_fn=classification_metrics.postprocess_tags,
+        metric_fns=[classification_metrics.tagging_metrics_fn(tuple(tag_names))],
+    )

@@ -1,0 +1,206 @@
+"""Multi-head attention and the one key/value cache layout every family decodes with.
+
+The cache is head-major, [b, heads, length, head_dim] per layer, because that is what the attention
+dots consume directly: a decode step reads the cache once instead of transposing it (a [b, length,
+heads, head_dim] cache cost a full copy per step). A decoder's layers keep theirs in one array with
+the layers on axis 1, [b, layers, heads, length, head_dim] (batch leading, as beam search requires);
+layer i reads and writes its slice, in place, whether the stack is a Python loop (static i) or one
+`lax.scan` (traced i), so a scanned stack decodes scanned and the program stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from t5x_lite.nn import layers
+from t5x_lite.nn.kernels import Kernels
+
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
+
+def attention_impl(name: str, dtype: jnp.dtype, head_dim: int) -> str:
+    """Resolves an attention implementation name: "einsum" (our einsum attention over the backend's
+    kernels), "xla" or "cudnn" (`jax.nn.dot_product_attention` with that implementation); "auto" picks
+    cuDNN's fused kernel on GPU in bf16/fp16 for head dims it supports, einsum elsewhere (on CPU the
+    einsum form measured faster than `dot_product_attention`'s XLA path); an attention module built
+    with "auto" also runs einsum for odd sequence lengths, which cuDNN rejects."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention implementation {name!r}; use one of {list(ATTENTION_IMPLS)}.")
+    if name != "auto":
+        return name
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fits and jax.default_backend() == "gpu" else "einsum"
+
+
+class KVCache(NamedTuple):
+    """Keys and values, [b, heads, length, head_dim] (one layer) or [b, layers, heads, length, head_dim]
+    (a decoder's stack), in the activation dtype."""
+
+    key: jax.Array
+    value: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, num_layers: int, num_heads: int, length: int, head_dim: int, dtype) -> KVCache:
+        """An empty cache for a stack of `num_layers` layers."""
+        shape = (batch, num_layers, num_heads, length, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def layer(self, index: int | jax.Array) -> KVCache:
+        """Layer `index`'s [b, heads, length, head_dim] slice of a stack's cache."""
+        take = functools.partial(jax.lax.dynamic_index_in_dim, index=index, axis=1, keepdims=False)
+        return KVCache(take(self.key), take(self.value))
+
+    def write(self, layer: int | jax.Array, slot: jax.Array, key: jax.Array, value: jax.Array) -> KVCache:
+        """The stack's cache with layer `layer`'s position `slot` set to `key`/`value` [b, heads, 1, head_dim]."""
+        start = (0, layer, 0, slot, 0)
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.key, key[:, None].astype(self.key.dtype), start),
+            jax.lax.dynamic_update_slice(self.value, value[:, None].astype(self.value.dtype), start),
+        )
+
+
+class DecodeState(NamedTuple):
+    """Everything a network's `decode_step` needs besides its parameters (a pytree whose non-scalar leaves
+    all have the batch as their leading axis, so beam search can repeat and gather them row-wise).
+
+    cache: the decoder's self-attention keys/values, stacked over layers; slot t holds position
+        t - first_slot of its row.
+    cross: encoder-decoders: every decoder layer's keys/values of the encoded inputs (None otherwise).
+    cross_mask: [b, s] bool, True for real (non-padding) encoder tokens (None without `cross`).
+    first_slot: [b] int32, the slot of each row's first position: 0, or the left padding of
+        right-aligned prompts (decoder-only models).
+    forced_token: [b] int32, a token fed at the first step in place of the loop's start id (the prompt's
+        last token, whose logits predict the first new token), -1 for none and after the first step.
+    index: int32 scalar, the slot the next `decode_step` fills.
+    """
+
+    cache: KVCache
+    cross: KVCache | None
+    cross_mask: jax.Array | None
+    first_slot: jax.Array
+    forced_token: jax.Array
+    index: jax.Array
+
+    def self_attention_bias(self) -> jax.Array:
+        """[b, 1, 1, length] float32: the slots a query at `index` may see (its row's, up to `index`)."""
+        slots = jnp.arange(self.cache.key.shape[3])[None]
+        visible = (slots >= self.first_slot[:, None]) & (slots <= self.index)
+        return layers.mask_to_bias(visible)[:, None, None, :]
+
+    def cross_attention_bias(self) -> jax.Array:
+        """[b, 1, 1, s] float32 bias that hides padding of the encoded inputs."""
+        return layers.mask_to_bias(self.cross_mask[:, None, None, :])
+
+    def advanced(self, cache: KVCache) -> DecodeState:
+        """The state after a step that wrote `cache`."""
+        return self._replace(cache=cache, forced_token=jnp.full_like(self.forced_token, -1), index=self.index + 1)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head dot-product attention with separate query/key/value/out projections.
+
+    T5 (the default) does not scale logits by 1/sqrt(head_dim) but folds that factor into the query
+    init; `scale_logits=True` scales queries at run time instead (BERT, GPT-2, BART weights), and
+    `use_bias` adds projection biases. `bias` is an additive float32 logit bias (relative positions +
+    masks) broadcastable to [b, h, q, k]. `implementation` (see `attention_impl`) picks the kernel of
+    full-sequence attention; fused kernels have no attention-probability dropout, so while that dropout
+    is on (training with a rate > 0) the einsum form runs instead. Cached decoding always uses einsum.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        kernels: Kernels,
+        dropout_rate: float = 0.0,
+        scale_logits: bool = False,
+        use_bias: bool = False,
+        implementation: str = "einsum",
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        base_init = layers.variance_scaling("normal", n_in=1, n_out=2)
+
+        def query_init(key, shape, dtype):
+            return base_init(key, shape, dtype) / math.sqrt(head_dim)
+
+        in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
+        proj = functools.partial(
+            layers.Dense, (d_model,), (num_heads, head_dim), in_axes,
+            kernels=kernels, use_bias=use_bias, dtype=dtype, rngs=rngs,
+        )
+        self.query = proj(init=base_init if scale_logits else query_init)
+        self.key = proj(init=base_init)
+        self.value = proj(init=base_init)
+        self.out = layers.Dense(
+            (num_heads, head_dim), (d_model,), out_axes,
+            init=layers.variance_scaling("normal", n_in=2, n_out=1), kernels=kernels, use_bias=use_bias,
+            dtype=dtype, rngs=rngs,
+        )
+        self.query_scale = 1.0 / math.sqrt(head_dim) if scale_logits else None
+        self.dropout_rate = dropout_rate
+        self.kernels = kernels
+        self.dtype = jnp.dtype(dtype)
+        self.implementation = attention_impl(implementation, self.dtype, head_dim)
+        self.picked_automatically = implementation == "auto"
+
+    def __call__(
+        self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        q, k, v = self.project_query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
+        return self.attend(q, k, v, bias, dropout_rngs=dropout_rngs)
+
+    def project_query(self, inputs_q: jax.Array) -> jax.Array:
+        """Projected queries [b, q, h, d], scaled by 1/sqrt(head_dim) when `scale_logits`."""
+        q = self.query(inputs_q)
+        return q if self.query_scale is None else q * jnp.asarray(self.query_scale, q.dtype)
+
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Attention from projected queries [b, q, h, d] over projected keys/values [b, k, h, d]."""
+        fused = self.implementation != "einsum" and (dropout_rngs is None or self.dropout_rate == 0.0)
+        if fused and self.picked_automatically and (q.shape[1] % 2 or k.shape[1] % 2):
+            fused = False  # cuDNN's kernel with a bias (and its gradient) needs even sequence lengths
+        if fused:
+            q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+            # Masked logits stay finite in the activation dtype (-1e10 would overflow float16). cuDNN takes
+            # a bias broadcast over batch and heads only, so a padding mask [b, 1, 1, k] is spread over queries.
+            bias = jnp.maximum(bias, jnp.finfo(self.dtype).min / 2).astype(self.dtype)
+            bias = jnp.broadcast_to(bias, (*bias.shape[:-2], q.shape[1], k.shape[1]))
+            x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=self.implementation)
+            return self.out(x)
+        ops = self.kernels
+        logits = ops.add(ops.einsum("bqhd,bkhd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32), bias)
+        probs = ops.dropout(ops.softmax(logits), self.dropout_rate, dropout_rngs)
+        return self.out(ops.einsum("bhqk,bkhd->bqhd", probs, v, dtype=self.dtype))
+
+    def project_kv(self, inputs_kv: jax.Array) -> KVCache:
+        """Keys and values of `inputs_kv` [b, s, e] in the cache layout [b, h, s, d] (activation dtype)."""
+        k, v = self.key(inputs_kv), self.value(inputs_kv)
+        return KVCache(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+
+    def attend_cached(self, inputs_q: jax.Array, cache: KVCache, bias: jax.Array) -> jax.Array:
+        """Attention of `inputs_q` [b, q, e] over one layer's cached keys/values [b, h, k, d]."""
+        q, ops = self.project_query(inputs_q), self.kernels
+        logits = ops.einsum("bqhd,bhkd->bhqk", q, cache.key, dtype=self.dtype, out_dtype=jnp.float32) + bias
+        x = ops.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(logits, axis=-1), cache.value, dtype=self.dtype)
+        return self.out(x)
+
+    def decode_step(
+        self, inputs_q: jax.Array, cache: KVCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """Self-attention of ONE new position [b, 1, e] as layer `layer` of a stack's cache: writes the
+        position's key and value at `slot`, then attends over the layer's whole fixed-size cache; `bias`
+        [.., 1, length] must hide the slots the position may not see. Returns (output, updated cache)."""
+        new = self.project_kv(inputs_q)
+        cache = cache.write(layer, slot, new.key, new.value)
+        return self.attend_cached(inputs_q, cache.layer(layer), bias), cache

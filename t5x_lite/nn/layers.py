@@ -1,0 +1,315 @@
+"""Reusable Flax NNX layers for transformer families (T5, BERT, GPT-2, BART): masks, norms,
+projections, embeddings, feed-forward blocks and T5's relative position bias.
+
+Conventions: parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per
+dimension, mapped to mesh axes by the partitioning rule table); activations and matmuls run in a
+configurable `dtype`; softmax, norms and logits run in float32. Matmuls and dropout go through the
+backend's `kernels.Kernels`.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from t5x_lite.nn.kernels import Kernels
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+NEG_INF = -1e10  # additive bias for masked attention logits (finite, so fully masked rows stay NaN-free)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+
+
+def padding_mask(key_ids: jax.Array) -> jax.Array:
+    """[b, 1, 1, k] bool: keys whose token (or segment id) is > 0; 0 marks padding."""
+    return (key_ids > 0)[:, None, None, :]
+
+
+def segment_mask(query_segment_ids: jax.Array, key_segment_ids: jax.Array) -> jax.Array:
+    """[b, 1, q, k] bool: query and key lie in the same packed segment."""
+    return query_segment_ids[:, None, :, None] == key_segment_ids[:, None, None, :]
+
+
+def causal_mask(length: int) -> jax.Array:
+    """[1, 1, q, k] bool: key position <= query position."""
+    return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def encoder_mask(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """[b, 1, s or 1, s] bool self-attention mask of an encoder: same segment of packed rows (segment id 0 =
+    padding), or only non-padding keys (token id 0 = padding) unpacked."""
+    if segment_ids is None:
+        return padding_mask(tokens)
+    return padding_mask(segment_ids) & segment_mask(segment_ids, segment_ids)
+
+
+def decoder_masks(
+    encoder_input_tokens: jax.Array,
+    decoder_input_tokens: jax.Array,
+    encoder_segment_ids: jax.Array | None,
+    decoder_segment_ids: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """(self-attention mask [b or 1, 1, t, t], cross-attention mask [b, 1, t or 1, s]) of an encoder-decoder's
+    decoder: causal and same-segment for packed rows (segment id 0 = padding), padding-only unpacked."""
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+        raise ValueError("Pass both encoder_segment_ids and decoder_segment_ids (packed) or neither (unpacked).")
+    self_mask = causal_mask(decoder_input_tokens.shape[1])
+    if decoder_segment_ids is None:
+        return self_mask, padding_mask(encoder_input_tokens)
+    self_mask = self_mask & padding_mask(decoder_segment_ids)
+    self_mask = self_mask & segment_mask(decoder_segment_ids, decoder_segment_ids)
+    cross_mask = padding_mask(encoder_segment_ids) & segment_mask(decoder_segment_ids, encoder_segment_ids)
+    return self_mask, cross_mask
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+    """Boolean attention mask -> additive float32 logit bias (0 where allowed, NEG_INF elsewhere)."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def variance_scaling(distribution: str, fan: str = "fan_in", *, n_in: int = 1, n_out: int = 1) -> Initializer:
+    """Scale-1 variance-scaling init for a kernel whose first `n_in` axes are inputs, last `n_out` outputs."""
+    return jax.nn.initializers.variance_scaling(
+        1.0, fan, distribution, in_axis=tuple(range(n_in)), out_axis=tuple(range(-n_out, 0))
+    )
+
+
+class RMSNorm(nnx.Module):
+    """T5 layer norm: x / sqrt(mean(x^2) + eps) * scale, in float32; no bias, no mean subtraction."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=("embed",))
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard layer norm (BERT, GPT-2, BART): (x - mean) / sqrt(var + eps) * scale + bias, in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), logical_axes=("embed",)) if use_bias else None
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(variance + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
+DENSE_OUTPUT = "dense_output"  # `checkpoint_name` of every Dense output (see Dense.__call__)
+
+
+class Dense(nnx.Module):
+    """Projection: contracts the trailing `in_shape` axes of x with a kernel of shape
+    `in_shape + out_shape` (e.g. embed -> (heads, kv)); `axes` names the kernel's dimensions.
+    T5 uses no bias; `use_bias` adds a zero-initialised float32 bias of shape `out_shape`."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        axes: Sequence[str],
+        *,
+        init: Initializer,
+        kernels: Kernels,
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        shape = (*in_shape, *out_shape)
+        if len(axes) != len(shape):
+            raise ValueError(f"Dense: {len(shape)} kernel dims {shape} need as many axis names, got {axes}.")
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=tuple(axes))
+        self.bias = (
+            nnx.Param(jnp.zeros(tuple(out_shape), jnp.float32), logical_axes=tuple(axes[len(in_shape):]))
+            if use_bias else None
+        )
+        self.n_in = len(in_shape)
+        self.kernels = kernels
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        n_out = self.kernel.ndim - self.n_in
+        batch, contract, out = "abcdefgh"[: x.ndim - self.n_in], "ijkl"[: self.n_in], "mnop"[:n_out]
+        spec = f"{batch}{contract},{contract}{out}->{batch}{out}"
+        y = self.kernels.einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
+        if self.bias is not None:
+            y = (y + self.bias[...]).astype(y.dtype)
+        # Named for remat policies: with KERNELS='cpu_tuned' the matmul is a custom-VJP call, which
+        # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works with any kernels.
+        return checkpoint_name(y, DENSE_OUTPUT)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` gives tied output logits.
+
+    `stddev` of the normal init: 1.0 for T5; 0.02 for GPT-2/BERT/BART, whose tied logits are unscaled."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        kernels: Kernels,
+        stddev: float = 1.0,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        table = jax.nn.initializers.normal(stddev=stddev)(rngs.params(), (num_embeddings, features), jnp.float32)
+        self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
+        self.kernels = kernels
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Float32 logits x @ embedding.T."""
+        return self.kernels.einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
+
+
+class PositionEmbed(nnx.Module):
+    """Learned absolute position embeddings [max_length, embed] (BERT, GPT-2, BART)."""
+
+    def __init__(
+        self, max_length: int, features: int, *, stddev: float = 0.02, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        table = jax.nn.initializers.normal(stddev=stddev)(rngs.params(), (max_length, features), jnp.float32)
+        self.embedding = nnx.Param(table, logical_axes=("positions", "embed"))
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        """Embeddings of integer `positions` (any shape); raises a clear error past the table's end."""
+        max_length = self.embedding.shape[0]
+        if positions.shape[-1] > max_length:
+            raise ValueError(
+                f"Sequence length {positions.shape[-1]} exceeds the model's {max_length} learned positions; "
+                "shorten TASK_FEATURE_LENGTHS or raise the config's max_position_embeddings."
+            )
+        return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
+
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT, BART (erf form)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
+}
+
+
+class MlpBlock(nnx.Module):
+    """Feed-forward block: "gated-gelu" (T5 v1.1: wo(gelu(wi_0 x) * wi_1 x)) or a plain activation
+    wo(act(wi x)) with "relu" (T5 v1.0), "gelu" (BERT, BART) or "gelu_tanh" (GPT-2); optional biases."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        kernels: Kernels,
+        activation: str = "gated-gelu",
+        dropout_rate: float = 0.0,
+        use_bias: bool = False,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = variance_scaling("truncated_normal")
+        dense = functools.partial(Dense, init=init, kernels=kernels, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        up = functools.partial(dense, (d_model,), (d_ff,), ("embed", "mlp"))
+        if activation == "gated-gelu":
+            self.wi_0, self.wi_1 = up(), up()
+        elif activation in _ACTIVATIONS:
+            self.wi = up()
+        else:
+            raise ValueError(
+                f"Unknown feed-forward activation {activation!r}; use 'gated-gelu' or one of {sorted(_ACTIVATIONS)}."
+            )
+        self.wo = dense((d_ff,), (d_model,), ("mlp", "embed"))
+        self.activation = activation
+        self.dropout_rate = dropout_rate
+        self.kernels = kernels
+
+    def __call__(self, x: jax.Array, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.activation == "gated-gelu":
+            h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+        else:
+            h = _ACTIVATIONS[self.activation](self.wi(x))
+        return self.wo(self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
+
+
+def relative_position_bucket(
+    relative_position: jax.Array, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> jax.Array:
+    """T5's bucket for relative_position = key_position - query_position.
+
+    Half the buckets (per direction, when bidirectional) are exact small distances, the rest grow
+    logarithmically up to `max_distance`; causal (unidirectional) maps all future keys to bucket 0.
+    """
+    relative_position = jnp.asarray(relative_position, jnp.int32)
+    bucket = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (relative_position > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative_position)
+    else:
+        distance = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, max_exact).astype(jnp.float32) / max_exact)
+    log_bucket = log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    large = jnp.minimum(max_exact + log_bucket.astype(jnp.int32), num_buckets - 1)
+    return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """Learned per-head scalar bias for each relative-position bucket (one table per T5 stack)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        table = variance_scaling("uniform", "fan_avg")(rngs.params(), (num_heads, num_buckets), jnp.float32)
+        self.rel_embedding = nnx.Param(table, logical_axes=("heads", "relpos_buckets"))
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """[1, h, q, k] float32 bias from 1-D query/key positions."""
+        buckets = relative_position_bucket(
+            key_positions[None, :] - query_positions[:, None],
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        return jnp.take(self.rel_embedding[...], buckets, axis=1)[None]
+
+
+def param_count(module: nnx.Module) -> int:
+    """Total number of parameter elements in `module` (works on `nnx.eval_shape` outputs too)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
