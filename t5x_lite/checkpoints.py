@@ -26,7 +26,7 @@ from etils import epath
 from flax import nnx, traverse_util
 from jax.sharding import Mesh
 
-from t5x_lite import partitioning
+from t5x_lite import cli, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import train_state
 from t5x_lite.training.train_state import TrainState
@@ -154,6 +154,14 @@ def save(manager: ocp.CheckpointManager, state: TrainState, iterator: TfDatasetI
         )
     except (OSError, ValueError) as e:  # tensorstore reports I/O failures as ValueError
         raise write_error(manager, step, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """Waits until the saves in flight have committed; a failed background write raises an `OSError` as `save`'s."""
+    try:
+        manager.wait_until_finished()
+    except (OSError, ValueError) as e:  # a full disk or read-only MODEL_DIR, found by the background write
+        raise write_error(manager, None, e) from e
 
 
 def write_error(manager: ocp.CheckpointManager, step: int | None, error: Exception) -> OSError:
@@ -350,13 +358,15 @@ def save_if_best(manager: ocp.CheckpointManager, state: TrainState, metrics: dic
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=dict(metrics))
 
 
-def load_model_params(
+def load_checkpoint_params(
     model: BaseModel, path: str, mesh: Mesh, rules: partitioning.Rules
 ) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, params) of `model` with the parameters of the checkpoint at `path`, sharded by the rules."""
+    """(graphdef, params) of `model` with the parameters of the checkpoint at `path` (CHECKPOINT_PATH), sharded
+    by the rules; a missing checkpoint or one of another model is a `UserError`."""
     graphdef, abstract = train_state.network_graphdef(model)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
     abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
     )
-    return graphdef, restore_params(path, abstract_params, model)
+    with cli.user_errors(FileNotFoundError, ValueError, setting="CHECKPOINT_PATH"):
+        return graphdef, restore_params(path, abstract_params, model)

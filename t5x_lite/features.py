@@ -26,18 +26,13 @@ import seqio
 from flax import nnx
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import config, partitioning
+from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite.data import pipeline, special_tokens, vocab
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert
 from t5x_lite.networks.t5 import T5
 
 POOLINGS = ("none", "mean", "cls")
-REQUIRED_MACROS = {
-    "MODEL": "--gin_file=gin_configs/models/bert/tiny.gin",
-    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
-    "FEATURES_OUTPUT_FILE": "--gin.FEATURES_OUTPUT_FILE=\"'features.npz'\"",
-}
 
 
 def hidden_states(
@@ -167,38 +162,38 @@ def save_features(
     Returns the saved arrays. `pooling`: "none" (per token), "mean" (over real tokens) or "cls".
     """
     if (input_file is None) == (mixture_or_task_name is None):
-        raise config.UserError("Set exactly one of FEATURES_INPUT_FILE and MIXTURE_OR_TASK_NAME.")
+        raise cli.UserError("Set exactly one of FEATURES_INPUT_FILE and MIXTURE_OR_TASK_NAME.")
     if pooling not in POOLINGS:
-        raise config.UserError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
+        raise cli.UserError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
-    graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
+    graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
     network = nnx.merge(graphdef, params)
     if not isinstance(network, (Bert, T5)):
-        raise config.UserError(f"Frozen features need a BERT or T5 model; MODEL builds {type(network).__name__}.")
+        raise cli.UserError(f"Frozen features need a BERT or T5 model; MODEL builds {type(network).__name__}.")
     bert = isinstance(network, Bert)
     num_layers = network.config.num_layers if bert else network.config.num_encoder_layers
     try:
         indices = layer_indices(layers, num_layers)
     except ValueError as e:
-        raise config.UserError(f"FEATURE_LAYERS: {e}") from e
+        raise cli.UserError(f"FEATURE_LAYERS: {e}") from e
 
     if input_file is not None:
         path = Path(input_file)
         if not path.is_file():
-            raise config.UserError(f"FEATURES_INPUT_FILE {input_file!r} does not exist.")
+            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} does not exist.")
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
-            raise config.UserError(f"FEATURES_INPUT_FILE {input_file!r} is empty; put one text per line.")
+            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} is empty; put one text per line.")
         tokens = encode_lines(lines[:max_examples] if max_examples else lines, sequence_length, bert)
     else:
         try:
             pipeline.import_task_module(mixture_or_task_module)
             task = pipeline.get_mixture_or_task(mixture_or_task_name)
         except (ValueError, ModuleNotFoundError) as e:
-            raise config.UserError(str(e)) from e
+            raise cli.UserError(str(e)) from e
         if isinstance(task, seqio.Mixture) or split not in task.splits:
-            raise config.UserError(
+            raise cli.UserError(
                 f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}."
             )
         tokens = task_inputs(task, split, sequence_length, max_examples)
@@ -231,10 +226,10 @@ def save_features(
     arrays = {f"layer_{i}": np.concatenate(outputs[i]) for i in indices}
     arrays.update(tokens=tokens, mask=tokens > 0)
     output = Path(output_file)
-    config.prepare_output_dir(str(output.parent))
+    cli.prepare_output_dir(str(output.parent))
     np.savez(output, **arrays)
     print(f"Wrote layers {indices} of {len(tokens)} examples to {output}.")
     return arrays
 
 if __name__ == "__main__":
-    config.run_entry_point(save_features, REQUIRED_MACROS)
+    cli.run_entry_point(save_features, cli.FEATURES_REQUIRED_MACROS)

@@ -15,9 +15,10 @@ thread and were faulted in again every step (750k page faults per step). Single-
 therefore run on the calling thread (`jax_cpu_enable_async_dispatch` off): 0 faults, T5-small step
 6.1-6.6 -> 5.1-5.7 s; tiny steps unchanged. Multi-device computations stay asynchronous.
 
-The entry points (`python -m t5x_lite.train` and the other CLIs; `tools/benchmark.py`, `tools/profile_step.py`
-and `tools/pretraining_helps.py`) call `keep_freed_host_memory()` first; library users can call it too.
-`T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
+These are facts about XLA's CPU backend: a process whose JAX backend is a GPU or TPU keeps glibc's defaults.
+The entry points (`python -m t5x_lite.train` and the other CLIs, after joining a multi-host run;
+`tools/benchmark.py`, `tools/profile_step.py` and `tools/pretraining_helps.py`) call `keep_freed_host_memory()`
+first; library users can call it too. `T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
 """
 
 from __future__ import annotations
@@ -36,25 +37,27 @@ _M_MMAP_MAX = -4
 
 
 def keep_freed_host_memory() -> bool:
-    """Tells glibc malloc never to serve blocks with mmap and never to trim its heaps, and JAX to run
-    single-device CPU computations on the calling thread; returns whether it did.
+    """Where JAX computes on the CPU: tells glibc malloc never to serve blocks with mmap and never to trim its
+    heaps, and JAX to run single-device CPU computations on the calling thread; returns whether it did.
 
-    A no-op (False) off Linux, with a C library other than glibc, or when T5X_LITE_KEEP_HOST_MEMORY=0.
-    Blocks already mapped keep their old behaviour until freed, and the dispatch setting takes effect
-    only before JAX's CPU backend starts: call it before the first large allocation and computation.
+    A no-op (False) off Linux, with a C library other than glibc, when T5X_LITE_KEEP_HOST_MEMORY=0, or when
+    JAX's default backend is not the CPU. Finding the backend starts JAX's clients, so call it after
+    `jax.distributed.initialize` and before the first large allocation and computation. JAX's CPU client
+    reads the dispatch setting only when it starts, so that setting is made before the backend is known; it
+    concerns computations on the CPU client alone, which a GPU or TPU process hardly runs.
     """
     if os.environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if jax.default_backend() != "cpu":
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # -1 as M_TRIM_THRESHOLD disables trimming (mallopt(3)); 0 as M_MMAP_MAX disables mmap-served blocks.
-    applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
-    if not applied:
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, -1) != 1:
         logging.warning("mallopt refused the host-memory settings; XLA CPU buffers will be page-faulted each step.")
         return False
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True

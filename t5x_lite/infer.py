@@ -18,8 +18,8 @@ import seqio
 import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import config, evaluation, partitioning
-from t5x_lite.data import special_tokens, vocab
+from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite.data import pipeline, special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
@@ -28,17 +28,17 @@ def read_input_file(path: str) -> list[dict[str, str]]:
     """Records `{"inputs": ..., "targets": ...}` from a .txt (one input per line) or .jsonl file."""
     file = Path(path)
     if not file.is_file():
-        raise config.UserError(f"INFER_INPUT_FILE {path!r} does not exist.")
+        raise cli.UserError(f"INFER_INPUT_FILE {path!r} does not exist.")
     lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
-        raise config.UserError(f"INFER_INPUT_FILE {path!r} is empty; put one input per line.")
+        raise cli.UserError(f"INFER_INPUT_FILE {path!r} is empty; put one input per line.")
     if file.suffix != ".jsonl":
         return [{"inputs": line, "targets": ""} for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
         record = json.loads(line)
         if "inputs" not in record:
-            raise config.UserError(f"{path}, line {number}: the record has no 'inputs' field.")
+            raise cli.UserError(f"{path}, line {number}: the record has no 'inputs' field.")
         records.append({"inputs": str(record["inputs"]), "targets": str(record.get("targets", ""))})
     return records
 
@@ -120,24 +120,28 @@ def infer(
     mixture_or_task_module: str | None = None,
 ) -> int:
     """Writes predictions and scores to `output_file`; returns the number of lines written."""
+    cli.keep_tensorflow_off_gpus()
     if (mixture_or_task_name is None) == (input_file is None):
-        raise config.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
+        raise cli.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
     if input_file is not None:
         if not model.text_to_text:
-            raise config.UserError(
+            raise cli.UserError(
                 f"INFER_INPUT_FILE holds text-to-text inputs, but {type(model).__name__} predicts for a task's "
                 "examples (labels, tags or masked pieces): register the file as a task (e.g. "
                 "register_classification_task / register_tagging_task) and set MIXTURE_OR_TASK_NAME instead."
             )
         tasks, split = [file_task(read_input_file(input_file))], "infer"
     else:
-        provider = config.lookup_task(mixture_or_task_module, mixture_or_task_name, task_feature_lengths)
+        with cli.user_errors(ValueError, ModuleNotFoundError):
+            pipeline.import_task_module(mixture_or_task_module)
+            provider = pipeline.get_mixture_or_task(mixture_or_task_name)
+            pipeline.check_feature_lengths(provider, task_feature_lengths)
         tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     output = Path(output_file)
-    config.prepare_output_dir(str(output.parent))
+    cli.prepare_output_dir(str(output.parent))
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
-    graphdef, params = config.load_checkpoint_params(model, checkpoint_path, mesh, rules)
+    graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
     runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(tasks[0]))
     converter = model.feature_converter_cls(pack=False)
     written = 0
@@ -150,7 +154,7 @@ def infer(
                 try:
                     line = example_record(task, example, predictions[index], scores[index])
                 except ValueError as error:
-                    raise config.UserError(f"Task {task.name!r}, example {index}: {error}") from None
+                    raise cli.UserError(f"Task {task.name!r}, example {index}: {error}") from None
                 out.write(json.dumps(line) + "\n")
                 written += 1
     print(f"Wrote {written} predictions to {output}.")
@@ -158,4 +162,4 @@ def infer(
 
 
 if __name__ == "__main__":
-    config.run_entry_point(infer, config.INFER_REQUIRED_MACROS)
+    cli.run_entry_point(infer, cli.INFER_REQUIRED_MACROS)

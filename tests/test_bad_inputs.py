@@ -20,12 +20,11 @@ import seqio
 import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
 
-from t5x_lite import checkpoints, config, partitioning
-from t5x_lite import train as train_lib
+from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
-from t5x_lite.training import optimizers, steps, train_state
+from t5x_lite.training import loop, optimizers, steps, train_state
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
                 num_decoder_layers=1)
@@ -41,7 +40,7 @@ def clean_gin():
 
 
 def parse(model_dir: Path, *bindings: str) -> None:
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / "quickstart.gin")], [*SMALL, f"MODEL_DIR = '{model_dir}'", *bindings])
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / "quickstart.gin")], [*SMALL, f"MODEL_DIR = '{model_dir}'", *bindings])
 
 
 def text_files(tmp_path: Path, train_files: str) -> list[str]:
@@ -55,7 +54,7 @@ def first_batch(task_name: str, lengths: dict[str, int] | None = None) -> dict[s
     ds = pipeline.get_dataset(task_name, lengths or {"inputs": 32, "targets": 8}, 8, seqio.EncDecFeatureConverter,
                               split="train", shuffle=True, num_epochs=None, seed=0)
     vocab_limit = max(feature.vocabulary.vocab_size for feature in provider.output_features.values())
-    return train_lib.next_batch(TfDatasetIterator(ds, checkpoint=True), 1, task_name, vocab_limit)
+    return loop.next_batch(TfDatasetIterator(ds, checkpoint=True), 1, task_name, vocab_limit)
 
 
 def text_files_task(tmp_path: Path, train_files: Path, validation_files: Path | None = None) -> str:
@@ -71,8 +70,8 @@ def text_files_task(tmp_path: Path, train_files: Path, validation_files: Path | 
 def test_missing_data_files_name_the_pattern(clean_gin, tmp_path):
     parse(tmp_path / "run", *text_files(tmp_path, str(tmp_path / "nowhere" / "*.txt")))
     with pytest.raises(FileNotFoundError) as info:
-        train_lib.train()
-    assert config.one_line_error(info.value) == (
+        loop.train()
+    assert cli.one_line_error(info.value) == (
         f"Task 'bad_input_{tmp_path.name}': no file matches ['{tmp_path / 'nowhere' / '*.txt'}'] for split 'train'."
     )
 
@@ -86,14 +85,14 @@ def test_unreadable_data_file(tmp_path):
         bad.write_text("some text\n")
         bad.chmod(0)
         reason = "Permission denied"
-    with pytest.raises(config.UserError, match=rf"Reading the data of 'bad_input_\w+' failed at step 1: {bad}; {reason}\. "
+    with pytest.raises(cli.UserError, match=rf"Reading the data of 'bad_input_\w+' failed at step 1: {bad}; {reason}\. "
                                                r"Check the task's data files\."):
         first_batch(text_files_task(tmp_path, bad))
 
 
 def test_empty_train_split(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(config.UserError, match=r"The train split of 'bad_input_\w+' gave no examples at step 1: it is empty"):
+    with pytest.raises(cli.UserError, match=r"The train split of 'bad_input_\w+' gave no examples at step 1: it is empty"):
         first_batch(text_files_task(tmp_path, tmp_path / "empty.txt"))
 
 
@@ -101,8 +100,8 @@ def test_empty_validation_split(tmp_path):
     (tmp_path / "train.txt").write_text("a line of text for training\n" * 50)
     (tmp_path / "empty.txt").write_text("")
     name = text_files_task(tmp_path, tmp_path / "train.txt", tmp_path / "empty.txt")
-    with pytest.raises(config.UserError, match=r"Split 'validation' of 'bad_input_\w+' gave no full batch of 8 examples"):
-        train_lib.load_eval_batches(EncoderDecoderModel(TINY), name, {"inputs": 32, "targets": 8}, 8, "validation", 2, 0)
+    with pytest.raises(cli.UserError, match=r"Split 'validation' of 'bad_input_\w+' gave no full batch of 8 examples"):
+        loop.load_eval_batches(EncoderDecoderModel(TINY), name, {"inputs": 32, "targets": 8}, 8, "validation", 2, 0)
 
 
 def test_long_sequences_truncate_by_default(clean_gin):
@@ -117,10 +116,10 @@ def test_long_sequences_truncate_by_default(clean_gin):
 def test_long_sequences_error_when_asked(clean_gin, tmp_path):
     """Through the trainer, as a user meets it."""
     parse(tmp_path / "run", "MIXTURE_OR_TASK_NAME = 'bundled_qa_extractive'", "fit_to_length.long_sequences = 'error'")
-    with pytest.raises(config.UserError, match=r"failed at step 1: An example's 'inputs' \(with EOS\) is longer than "
+    with pytest.raises(cli.UserError, match=r"failed at step 1: An example's 'inputs' \(with EOS\) is longer than "
                                                r"TASK_FEATURE_LENGTHS allows \(32 tokens\); it has \d+\. Raise "
                                                r"TASK_FEATURE_LENGTHS, or set --gin.fit_to_length.long_sequences"):
-        train_lib.train()
+        loop.train()
 
 
 def test_long_sequences_bad_choice(clean_gin):
@@ -148,14 +147,14 @@ def pretokenized_task():
 
 
 def test_token_ids_outside_the_vocabulary(pretokenized_task):
-    with pytest.raises(config.UserError, match=r"Batch of step 1 has token id 150 in 'encoder_input_tokens', outside the "
+    with pytest.raises(cli.UserError, match=r"Batch of step 1 has token id 150 in 'encoder_input_tokens', outside the "
                                                r"vocabulary's \[0, 100\)"):
         first_batch(pretokenized_task)
 
 
 def test_negative_token_ids():
-    with pytest.raises(config.UserError, match=r"step 7 has token id -3 in 'decoder_target_tokens'"):
-        train_lib.check_token_ids({"decoder_target_tokens": np.array([[1, -3]]), "decoder_loss_weights": np.ones((1, 2))},
+    with pytest.raises(cli.UserError, match=r"step 7 has token id -3 in 'decoder_target_tokens'"):
+        loop.check_token_ids({"decoder_target_tokens": np.array([[1, -3]]), "decoder_loss_weights": np.ones((1, 2))},
                                   100, 7)
 
 
@@ -262,9 +261,9 @@ def test_resuming_a_checkpoint_of_another_model_shape(clean_gin, tmp_path):
     state, _, _ = train_state.create_train_state(model, tx, 0, mesh, partitioning.logical_axis_rules())
     save_steps(tmp_path, state, [0]).close()
     parse(tmp_path)
-    with pytest.raises(config.UserError, match=r"MODEL_DIR: Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 64\) "
+    with pytest.raises(cli.UserError, match=r"MODEL_DIR: Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 64\) "
                                                r"in checkpoint .*checkpoints/0/state but \(128, 256\) in this model"):
-        train_lib.train()
+        loop.train()
 
 
 def test_read_only_model_dir(clean_gin, tmp_path):
@@ -275,8 +274,8 @@ def test_read_only_model_dir(clean_gin, tmp_path):
         (tmp_path / "read_only").mkdir(mode=0o555)
         model_dir, reason = tmp_path / "read_only" / "run", "Permission denied"
     parse(model_dir)
-    with pytest.raises(config.UserError, match=rf"MODEL_DIR '{model_dir}' is not writable \({reason}\); pick a folder"):
-        train_lib.train()
+    with pytest.raises(cli.UserError, match=rf"MODEL_DIR '{model_dir}' is not writable \({reason}\); pick a folder"):
+        loop.train()
 
 
 class FullDiskIterator(TfDatasetIterator):
@@ -317,6 +316,6 @@ def test_full_disk_reported_by_tensorstore(tmp_path):
 
 def test_mesh_larger_than_the_device_count(clean_gin, tmp_path):
     parse(tmp_path, "MESH_SHAPE = {'data': 16, 'fsdp': 1, 'tensor': 1}")
-    with pytest.raises(config.UserError, match=r"MESH_SHAPE \{'data': 16, 'fsdp': 1, 'tensor': 1\} needs 16 devices but "
+    with pytest.raises(cli.UserError, match=r"MESH_SHAPE \{'data': 16, 'fsdp': 1, 'tensor': 1\} needs 16 devices but "
                                                r"8 are available; make the sizes multiply"):
-        train_lib.train()
+        loop.train()

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import seqio
 
-from t5x_lite import checkpoints, config
+from t5x_lite import checkpoints, cli
 from t5x_lite import train as train_lib
 from t5x_lite.data import registration
 from t5x_lite.tasks import qa as qa_tasks
@@ -32,7 +32,7 @@ LENGTHS = "{'inputs': 64, 'targets': 16}"
 
 def parse(files, *bindings):
     gin.clear_config()
-    config.parse_gin(files, list(bindings))
+    cli.parse_gin(files, list(bindings))
 
 
 def saved_params(model_dir: Path, step: int) -> dict:
@@ -93,7 +93,7 @@ def test_dapt_gin_registers_the_task_named_in_gin(tmp_path):
     parse(["examples/dapt.gin", TINY], f"MODEL_DIR = '{tmp_path / 'dapt'}'", "INITIAL_CHECKPOINT_PATH = 'runs/quickstart'",
           f"DAPT_TRAIN_FILES = {train_files!r}", f"DAPT_VALIDATION_FILES = {valid!r}",
           "DAPT_TASK_NAME = 'test_dapt_parse'", "test_examples_probe.value = %MIXTURE_OR_TASK_NAME")
-    config.require_macros()
+    cli.require_macros()
     assert gin.query_parameter("train.initial_checkpoint_path") is not None
     assert "test_dapt_parse" not in seqio.TaskRegistry.names()  # registered when the run starts
     assert probe() == "test_dapt_parse"
@@ -132,7 +132,7 @@ def test_dapt_gin_continues_pretraining_on_the_gin_named_files(pretrained, tmp_p
           "DAPT_TASK_NAME = 'test_dapt_span_corruption'", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
           f"TASK_FEATURE_LENGTHS = {LENGTHS}", "train.eval_period = 2", "train.eval_steps = 1",
           "train.progress_bar = False")
-    config.require_macros()
+    cli.require_macros()
     summary = train_lib.train()
     gin.clear_config()
 
@@ -156,7 +156,7 @@ def test_dapt_gin_continues_pretraining_on_the_gin_named_files(pretrained, tmp_p
 
 def test_finetune_bundled_qa_gin_parses():
     parse(["examples/finetune_bundled_qa.gin", TINY], "MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None")
-    config.require_macros()
+    cli.require_macros()
     assert gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value") == "bundled_qa_mixture"
     assert gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value") == {"inputs": 320, "targets": 64}
     assert gin.query_parameter("constant_schedule.learning_rate") == 1e-3

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import gin
 import jax
 import numpy as np
 import pytest
 
-from t5x_lite import checkpoints, config, partitioning
+from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite import eval as eval_lib
 from t5x_lite import infer as infer_lib
-from t5x_lite import train as train_lib
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
+from t5x_lite.training import loop
+from tests import sensitive_eval_task
 from tests.test_cli import run_cli
 
+T = TypeVar("T")
 TINY = "models/t5_1_1/tiny.gin"
 QA_LENGTHS = "{'inputs': 96, 'targets': 12}"
 
 
 def parse(files, *bindings):
     gin.clear_config()
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / f) for f in files], list(bindings))
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / f) for f in files], list(bindings))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +39,7 @@ def pretrained(tmp_path_factory) -> Path:
     parse(["quickstart.gin"], f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 3", "BATCH_SIZE = 8",
           "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "train.eval_period = 0",
           "train.progress_bar = False")
-    train_lib.train()
+    loop.train()
     gin.clear_config()
     return model_dir
 
@@ -47,7 +52,7 @@ def finetuned(pretrained, tmp_path_factory) -> Path:
           "TRAIN_STEPS = 2", "BATCH_SIZE = 8", "train.eval_period = 2", "train.eval_steps = 1",
           "make_evaluator.num_examples = 8", "ModelRunner.batch_size = 8", "train.progress_bar = False",
           "train.best_metric = 'eval/bundled_qa_extractive/f1'")
-    summary = train_lib.train()
+    summary = loop.train()
     gin.clear_config()
     assert "eval/bundled_qa_extractive/f1" in summary and "eval/bundled_qa_extractive/em" in summary
     return model_dir
@@ -61,7 +66,7 @@ def tiny_model() -> EncoderDecoderModel:
 def test_initial_checkpoint_restores_params_exactly(pretrained):
     mesh = partitioning.make_mesh({"data": -1})
     rules = partitioning.logical_axis_rules()
-    _, params = checkpoints.load_model_params(tiny_model(), str(pretrained), mesh, rules)
+    _, params = checkpoints.load_checkpoint_params(tiny_model(), str(pretrained), mesh, rules)
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(pretrained / "checkpoints", item_names=("state", "dataset")) as manager:
@@ -89,8 +94,8 @@ def test_finetune_starts_a_fresh_optimizer_and_keeps_the_best(finetuned):
 def test_missing_initial_checkpoint(tmp_path):
     parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = '{tmp_path / 'nope'}'",
           "MIXTURE_OR_TASK_NAME = 'bundled_qa_extractive'", f"TASK_FEATURE_LENGTHS = {QA_LENGTHS}", "TRAIN_STEPS = 1")
-    with pytest.raises(config.UserError, match=r"INITIAL_CHECKPOINT_PATH: No checkpoint found at .*nope"):
-        train_lib.train()
+    with pytest.raises(cli.UserError, match=r"INITIAL_CHECKPOINT_PATH: No checkpoint found at .*nope"):
+        loop.train()
     gin.clear_config()
 
 
@@ -98,51 +103,88 @@ def test_checkpoint_of_another_shape(pretrained, tmp_path):
     parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
           "T5Config.d_ff = 512", "MIXTURE_OR_TASK_NAME = 'bundled_qa_extractive'",
           f"TASK_FEATURE_LENGTHS = {QA_LENGTHS}", "TRAIN_STEPS = 1")
-    with pytest.raises(config.UserError, match=r"Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 256\) in checkpoint .* but \(128, 512\)"):
-        train_lib.train()
+    with pytest.raises(cli.UserError, match=r"Parameter decoder/layers/0/mlp/wi_0/kernel has shape \(128, 256\) in checkpoint .* but \(128, 512\)"):
+        loop.train()
     gin.clear_config()
 
 
-@pytest.mark.slow
-def test_eval_cli_writes_metrics(finetuned, tmp_path):
-    out = tmp_path / "eval"
-    result = run_cli("--gin_file=runs/eval.gin", f"--gin_file={TINY}", f"--gin.CHECKPOINT_PATH='{finetuned}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='bundled_qa_yes_no'", f"--gin.TASK_FEATURE_LENGTHS={QA_LENGTHS}",
-                     f"--gin.EVAL_OUTPUT_DIR='{out}'", "--gin.make_evaluator.num_examples=8",
-                     module="t5x_lite.eval")
+def cli_then_api(module: str, files: list[str], bindings: list[str], cli_binding: str, api_binding: str,
+                 api: Callable[[], T]) -> tuple[subprocess.CompletedProcess, T]:
+    """`python -m MODULE` with the gin files, `bindings` and `cli_binding`, then `api()` in this process with the
+    files, `bindings` and `api_binding` (another output path). The command runs on as many simulated devices as
+    this process has, so both compute alike."""
+    args = [f"--gin_file={f}" for f in files] + [f"--gin.{b}" for b in (*bindings, cli_binding)]
+    result = run_cli(*args, module=module, devices=jax.device_count())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval/bundled_qa_yes_no/accuracy = " in result.stdout
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["step"] == 2 and 0.0 <= record["eval/bundled_qa_yes_no/accuracy"] <= 100.0
+    parse(files, *bindings, api_binding)
+    try:
+        return result, api()
+    finally:
+        gin.clear_config()
 
 
 @pytest.mark.slow
-def test_infer_cli_on_a_task_and_on_a_file(finetuned, tmp_path):
-    out = tmp_path / "task.jsonl"
-    result = run_cli("--gin_file=runs/infer.gin", f"--gin_file={TINY}", f"--gin.CHECKPOINT_PATH='{finetuned}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='bundled_qa_extractive'", f"--gin.TASK_FEATURE_LENGTHS={QA_LENGTHS}",
-                     f"--gin.INFER_OUTPUT_FILE='{out}'", module="t5x_lite.infer")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 150  # the whole validation split
+def test_eval_cli_writes_the_metrics_of_the_python_api(finetuned, tmp_path):
+    """Metrics that move with every score and prediction (`tests/sensitive_eval_task.py`), from the command and
+    in-process: equal to the last bit."""
+    bindings = [f"CHECKPOINT_PATH='{finetuned}'", "MIXTURE_OR_TASK_MODULE='tests.sensitive_eval_task'",
+                f"MIXTURE_OR_TASK_NAME='{sensitive_eval_task.NAME}'", f"TASK_FEATURE_LENGTHS={QA_LENGTHS}",
+                "make_evaluator.num_examples=16"]
+    result, metrics = cli_then_api("t5x_lite.eval", ["runs/eval.gin", TINY], bindings, f"EVAL_OUTPUT_DIR='{tmp_path / 'cli'}'",
+                                   f"EVAL_OUTPUT_DIR='{tmp_path / 'api'}'", eval_lib.evaluate_checkpoint)
+    task = sensitive_eval_task.NAME
+    assert set(metrics) == {f"eval/{task}/mean_log_likelihood", f"eval/{task}/mean_prediction_chars"}
+    assert metrics[f"eval/{task}/mean_log_likelihood"] < 0 < metrics[f"eval/{task}/mean_prediction_chars"]
+    record = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record.pop("step") == 2  # the checkpoint's step
+    record.pop("time")
+    assert record == metrics
+    printed = dict(line.split(" = ") for line in result.stdout.splitlines() if line.startswith("eval/"))
+    assert printed == {name: f"{value:.4f}" for name, value in metrics.items()}
+
+
+def infer_both(tmp_path: Path, name: str, bindings: list[str]) -> tuple[list[dict], list[dict], int]:
+    """(the CLI's output lines, the Python API's, the count `infer()` returned) for the same config."""
+    cli_out, api_out = tmp_path / f"{name}_cli.jsonl", tmp_path / f"{name}_api.jsonl"
+    _, written = cli_then_api("t5x_lite.infer", ["runs/infer.gin", TINY], bindings, f"INFER_OUTPUT_FILE='{cli_out}'",
+                              f"INFER_OUTPUT_FILE='{api_out}'", infer_lib.infer)
+    return [json.loads(line) for line in cli_out.read_text().splitlines()], [
+        json.loads(line) for line in api_out.read_text().splitlines()], written
+
+
+def assert_same_predictions(cli_lines: list[dict], api_lines: list[dict]) -> None:
+    """The same examples, texts and predictions; the same scores up to float32 rounding."""
+    def without_score(lines):
+        return [{k: v for k, v in line.items() if k != "score"} for line in lines]
+
+    assert without_score(cli_lines) == without_score(api_lines)
+    cli_scores, api_scores = [line["score"] for line in cli_lines], [line["score"] for line in api_lines]
+    assert [s is None for s in cli_scores] == [s is None for s in api_scores]
+    np.testing.assert_allclose([s for s in cli_scores if s is not None], [s for s in api_scores if s is not None],
+                               rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_infer_cli_writes_the_predictions_of_the_python_api(finetuned, tmp_path):
+    common = [f"CHECKPOINT_PATH='{finetuned}'", f"TASK_FEATURE_LENGTHS={QA_LENGTHS}"]
+    lines, api_lines, written = infer_both(tmp_path, "task", [*common, "MIXTURE_OR_TASK_NAME='bundled_qa_extractive'"])
+    assert written == len(lines) == 150  # the whole validation split
     assert set(lines[0]) == {"task", "inputs", "targets", "prediction", "score"}
     assert lines[0]["inputs"].startswith("who says") and lines[0]["score"] < 0
+    assert_same_predictions(lines, api_lines)
+
     inputs = tmp_path / "questions.txt"
     inputs.write_text("who says hello? \\n hello, said the king.\nis this a question?\n")
-    out_file = tmp_path / "file.jsonl"
-    gin.clear_config()
-    parse(["runs/infer.gin", TINY], f"CHECKPOINT_PATH = '{finetuned}'", f"INFER_INPUT_FILE = '{inputs}'",
-          f"TASK_FEATURE_LENGTHS = {QA_LENGTHS}", f"INFER_OUTPUT_FILE = '{out_file}'")
-    assert infer_lib.infer() == 2
-    gin.clear_config()
-    lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+    lines, api_lines, written = infer_both(tmp_path, "file", [*common, f"INFER_INPUT_FILE='{inputs}'"])
+    assert written == len(lines) == 2
     assert lines[1]["inputs"] == "is this a question?" and lines[1]["score"] is None
+    assert_same_predictions(lines, api_lines)
 
 
 def test_infer_rejects_an_empty_input_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(config.UserError, match="is empty"):
+    with pytest.raises(cli.UserError, match="is empty"):
         infer_lib.read_input_file(str(empty))
 
 
@@ -153,7 +195,7 @@ def test_infer_rejects_an_input_file_for_a_classifier(tmp_path):
           f"CHECKPOINT_PATH = '{tmp_path}'", f"INFER_INPUT_FILE = '{lines}'",
           "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 1}", f"INFER_OUTPUT_FILE = '{tmp_path / 'out.jsonl'}'")
     try:
-        with pytest.raises(config.UserError, match="EncoderClassificationModel predicts for a task's examples.*MIXTURE_OR_TASK_NAME"):
+        with pytest.raises(cli.UserError, match="EncoderClassificationModel predicts for a task's examples.*MIXTURE_OR_TASK_NAME"):
             infer_lib.infer()
     finally:
         gin.clear_config()
@@ -163,6 +205,6 @@ def test_infer_rejects_an_input_file_for_a_classifier(tmp_path):
 def test_eval_needs_a_task_with_metrics(pretrained, tmp_path):
     parse(["runs/eval.gin", TINY], f"CHECKPOINT_PATH = '{pretrained}'", "MIXTURE_OR_TASK_NAME = 'bundled_span_corruption'",
           "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", f"EVAL_OUTPUT_DIR = '{tmp_path}'")
-    with pytest.raises(config.UserError, match="defines no metric functions"):
+    with pytest.raises(cli.UserError, match="defines no metric functions"):
         eval_lib.evaluate_checkpoint()
     gin.clear_config()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import pytest
@@ -50,6 +51,23 @@ def test_large_blocks_are_heap_blocks_kept_after_free(libc):
     after = libc.mallinfo2()
     assert after.arena == during.arena, "the heap was trimmed back to the OS on free"
     assert after.fordblks >= size  # the freed block waits on the free lists for the next step
+
+
+def test_accelerator_hosts_keep_glibc_defaults(monkeypatch):
+    """A process whose JAX backend is a GPU or TPU never calls mallopt; a CPU one does."""
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: types.SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert host_memory.keep_freed_host_memory() is False
+    assert calls == []
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert host_memory.keep_freed_host_memory() is True
+    assert len(calls) == 2
 
 
 def test_opt_out(monkeypatch):

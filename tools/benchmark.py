@@ -65,7 +65,7 @@ import optax
 from flax import nnx
 
 from t5x_lite import host_memory, partitioning
-from t5x_lite.config import UserError
+from t5x_lite.cli import UserError
 from t5x_lite.decoding import DecodeConfig
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
@@ -815,10 +815,10 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    host_memory.keep_freed_host_memory()  # as the CLIs do; PyTorch in this process gets it too
     threads = limit_threads(args.threads)  # before JAX starts its CPU thread pool
     if args.compare_hf:  # on a GPU, leave memory for PyTorch instead of preallocating most of it for JAX
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    host_memory.keep_freed_host_memory()  # as the CLIs do (it starts JAX); PyTorch in this process gets it too
     args.dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     args.scan_layers = args.scan_layers == "on" or (args.scan_layers == "auto" and jax.default_backend() != "cpu")
     results = run(args, threads)

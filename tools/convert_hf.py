@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 import seqio
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import config, hf, partitioning
+from t5x_lite import checkpoints, cli, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies
 from t5x_lite.models.base import BaseModel
@@ -72,11 +72,11 @@ def t5x_to_hf(
     bindings: Sequence[str] = (),
 ) -> Path:
     """Writes a t5x_lite checkpoint of the gin-configured model as a HF directory; returns out_dir."""
-    config.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
-                                 "exported_model.model = %MODEL"])
+    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
+                              "exported_model.model = %MODEL"])
     model = exported_model()
     mesh = partitioning.make_mesh({"data": -1})
-    _, params = config.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())
+    _, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())
     return hf.write_pretrained(jax.device_get(params), model.config, out_dir, vocabulary)
 
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             elif args.spm_path:
                 vocabulary = vocab.get_vocabulary(args.spm_path)
             out = t5x_to_hf(args.gin_file, args.checkpoint, args.out_dir, vocabulary, args.gin_binding)
-    except (FileNotFoundError, ValueError, config.UserError) as e:
+    except (FileNotFoundError, ValueError, cli.UserError) as e:
         raise SystemExit(f"error: {e}") from e
     print(f"Wrote {out}")
     return out

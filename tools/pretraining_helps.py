@@ -5,7 +5,7 @@ initialised twin, with all and with a small fraction of the training examples.
     python tools/pretraining_helps.py --out_dir runs/pretraining_helps --pretrained_checkpoint runs/quickstart
 
 Steps, each a run driven through gin exactly as `python -m t5x_lite.train` drives it
-(`t5x_lite.config.parse_gin`, then `t5x_lite.train.train()`):
+(`t5x_lite.cli.parse_gin`, then `t5x_lite.train.train()`):
 
 1. pre-train the tiny T5 v1.1 on the bundled corpus, unless `--pretrained_checkpoint` names a
    checkpoint: by default with BART-style denoising (`gin_configs/examples/t5_denoising_pretrain.gin`,
@@ -168,13 +168,13 @@ def run_training(gin_files: list[str], bindings: list[str], report: tuple[str, .
     """
     import gin
 
-    from t5x_lite import config
+    from t5x_lite import cli
     from t5x_lite import train as train_lib
 
     gin.clear_config()
     try:
-        config.parse_gin(gin_files, bindings)
-        config.require_macros()
+        cli.parse_gin(gin_files, bindings)
+        cli.require_macros()
         values = {name: gin.query_parameter(name) for name in report}
         train_lib.train()
         return values

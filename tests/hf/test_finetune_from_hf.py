@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from t5x_lite import checkpoints, config, hf
+from t5x_lite import checkpoints, cli, hf
 from t5x_lite import train as train_lib
 from t5x_lite.training import freezing, train_state
 from tests.hf.conftest import hf_logits, random_inputs
@@ -58,7 +58,7 @@ def test_selective_finetune_from_hf_then_export(tmp_path):
 
     model_dir = tmp_path / "run"
     gin.clear_config()
-    config.parse_gin(
+    cli.parse_gin(
         ["examples/finetune_top_layers.gin", str(model_gin)],
         [f"MODEL_DIR = '{model_dir}'", f"INITIAL_CHECKPOINT_PATH = 'hf:{tmp_path / 'hf'}'", "TRAIN_STEPS = 2",
          "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "train.eval_period = 0",
@@ -108,7 +108,7 @@ def test_train_a_classifier_from_an_hf_masked_lm(tmp_path):
     model = transformers.BertForMaskedLM(hf_config).eval()
     model.save_pretrained(tmp_path / "hf")
     gin.clear_config()
-    config.parse_gin(
+    cli.parse_gin(
         ["examples/bert_tiny_classify.gin"],
         [f"MODEL_DIR = '{tmp_path / 'run'}'", f"INITIAL_CHECKPOINT_PATH = 'hf:{tmp_path / 'hf'}'", "TRAIN_STEPS = 2",
          "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 1}", "train.eval_period = 0",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from t5x_lite import checkpoints, hf, partitioning
 from t5x_lite.decoding import DecodeConfig
-from t5x_lite import config, hf, partitioning
 from tests.hf.conftest import randomised
 from tests.hf.tokenizer_fixtures import gpt2_style_bpe, save_hf_tokenizer, seqio_packed_examples
 
@@ -121,7 +121,7 @@ def test_export_round_trips_through_transformers(gpt2_dir, tmp_path):
 def test_hf_checkpoint_path_and_model_gin(gpt2_dir):
     model, folder = gpt2_dir
     ours = hf.load_model(folder)
-    graphdef, params = config.load_checkpoint_params(ours, f"hf:{folder}", partitioning.make_mesh({"data": -1}),
+    graphdef, params = checkpoints.load_checkpoint_params(ours, f"hf:{folder}", partitioning.make_mesh({"data": -1}),
                                                      partitioning.STANDARD_RULES)
     tokens, real = right_padded(seed=2)
     logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))

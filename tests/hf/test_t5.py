@@ -178,14 +178,14 @@ def test_extra_head_tensor_is_rejected(hf_t5_dirs, tmp_path):
 
 def test_hf_prefix_in_checkpoint_paths(hf_t5_dirs):
     """CHECKPOINT_PATH / INITIAL_CHECKPOINT_PATH = 'hf:DIR' go through checkpoints.restore_params."""
-    from t5x_lite import config
+    from t5x_lite import checkpoints, cli
 
     model, folder = hf_t5_dirs["t5_v1_0"]
     ours = hf.load_model(folder)
     mesh = partitioning.make_mesh({"data": -1})
-    graphdef, params = config.load_checkpoint_params(ours, f"hf:{folder}", mesh, partitioning.STANDARD_RULES)
+    graphdef, params = checkpoints.load_checkpoint_params(ours, f"hf:{folder}", mesh, partitioning.STANDARD_RULES)
     enc, dec = random_inputs(TINY["vocab_size"])
     assert np.abs(our_logits(nnx.merge(graphdef, params), enc, dec) - hf_logits(model, enc, dec)).max() < 1e-4
     wrong = EncoderDecoderModel(T5Config(**{**ours.config.__dict__, "d_ff": 64}))
-    with pytest.raises(config.UserError, match=r"CHECKPOINT_PATH: T5Config.d_ff is 64 in the model config but 48 in "):
-        config.load_checkpoint_params(wrong, f"hf:{folder}", mesh, partitioning.STANDARD_RULES)
+    with pytest.raises(cli.UserError, match=r"CHECKPOINT_PATH: T5Config.d_ff is 64 in the model config but 48 in "):
+        checkpoints.load_checkpoint_params(wrong, f"hf:{folder}", mesh, partitioning.STANDARD_RULES)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite import config
+from t5x_lite import cli
 from t5x_lite import train as train_lib
 from t5x_lite.decoding import DecodeConfig
 from t5x_lite.hf import bart as hf_bart
@@ -222,7 +222,7 @@ def model_from_gin(model=gin.REQUIRED):
 @pytest.mark.parametrize("size,params", [("tiny", 2.11e6), ("base", 139.5e6), ("large", 406.4e6)])
 def test_model_gin_files(size, params):
     gin.clear_config()
-    config.parse_gin(["runs/pretrain.gin", f"models/bart/{size}.gin"], ["test_bart_model.model = %MODEL"])
+    cli.parse_gin(["runs/pretrain.gin", f"models/bart/{size}.gin"], ["test_bart_model.model = %MODEL"])
     model = model_from_gin()
     gin.clear_config()
     assert isinstance(model, BartModel)
@@ -235,13 +235,13 @@ def test_model_gin_files(size, params):
 def test_loss_falls_on_the_bundled_corpus(tmp_path):
     model_dir = tmp_path / "bart"
     gin.clear_config()
-    config.parse_gin(
+    cli.parse_gin(
         ["examples/bart_tiny_pretrain.gin"],
         [f"MODEL_DIR = '{model_dir}'", "TRAIN_STEPS = 30", "BATCH_SIZE = 8",
          "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}", "train.log_period = 10", "train.eval_period = 0",
          "train.checkpoint_period = 1000", "train.progress_bar = False"],
     )
-    config.require_macros()
+    cli.require_macros()
     try:
         train_lib.train()
     finally:

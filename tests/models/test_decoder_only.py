@@ -15,7 +15,7 @@ import tensorflow as tf
 from flax import nnx
 
 import t5x_lite.tasks  # noqa: F401  (registers the bundled tasks read below)
-from t5x_lite import config, evaluation, partitioning
+from t5x_lite import cli, evaluation, partitioning
 from t5x_lite import train as train_lib
 from t5x_lite.decoding import DecodeConfig
 from t5x_lite.hf import gpt2 as hf_gpt2
@@ -333,7 +333,7 @@ def model_from_gin(model=gin.REQUIRED):
 @pytest.mark.parametrize("size,params", [("tiny", 1.5e6), ("small", 124.5e6), ("medium", 354.9e6)])
 def test_model_gin_files(size, params):
     gin.clear_config()
-    config.parse_gin(["runs/pretrain.gin", f"models/gpt/{size}.gin"], ["test_decoder_only_model.model = %MODEL"])
+    cli.parse_gin(["runs/pretrain.gin", f"models/gpt/{size}.gin"], ["test_decoder_only_model.model = %MODEL"])
     model = model_from_gin()
     gin.clear_config()
     assert isinstance(model, DecoderOnlyModel)
@@ -344,12 +344,12 @@ def test_model_gin_files(size, params):
 
 def run_train(files: list[str], model_dir, *bindings: str) -> dict[str, float]:
     gin.clear_config()
-    config.parse_gin(
+    cli.parse_gin(
         files,
         [f"MODEL_DIR = '{model_dir}'", "BATCH_SIZE = 8", "train.log_period = 10", "train.checkpoint_period = 1000",
          "train.progress_bar = False", *bindings],
     )
-    config.require_macros()
+    cli.require_macros()
     try:
         return train_lib.train()
     finally:

@@ -303,11 +303,11 @@ def test_config_errors_name_the_value():
 
 
 def run_training(gin_file: str, model_dir: Path, *bindings: str) -> list[dict]:
-    from t5x_lite import config
+    from t5x_lite import cli
     from t5x_lite import train as train_lib
 
     gin.clear_config()
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / gin_file)],
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / gin_file)],
                      [*bindings, f"MODEL_DIR = '{model_dir}'", "train.progress_bar = False"])
     try:
         train_lib.train()
@@ -353,20 +353,20 @@ def check_fine_tuning_starts_fresh_heads(model_dir: Path) -> None:
 
 def check_feature_cli(model_dir: Path) -> None:
     """`save_features` (the CLI's function) on the trained checkpoint equals the network's hidden states."""
-    from t5x_lite import checkpoints, config, partitioning
+    from t5x_lite import checkpoints, cli, partitioning
     from t5x_lite.data import special_tokens, vocab
 
     lines = model_dir / "lines.txt"
     lines.write_text("To be, or not to be: that is the question.\nA horse!\tMy kingdom for a horse.\n")
-    files = [str(config.GIN_CONFIGS_DIR / "runs" / "features.gin"), str(config.GIN_CONFIGS_DIR / "models/bert/tiny.gin")]
+    files = [str(cli.GIN_CONFIGS_DIR / "runs" / "features.gin"), str(cli.GIN_CONFIGS_DIR / "models/bert/tiny.gin")]
     common = [f"CHECKPOINT_PATH = '{model_dir}'", "SEQUENCE_LENGTH = 24", "_configured.model = %MODEL"]
     gin.clear_config()
-    config.parse_gin(files, [*common, f"FEATURES_INPUT_FILE = '{lines}'", "FEATURE_LAYERS = [0, -1]",
+    cli.parse_gin(files, [*common, f"FEATURES_INPUT_FILE = '{lines}'", "FEATURE_LAYERS = [0, -1]",
                              f"FEATURES_OUTPUT_FILE = '{model_dir / 'features.npz'}'"])
     try:
         arrays = features.save_features()
         mesh, rules = partitioning.make_mesh(), partitioning.logical_axis_rules()
-        graphdef, params = checkpoints.load_model_params(_configured(), str(model_dir), mesh, rules)
+        graphdef, params = checkpoints.load_checkpoint_params(_configured(), str(model_dir), mesh, rules)
     finally:
         gin.clear_config()
     saved = np.load(model_dir / "features.npz")
@@ -383,7 +383,7 @@ def check_feature_cli(model_dir: Path) -> None:
         np.testing.assert_array_equal(arrays[f"layer_{layer}"], saved[f"layer_{layer}"])
 
     gin.clear_config()
-    config.parse_gin(files, [*common, "MIXTURE_OR_TASK_NAME = 'bundled_cls_single'", "save_features.max_examples = 3",
+    cli.parse_gin(files, [*common, "MIXTURE_OR_TASK_NAME = 'bundled_cls_single'", "save_features.max_examples = 3",
                              "save_features.pooling = 'mean'", f"FEATURES_OUTPUT_FILE = '{model_dir / 'pooled.npz'}'"])
     try:
         pooled = features.save_features()

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import benchmark
 
-from t5x_lite.config import UserError
+from t5x_lite.cli import UserError
 from t5x_lite.networks.t5 import T5
 from t5x_lite.nn import kernels
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import benchmark
 import profile_step
 
-from t5x_lite.config import UserError
+from t5x_lite.cli import UserError
 
 
 def test_overlapping_ops_share_the_interval_they_run_together():

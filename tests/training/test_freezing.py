@@ -9,8 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from t5x_lite import config, partitioning
-from t5x_lite import train as train_lib  # noqa: F401  (registers `train` for the gin files)
+from t5x_lite import cli, partitioning
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import freezing, optimizers, steps, train_state
@@ -191,7 +190,7 @@ def test_later_stages_follow_the_global_learning_rate_schedule():
 def test_example_gin_file_configures_the_staged_optimizer():
     gin.clear_config()
     try:
-        config.parse_gin(["examples/finetune_top_layers.gin", "models/t5_1_1/tiny.gin"],
+        cli.parse_gin(["examples/finetune_top_layers.gin", "models/t5_1_1/tiny.gin"],
                          ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
         assert gin.query_parameter("train.optimizer").selector == "selective"
         tx = freezing.selective(optimizers.constant_schedule())  # the gin-bound stages and optimizer

@@ -96,24 +96,79 @@ def test_bad_schedule_arguments():
         optimizers.rsqrt_schedule(warmup_steps=0)
 
 
+# T5X's Adafactor defaults (t5x/adafactor.py), spelled out in optax's terms.
+T5_ADAFACTOR = {
+    "decay_rate": 0.8, "decay_offset": 0, "clipping_threshold": 1.0, "multiply_by_parameter_scale": True,
+    "momentum": None, "factored": True, "min_dim_size_to_factor": 128, "weight_decay_rate": None, "eps": 1e-30,
+}
+
+
+def updates_over_steps(tx: optax.GradientTransformation, steps: int = 4) -> list[dict[str, np.ndarray]]:
+    """Each step's updates on a matrix above the factoring threshold and one below it, for gradients whose
+    size jumps between steps (so update clipping and the second-moment decay both matter)."""
+    keys = jax.random.split(jax.random.key(0), 2 + steps)
+    params = {"big": 0.3 * jax.random.normal(keys[0], (256, 128)), "small": 2.0 * jax.random.normal(keys[1], (64, 32))}
+    state = tx.init(params)
+    out = []
+    for step, scale in zip(range(steps), (1.0, 50.0, 0.1, 20.0)):
+        grads = jax.tree.map(lambda p, k=keys[2 + step], s=scale: s * jax.random.normal(k, p.shape), params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append(jax.device_get(updates))
+    return out
+
+
+def same_updates(a: list[dict], b: list[dict]) -> bool:
+    return all(np.allclose(x, y, rtol=1e-6, atol=0) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_adafactor_has_t5s_settings():
+    """Our Adafactor equals optax's with T5X's settings, step for step; changing any one of them would show."""
+    schedule = optimizers.constant_schedule(1e-2)
+    ours = updates_over_steps(optimizers.adafactor(schedule))
+    assert same_updates(ours, updates_over_steps(optax.adafactor(schedule, **T5_ADAFACTOR)))
+    changes = {"decay_rate": 0.9, "clipping_threshold": None, "multiply_by_parameter_scale": False, "momentum": 0.9,
+               "factored": False, "min_dim_size_to_factor": 32, "weight_decay_rate": 1e-2}
+    for name, value in changes.items():
+        changed = updates_over_steps(optax.adafactor(schedule, **{**T5_ADAFACTOR, name: value}))
+        assert not same_updates(ours, changed), f"the updates do not depend on {name}"
+
+
 def test_adafactor_factors_large_matrices_and_descends():
-    params = {"w": jnp.ones((256, 128)), "b": jnp.ones((4,))}
+    params = {"w": jnp.ones((256, 128)), "small": jnp.ones((64, 32)), "b": jnp.ones((4,))}
     tx = optimizers.adafactor(optimizers.constant_schedule(1e-2))
     state = tx.init(params)
-    factored = [s for s in jax.tree.leaves(state) if s.shape in ((256,), (128,))]
-    assert len(factored) == 2  # row and column statistics instead of a 256x128 second moment
+    shapes = sorted(s.shape for s in jax.tree.leaves(state) if s.ndim)
+    # Row and column statistics of the 256x128 matrix; the 64x32 one (below 128) and the vector keep a full
+    # second moment; no first moment (momentum) at all. Unused statistics are optax's 1-element placeholders.
+    assert [s for s in shapes if s != (1,)] == [(4,), (64, 32), (128,), (256,)]
 
     def loss(p):
-        return jnp.sum(jnp.square(p["w"] - 2.0)) + jnp.sum(jnp.square(p["b"]))
+        return jnp.sum(jnp.square(p["w"] - 2.0)) + jnp.sum(jnp.square(p["small"])) + jnp.sum(jnp.square(p["b"]))
 
+    initial = loss(params)
     for _ in range(5):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
-    assert loss(params) < loss({"w": jnp.ones((256, 128)), "b": jnp.ones((4,))})
+    assert loss(params) < initial
 
 
 def test_adamw_clips_gradients():
-    tx = optimizers.adamw(optimizers.constant_schedule(1e-3), max_grad_norm=1.0)
+    """The global norm is clipped to 1 before Adam: with gradients whose size changes between steps the updates
+    equal clipped AdamW's and differ from unclipped AdamW's (Adam alone ignores a constant scale, not a varying one)."""
+    schedule = optimizers.constant_schedule(1e-3)
     params = {"w": jnp.zeros(3)}
-    updates, _ = tx.update({"w": jnp.array([300.0, 400.0, 0.0])}, tx.init(params), params)
-    assert np.all(np.isfinite(updates["w"])) and abs(float(updates["w"][0])) <= 1.1e-3
+    grads = [jnp.array([300.0, 400.0, 0.0]), jnp.array([0.3, 0.0, 0.4]), jnp.array([0.0, 30.0, 40.0])]
+
+    def updates(tx):
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update({"w": g}, state, params)
+            out.append(np.asarray(u["w"]))
+        return np.stack(out)
+
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+    ours = updates(optimizers.adamw(schedule, max_grad_norm=1.0))
+    np.testing.assert_allclose(ours, updates(optax.chain(optax.clip_by_global_norm(1.0), adamw)), rtol=1e-6)
+    assert not np.allclose(ours, updates(adamw), rtol=1e-3)
+    np.testing.assert_allclose(updates(optimizers.adamw(schedule, max_grad_norm=None)), updates(adamw), rtol=1e-6)

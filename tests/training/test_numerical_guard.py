@@ -13,11 +13,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_lite import config, partitioning
-from t5x_lite import train as train_lib
+from t5x_lite import cli, partitioning
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
-from t5x_lite.training import optimizers, steps, train_state
+from t5x_lite.training import loop, optimizers, steps, train_state
 
 CONFIG = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
                   num_decoder_layers=1)
@@ -83,7 +82,7 @@ RUN = ["BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", 
 
 
 def run(model_dir: Path, train_steps: int, poison_steps: set[int], monkeypatch, *bindings: str) -> None:
-    real_next_batch = train_lib.next_batch
+    real_next_batch = loop.next_batch
 
     def poisoned_next_batch(iterator, step, *args):
         batch = real_next_batch(iterator, step, *args)
@@ -92,12 +91,12 @@ def run(model_dir: Path, train_steps: int, poison_steps: set[int], monkeypatch, 
             batch["decoder_target_tokens"][0, 0] = 10**6
         return batch
 
-    monkeypatch.setattr(train_lib, "next_batch", poisoned_next_batch)
+    monkeypatch.setattr(loop, "next_batch", poisoned_next_batch)
     gin.clear_config()
-    config.parse_gin([str(config.GIN_CONFIGS_DIR / "quickstart.gin")],
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / "quickstart.gin")],
                      [*RUN, f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {train_steps}", *bindings])
     try:
-        train_lib.train()
+        loop.train()
     finally:
         gin.clear_config()
 

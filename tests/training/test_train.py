@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from t5x_lite import config
-from t5x_lite import train as train_lib
+from t5x_lite import cli
+from t5x_lite.training import loop
 
 SMALL_RUN = [
     "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}",
@@ -25,12 +25,12 @@ SMALL_RUN = [
 def run_training(model_dir: Path, train_steps: int, *extra: str) -> dict[str, float]:
     """Parses the quickstart config with small sizes and trains in this process."""
     gin.clear_config()
-    config.parse_gin(
-        [str(config.GIN_CONFIGS_DIR / "quickstart.gin")],
+    cli.parse_gin(
+        [str(cli.GIN_CONFIGS_DIR / "quickstart.gin")],
         SMALL_RUN + [f"MODEL_DIR = '{model_dir}'", f"TRAIN_STEPS = {train_steps}", *extra],
     )
     try:
-        return train_lib.train()
+        return loop.train()
     finally:
         gin.clear_config()
 
@@ -60,6 +60,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     assert last < first - 1.0, (first, last)
     assert np.isfinite(summary["eval/loss"])
     assert (tmp_path / "config.gin").is_file()
+    assert "train.batch_size = %BATCH_SIZE" in (tmp_path / "operative_config.gin").read_text()
     assert (tmp_path / "checkpoints" / "60").is_dir()
     assert list((tmp_path / "tensorboard").iterdir())
 
@@ -80,6 +81,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert sorted(losses(resumed)) == [1, 2, 3, 4, 5, 6]
     straight_params, resumed_params = restore_params(straight), restore_params(resumed)
     jax.tree.map(np.testing.assert_array_equal, straight_params, resumed_params)
+
+
+class Crash(Exception):
+    """Stands for a run killed after its first step."""
+
+
+def test_operative_config_is_written_once_the_first_step_has_run(tmp_path, monkeypatch):
+    """A run that dies at step 2 has already written the bindings it used (the model's and train's)."""
+    first_batch = loop.next_batch
+
+    def crash_at_step_2(iterator, step, *args):
+        if step == 2:
+            assert (tmp_path / "operative_config.gin").is_file()
+            raise Crash
+        return first_batch(iterator, step, *args)
+
+    monkeypatch.setattr(loop, "next_batch", crash_at_step_2)
+    with pytest.raises(Crash):
+        run_training(tmp_path, 5, "train.eval_period = 0", "train.checkpoint_period = 100")
+    operative = (tmp_path / "operative_config.gin").read_text()
+    for binding in ("T5Config.d_model = 128", "T5Config.num_encoder_layers = 2", "train.batch_size = %BATCH_SIZE",
+                    "BATCH_SIZE = 8", "train.train_steps = %TRAIN_STEPS", "TRAIN_STEPS = 5", "adafactor.decay_rate = 0.8"):
+        assert binding in operative, (binding, operative)
 
 
 def test_checkpoint_restores_identical_params(tmp_path):

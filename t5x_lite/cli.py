@@ -1,81 +1,91 @@
-"""gin + absl glue shared by the entry points: flags, search paths, friendly errors.
+"""The command line of the entry points: flags, gin parsing, required macros, process set-up, one-line errors.
 
-`--gin.KEY=VALUE` (T5X's spelling) is rewritten to `--gin_bindings=KEY=VALUE` before absl
-parses the command line. Errors a user can fix are raised as `UserError` and printed as
-one line, without a traceback.
+`--gin.KEY=VALUE` (T5X's spelling) is rewritten to `--gin_bindings=KEY=VALUE` before absl parses the
+command line. Errors a user can fix are raised as `UserError` and printed as one line, without a
+traceback. Importing this module is cheap (no TensorFlow, no seqio), so `--help` answers at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import sys
 import tempfile
 import tokenize
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import gin
 import jax
-import seqio
 from absl import app, flags, logging
-from flax import nnx
-from jax.sharding import Mesh
 
-from t5x_lite import checkpoints, host_memory, partitioning
-from t5x_lite.data import pipeline
-from t5x_lite.models.base import BaseModel
+from t5x_lite import host_memory
 
 FLAGS = flags.FLAGS
 
 GIN_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "gin_configs"
 
-# Macros every training run must set (gin_configs/runs/*.gin leave them %gin.REQUIRED).
+# Modules whose gin configurables the gin files name (the run's `train` among them); imported before the first parse.
+CONFIGURABLE_MODULES = ("t5x_lite.configurables", "t5x_lite.training.loop")
+
+MODEL_EXAMPLE = "--gin_file=gin_configs/models/t5_1_1/tiny.gin"
+CHECKPOINT_EXAMPLE = "--gin.CHECKPOINT_PATH=\"'runs/my_run'\""
+# The macros each entry point needs (gin_configs/runs/*.gin leave them %gin.REQUIRED), with an example flag.
 REQUIRED_MACROS = {
     "MODEL_DIR": "--gin.MODEL_DIR=\"'runs/my_run'\"",
     "MIXTURE_OR_TASK_NAME": "--gin.MIXTURE_OR_TASK_NAME=\"'bundled_span_corruption'\"",
     "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\"",
     "TRAIN_STEPS": "--gin.TRAIN_STEPS=1000",
     "BATCH_SIZE": "--gin.BATCH_SIZE=32",
-    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
+    "MODEL": MODEL_EXAMPLE,
 }
-
-
-_added_search_paths: set[str] = set()
-
-
-def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
-    """gin's Python-path reader raises TypeError when an include's first folder (e.g. `runs/`)
-    is also a folder in the working directory (a namespace package); treat that as "not here"."""
-
-    def check(path: str) -> bool:
-        try:
-            return exists(path)
-        except TypeError:
-            return False
-
-    return check
-
-
-# gin offers no public way to wrap its registered readers' existence checks.
-gin.config._FILE_READERS[:] = [(reader, _tolerant(exists)) for reader, exists in gin.config._FILE_READERS]
-
 EVAL_REQUIRED_MACROS = {
-    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
-    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
+    "MODEL": MODEL_EXAMPLE,
+    "CHECKPOINT_PATH": CHECKPOINT_EXAMPLE,
     "MIXTURE_OR_TASK_NAME": "--gin.MIXTURE_OR_TASK_NAME=\"'bundled_qa_mixture'\"",
     "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 320, 'targets': 64}\"",
     "EVAL_OUTPUT_DIR": "--gin.EVAL_OUTPUT_DIR=\"'runs/my_run/eval'\"",
 }
 INFER_REQUIRED_MACROS = {
-    "MODEL": "--gin_file=gin_configs/models/t5_1_1/tiny.gin",
-    "CHECKPOINT_PATH": "--gin.CHECKPOINT_PATH=\"'runs/my_run'\"",
+    "MODEL": MODEL_EXAMPLE,
+    "CHECKPOINT_PATH": CHECKPOINT_EXAMPLE,
     "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 320, 'targets': 64}\"",
     "INFER_OUTPUT_FILE": "--gin.INFER_OUTPUT_FILE=\"'predictions.jsonl'\"",
+}
+FEATURES_REQUIRED_MACROS = {
+    "MODEL": "--gin_file=gin_configs/models/bert/tiny.gin",
+    "CHECKPOINT_PATH": CHECKPOINT_EXAMPLE,
+    "FEATURES_OUTPUT_FILE": "--gin.FEATURES_OUTPUT_FILE=\"'features.npz'\"",
 }
 
 
 class UserError(Exception):
     """A problem with the user's command, config or data, reported without a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors(*errors: type[Exception], setting: str | None = None) -> Iterator[None]:
+    """Re-raises `errors` from the block as a `UserError`, prefixed by the setting to change (e.g. MODEL_DIR).
+
+    The one translation from a library's exception to what the command line prints; the block names
+    only the exceptions that mean the user's input is at fault, so a bug still shows its traceback.
+    """
+    try:
+        yield
+    except errors as e:
+        raise UserError(f"{setting}: {e}" if setting else str(e)) from e
+
+
+def one_line_error(error: UserError | FileNotFoundError) -> str:
+    """What the command line prints for an error the user can fix.
+
+    A missing file found while gin calls a configurable (e.g. `text_files_task` with a pattern
+    that matches nothing) arrives as a `FileNotFoundError` with gin's call-site note appended.
+    """
+    if isinstance(error, UserError):
+        return str(error)
+    return str(error).strip().splitlines()[0]
 
 
 def define_flags() -> None:
@@ -91,28 +101,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
-def apply_runtime_flags() -> None:
-    """Keep freed host memory for XLA's buffers (`host_memory`), quiet library logs unless -v was given,
-    join a multi-host run, point seqio at TFDS data."""
-    host_memory.keep_freed_host_memory()
-    if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
-        logging.set_verbosity(logging.WARNING)
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if FLAGS.tfds_data_dir:
-        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Joins a multi-process run: from the flags, or JAX's own detection on SLURM and TPU pods."""
-    if coordinator_address or num_processes:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
-
-
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     """Turns `--gin.KEY=VALUE` into `--gin_bindings=KEY=VALUE`."""
     return [f"--gin_bindings={arg[len('--gin.'):]}" if arg.startswith("--gin.") else arg for arg in argv]
+
+
+# ------------------------------------------------------------------------------------------ gin
 
 
 def search_paths(extra: Sequence[str] = ()) -> list[Path]:
@@ -134,8 +128,40 @@ def resolve_gin_file(name: str, paths: Sequence[Path]) -> Path:
     )
 
 
+_added_search_paths: set[str] = set()
+_prepared = False
+
+
+def _prepare_gin() -> None:
+    """Once per process: registers the configurables, and makes gin's Python-path reader tolerant.
+
+    That reader raises TypeError when an include's first folder (e.g. `runs/`) is also a folder in
+    the working directory (a namespace package); it then means "not here". gin offers no public way
+    to wrap a registered reader's existence check, so its list of readers is rewritten here.
+    """
+    global _prepared
+    if _prepared:
+        return
+    for module in CONFIGURABLE_MODULES:
+        importlib.import_module(module)
+    readers = gin.config._FILE_READERS
+    readers[:] = [(reader, _tolerant(exists)) for reader, exists in readers]
+    _prepared = True
+
+
+def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
+    def check(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:
+            return False
+
+    return check
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths: Sequence[str] = ()) -> None:
     """Parses files then bindings; unknown names, bad syntax and missing files become `UserError`s."""
+    _prepare_gin()
     paths = search_paths(extra_search_paths)
     for path in paths:
         if str(path) not in _added_search_paths:  # gin keeps (and searches) duplicates
@@ -163,7 +189,7 @@ def _parse_or_explain(parse: Callable[[], object], what: str) -> None:
         raise UserError(f"invalid {what}: {e}") from e
 
 
-def require_macros(macros: dict[str, str] = REQUIRED_MACROS) -> None:
+def require_macros(macros: Mapping[str, str] = REQUIRED_MACROS) -> None:
     """Every required macro is bound to a value; a missing one names the macro and a flag."""
     for name, example in macros.items():
         try:
@@ -174,8 +200,46 @@ def require_macros(macros: dict[str, str] = REQUIRED_MACROS) -> None:
             raise UserError(f"gin macro {name} is not set; set it in a gin file or pass e.g. {example}")
 
 
+# ------------------------------------------------------------------------------ process set-up
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Joins a multi-process run: from the flags, or JAX's own detection on SLURM and TPU pods."""
+    if coordinator_address or num_processes:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def keep_tensorflow_off_gpus() -> None:
+    """TensorFlow only reads data here; it must never take accelerator memory from JAX.
+
+    Called by whatever reads data, before the first dataset is built; once TF has set up its devices
+    the setting is fixed, and then it was made already.
+    """
+    import tensorflow as tf  # only processes that read data pay for TensorFlow
+
+    with contextlib.suppress(RuntimeError):  # devices already set up (an earlier call, or data read first)
+        tf.config.set_visible_devices([], "GPU")
+
+
+def setup_runtime() -> None:
+    """The process set-up of an entry point, from the flags: quiet library logs unless -v was given, join a
+    multi-host run, then per backend: keep freed host memory on the CPU (`host_memory`), and TensorFlow off
+    the GPUs; point seqio at TFDS data."""
+    if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
+        logging.set_verbosity(logging.WARNING)
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    host_memory.keep_freed_host_memory()
+    keep_tensorflow_off_gpus()
+    if FLAGS.tfds_data_dir:
+        import seqio
+
+        seqio.set_tfds_data_dir_override(FLAGS.tfds_data_dir)
+
+
 def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, str]) -> None:
-    """What `python -m t5x_lite.{train,eval,infer}` does: flags, gin, checks, then `run_fn()`.
+    """What `python -m t5x_lite.{train,eval,infer,features}` does: flags, set-up, gin, checks, then `run_fn()`.
 
     `--gin.KEY=VALUE` works as in T5X, and a `UserError` is printed as one line (exit code 2).
     """
@@ -185,7 +249,7 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
         try:
             if len(argv) > 1:
                 raise UserError(f"unexpected arguments {list(argv[1:])}; use --gin_file and --gin.KEY=VALUE.")
-            apply_runtime_flags()
+            setup_runtime()
             parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
             require_macros(required_macros)
             run_fn()
@@ -196,21 +260,11 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
     app.run(main, argv=rewrite_gin_args(sys.argv))
 
 
-def one_line_error(error: UserError | FileNotFoundError) -> str:
-    """What the command line prints for an error the user can fix.
-
-    A missing file found while gin calls a configurable (e.g. `text_files_task` with a pattern
-    that matches nothing) arrives as a `FileNotFoundError` with gin's call-site note appended.
-    """
-    if isinstance(error, UserError):
-        return str(error)
-    return str(error).strip().splitlines()[0]
-
-
-def prepare_output_dir(path: str) -> Path:
+def prepare_output_dir(path: str, setting: str | None = None) -> Path:
     """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR) and checks it is writable, before any work.
 
     The probe file's name is unique, so the processes of a multi-host run can check a shared folder at once.
+    An unwritable folder is a `UserError` that names `setting` when given.
     """
     folder = Path(path)
     try:
@@ -218,26 +272,9 @@ def prepare_output_dir(path: str) -> Path:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
             pass
     except OSError as e:
+        prefix = f"{setting} " if setting else ""
         raise UserError(
-            f"{path!r} is not writable ({e.strerror}); pick a folder you can write to, e.g. \"'runs/my_run'\"."
+            f"{prefix}{path!r} is not writable ({e.strerror}); pick a folder you can write to, "
+            "e.g. \"'runs/my_run'\"."
         ) from e
     return folder
-
-
-def lookup_task(module: str | None, name: str, task_feature_lengths: Mapping[str, int]) -> seqio.Task | seqio.Mixture:
-    """Imports the user's task module, finds the task and checks its feature lengths, as `UserError`s."""
-    try:
-        pipeline.import_task_module(module)
-        provider = pipeline.get_mixture_or_task(name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
-    except (ValueError, ModuleNotFoundError) as e:
-        raise UserError(str(e)) from e
-    return provider
-
-
-def load_checkpoint_params(model: BaseModel, path: str, mesh: Mesh, rules: partitioning.Rules) -> tuple[nnx.GraphDef, dict]:
-    """The model's parameters from a checkpoint; a missing or mismatching checkpoint is a `UserError`."""
-    try:
-        return checkpoints.load_model_params(model, path, mesh, rules)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"CHECKPOINT_PATH: {e}") from e
