@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite.decoding import DecodeConfig
 from t5x_lite import hf
+from t5x_lite.decoding import DecodeConfig
 from tests.hf.conftest import hf_logits, random_inputs, randomised
 from tests.hf.tokenizer_fixtures import bart_style_bpe, save_hf_tokenizer, seqio_packed_examples
 
