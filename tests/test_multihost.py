@@ -67,13 +67,15 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("kernels", ["cpu_tuned", "xla"])
+def test_two_processes_match_one(tmp_path, kernels):
     one_device, eight_devices, two_hosts = tmp_path / "one", tmp_path / "eight", tmp_path / "two_hosts"
-    finish(launch(one_device, 1))
-    finish(launch(eight_devices, 8))
+    choice = f"--gin.KERNELS='{kernels}'"
+    finish(launch(one_device, 1, choice))
+    finish(launch(eight_devices, 8, choice))
     address = f"127.0.0.1:{free_port()}"
     finish(*[
-        launch(two_hosts, 4, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}")
+        launch(two_hosts, 4, choice, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}")
         for i in range(2)
     ])
     assert len(losses(two_hosts)) == 3

@@ -27,6 +27,7 @@ import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the
 from t5x_lite import checkpoints, cli, evaluation, partitioning
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
+from t5x_lite.nn import kernels
 from t5x_lite.training import actions, metric_writers, optimizers, preemption, steps, train_state
 from t5x_lite.training.actions import report
 from t5x_lite.training.train_state import TrainState
@@ -101,8 +102,13 @@ def train(
         opened.callback(checkpoint.close)
         state = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
         start_step = int(jax.device_get(state.step))
+        chosen = kernels.resolve(model.config.kernels)
+        report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
         if jax.process_index() == 0:
-            (Path(model_dir) / "config.gin").write_text(gin.config_str())
+            (Path(model_dir) / "config.gin").write_text(
+                gin.config_str() + f"\n# KERNELS={model.config.kernels!r} ran as {chosen.describe()!r} on the "
+                f"{jax.default_backend()} backend.\n"
+            )
         if batch_size % num_microbatches:
             raise cli.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
         train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)

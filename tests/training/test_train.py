@@ -59,16 +59,17 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     first, last = train_records[0]["train/loss"], train_records[-1]["train/loss"]
     assert last < first - 1.0, (first, last)
     assert np.isfinite(summary["eval/loss"])
-    assert (tmp_path / "config.gin").is_file()
+    assert "# KERNELS='auto' ran as 'cpu_tuned' on the cpu backend." in (tmp_path / "config.gin").read_text()
     assert "train.batch_size = %BATCH_SIZE" in (tmp_path / "operative_config.gin").read_text()
     assert (tmp_path / "checkpoints" / "60").is_dir()
     assert list((tmp_path / "tensorboard").iterdir())
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kernels", ["cpu_tuned", "xla"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, kernels):
     settings = ("train.log_period = 1", "train.eval_period = 0", "train.checkpoint_period = 3",
-                "DROPOUT_RATE = 0.1")
+                "DROPOUT_RATE = 0.1", f"KERNELS = '{kernels}'")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_training(straight, 6, *settings)
     run_training(resumed, 3, *settings)
