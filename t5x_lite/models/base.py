@@ -73,11 +73,12 @@ class BaseModel(abc.ABC):
         self, network: nnx.Module, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Mean token loss (normalised by the summed weights) and the summed terms."""
-        logits, targets, weights = self.scored_tokens(network, batch, dropout_rngs)
-        sums = losses.cross_entropy(
-            logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss
-        )
+        sums = self.loss_sums(*self.scored_tokens(network, batch, dropout_rngs))
         return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+
+    def loss_sums(self, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+        """The summed cross-entropy terms (`losses.cross_entropy`) with this model's smoothing and z-loss."""
+        return losses.cross_entropy(logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
 
     def score_batch(self, network: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
         """[b] float32 log-likelihood of each row's targets (teacher-forced, one pass): the targets'

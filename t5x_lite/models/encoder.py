@@ -126,15 +126,12 @@ class EncoderOnlyMLMModel(_EncoderModel):
             sums = dict(sums, loss_sum=sums["loss_sum"] + nsp_mean * sums["weight_sum"])
         return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
-    def _sums(self, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-        return losses.cross_entropy(logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
-
     def _mlm_sums(self, network: Bert, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
         """Summed MLM loss terms, from logits at the chosen positions only when they fit the budget."""
         positions = targets.size
         budget = min(positions, max(1, int(np.ceil(self.max_prediction_fraction * positions))))
         if budget == positions:
-            return self._sums(network.mlm_logits(hidden), targets, weights)
+            return self.loss_sums(network.mlm_logits(hidden), targets, weights)
         flat_hidden = hidden.reshape(1, positions, hidden.shape[-1])
         flat_targets, flat_weights = targets.reshape(1, positions), weights.reshape(1, positions)
         chosen = flat_weights[0] != 0
@@ -143,10 +140,10 @@ class EncoderOnlyMLMModel(_EncoderModel):
             # top_k of the 0/1 mask: every chosen position (the budget holds them all), then unchosen
             # ones of weight 0, which add nothing.
             index = jax.lax.top_k(chosen.astype(jnp.float32), budget)[1]
-            return self._sums(network.mlm_logits(flat_hidden[:, index]), flat_targets[:, index], flat_weights[:, index])
+            return self.loss_sums(network.mlm_logits(flat_hidden[:, index]), flat_targets[:, index], flat_weights[:, index])
 
         def everywhere():
-            return self._sums(network.mlm_logits(flat_hidden), flat_targets, flat_weights)
+            return self.loss_sums(network.mlm_logits(flat_hidden), flat_targets, flat_weights)
 
         return jax.lax.cond(jnp.sum(chosen) <= budget, gathered, everywhere)
 
