@@ -156,6 +156,7 @@ class Bert(nnx.Module):
             raise ValueError(f"Unknown BERT head {head!r}; use one of {list(HEADS)}.")
         self.config = config
         self.head = head
+        self.kernels = kernels.resolve(config.kernels)
         self.embeddings = Embeddings(config, rngs=rngs)
         self.layers = stacks.make_layers(
             lambda rngs: BertLayer(config, rngs=rngs), config.num_layers, config.scan_layers, rngs
@@ -228,12 +229,12 @@ class Bert(nnx.Module):
 
     def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier, as BERT)."""
-        pooled = self.embeddings.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
+        pooled = self.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
         return self.classifier(pooled, out_dtype=jnp.float32)
 
     def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, s, num_labels] per-token logits."""
-        hidden = self.embeddings.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
+        hidden = self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
         return self.tagger(hidden, out_dtype=jnp.float32)
 
     def __call__(
