@@ -787,7 +787,7 @@ def run(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         "config": args.config, "model": {k: v for k, v in dataclasses.asdict(config).items() if k != "dropout_rate"},
         "batch": args.batch, "inputs_length": args.inputs_length, "targets_length": args.targets_length,
         "dtype": args.dtype, "dot_dtype": peak["dtype"], "optimizer": args.optimizer,
-        "kernels": kernels_lib.resolve(args.kernels).name, "device": jax.devices()[0].device_kind,
+        "kernel_set": kernels_lib.resolve(args.kernels).name, "device": jax.devices()[0].device_kind,
         "attention": attention_lib.attention_impl(args.attention, jnp.dtype(args.dtype), config.head_dim),
         "backend": jax.default_backend(), "threads": threads, "date": time.strftime("%Y-%m-%d"),
         "peak": peak, "flops": flops,
