@@ -105,13 +105,17 @@ MODEL_SIDE = r"""
 import sys
 import t5x_lite.decoding, t5x_lite.models, t5x_lite.networks.t5, t5x_lite.nn.attention, t5x_lite.partitioning
 import t5x_lite.training.steps
+from jax._src import xla_bridge
+t5x_lite.networks.t5.T5Config(kernels="auto")
+print("BACKENDS", sorted(xla_bridge._backends))
 print("LOADED", sorted(m for m in ("tensorflow", "seqio") if m in sys.modules))
 """
 
 
 def test_the_model_side_imports_no_tensorflow():
-    """Networks, trainer models, decoding and the train step read no data, so they load neither TF nor seqio."""
+    """Networks, trainer models, decoding and the train step read no data, so they load neither TF nor seqio;
+    and building a config starts no JAX backend (the host-memory settings must come before it)."""
     result = subprocess.run([sys.executable, "-c", MODEL_SIDE], check=False, capture_output=True, text=True,
                             env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LOADED []" in result.stdout
+    assert "LOADED []" in result.stdout and "BACKENDS []" in result.stdout

@@ -13,7 +13,7 @@ from t5x_lite.nn import attention, kernels, stacks
 def check_config(config: object, positive: Sequence[str] = (), choices: dict[str, Sequence[str]] | None = None) -> None:
     """Raises ValueError for the first bad field of a network config dataclass: a `positive` field < 1,
     a value outside its `choices`, a dropout rate outside [0, 1), an unknown dtype, remat policy,
-    attention implementation or kernel set. Resolves the kernel set once, outside any tracing."""
+    attention implementation or kernel set. Starts no JAX backend (host-memory settings must come first)."""
     name = type(config).__name__
     for field in positive:
         if getattr(config, field) < 1:
@@ -35,7 +35,6 @@ def check_config(config: object, positive: Sequence[str] = (), choices: dict[str
         jnp.dtype(config.dtype)
     except TypeError as e:
         raise ValueError(f"{name}.dtype={config.dtype!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'.") from e
-    kernels.resolve(config.kernels)
 
 
 def max_dropout_rate(config: object) -> float:

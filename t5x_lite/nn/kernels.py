@@ -8,8 +8,10 @@
     probabilities, a bias add whose backward sums broadcast axes with a dot, integer-hash dropout masks,
     and bf16 matmul operands upcast to float32 on CPUs without bf16 dot instructions.
   * "auto" (default): "cpu_tuned" on the CPU backend, "xla" on GPU/TPU.
-`resolve` makes the choice once per process (it reads the backend and the CPU's features then, never
-while tracing) and returns a hashable `Kernels` that the layers keep as static configuration.
+`resolve` makes the choice once per process (cached: it reads the backend and the CPU's features on
+the first call only; `train()` makes that call before building any network) and returns a hashable
+`Kernels` that the layers keep as static configuration. Configs only check the name: resolving starts
+JAX's backend, which must wait for the host-memory settings (`host_memory.py`).
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ def train(
         provider = pipeline.get_mixture_or_task(mixture_or_task_name)
         pipeline.check_feature_lengths(provider, task_feature_lengths)
     check_vocab_fits(provider, model)
+    chosen = kernels.resolve(model.config.kernels)  # once, before any network is built or traced
+    report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
     with cli.user_errors(ValueError):  # e.g. a MESH_SHAPE larger than the device count
         mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
@@ -102,8 +104,6 @@ def train(
         opened.callback(checkpoint.close)
         state = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
         start_step = int(jax.device_get(state.step))
-        chosen = kernels.resolve(model.config.kernels)
-        report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
         if jax.process_index() == 0:
             (Path(model_dir) / "config.gin").write_text(
                 gin.config_str() + f"\n# KERNELS={model.config.kernels!r} ran as {chosen.describe()!r} on the "
