@@ -121,10 +121,12 @@ def test_cached_steps_equal_teacher_forced_logits(tied):
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     assert int(decode_state.index) == 6
     layers, heads, head_dim = TINY.num_decoder_layers, TINY.num_heads, TINY.head_dim
-    assert decode_state.cache.key.shape == (4, layers, heads, LENGTH + 3, head_dim)  # batch leading, then layers
-    assert decode_state.cross.value.shape == (4, layers, heads, 7, head_dim)
-    assert np.all(np.any(decode_state.cache.value[:, 1, :, :6] != 0, axis=-1))  # slots 0..5 written
-    assert not np.any(decode_state.cache.key[:, 1, :, 6:])  # slots past the index are never written
+    # An unrolled stack keeps one head-major cache per layer (a scanned one stacks them: tests/nn/test_stacks.py).
+    assert len(decode_state.cache) == len(decode_state.cross) == layers
+    assert decode_state.cache[1].key.shape == (4, heads, LENGTH + 3, head_dim)
+    assert decode_state.cross[1].value.shape == (4, heads, 7, head_dim)
+    assert np.all(np.any(decode_state.cache[1].value[:, :, :6] != 0, axis=-1))  # slots 0..5 written
+    assert not np.any(decode_state.cache[1].key[:, :, 6:])  # slots past the index are never written
 
 
 def uncached_greedy(graphdef, state, enc, boost=EOS_BOOST):
@@ -404,7 +406,7 @@ def test_bfloat16_cached_decoding_executes():
             net, {"encoder_input_tokens": enc}, max_decode_length=LENGTH,
             decode=decoding.DecodeConfig(method="beam", beam_size=2),
         )
-        return logits, next_state.cache.key, tokens, beams
+        return logits, next_state.cache[0].key, tokens, beams
 
     logits, keys, tokens, beams = jax.block_until_ready(run(state, enc))
     assert keys.dtype == jnp.bfloat16 and logits.dtype == jnp.float32

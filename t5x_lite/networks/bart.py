@@ -22,7 +22,7 @@ from flax import nnx
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
-from t5x_lite.nn.attention import DecodeState, KVCache
+from t5x_lite.nn.attention import DecodeState, StackCache
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 
@@ -123,13 +123,13 @@ class DecoderLayer(nnx.Module):
         return self.mlp_layer_norm(y + drop(self.mlp(y, dropout_rngs=dropout_rngs)))
 
     def decode_step(
-        self, y: jax.Array, state: DecodeState, cache: KVCache, layer: int | jax.Array, self_bias: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
+        self, y: jax.Array, state: DecodeState, cache: StackCache, layer: int | jax.Array, self_bias: jax.Array
+    ) -> tuple[jax.Array, StackCache]:
         """One position [b, 1, e] as layer `layer` of the stack's self-attention `cache`; returns the output
         and the cache with this position written. No dropout (inference)."""
         h, cache = self.self_attention.decode_step(y, cache, layer, state.index, self_bias)
         y = self.self_attention_layer_norm(y + h)
-        h = self.cross_attention.attend_cached(y, state.cross.layer(layer), state.cross_attention_bias())
+        h = self.cross_attention.attend_cached(y, attention.layer_cache(state.cross, layer), state.cross_attention_bias())
         y = self.cross_attention_layer_norm(y + h)
         return self.mlp_layer_norm(y + self.mlp(y)), cache
 

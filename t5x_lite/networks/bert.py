@@ -201,7 +201,7 @@ class Bert(nnx.Module):
             return x, x
 
         last, outputs = stacks.each_layer(self.layers, layer_output, x, scan=config.scan_layers)
-        return last, [x] + [outputs[:, i] for i in range(outputs.shape[1])]
+        return last, [x, *stacks.per_layer(outputs)]
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[b, s, d] -> float32 [b, s, vocab] masked-LM logits."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite.nn import layers, stacks
-from t5x_lite.nn.attention import DecodeState, KVCache, MultiHeadAttention
+from t5x_lite.nn.attention import DecodeState, MultiHeadAttention, empty_stack_cache
 
 
 class EncoderDecoderNetwork(nnx.Module):
@@ -89,9 +89,9 @@ class EncoderDecoderNetwork(nnx.Module):
             decoder_layers, lambda layer, carry, i: (carry, cross_attention(layer).project_kv(encoded)), None,
             scan=config.scan_layers,
         )
-        cache = KVCache.zeros(
+        cache = empty_stack_cache(
             batch, config.num_decoder_layers, config.num_heads, max_decode_length, config.head_dim,
-            jnp.dtype(config.dtype),
+            jnp.dtype(config.dtype), scan=config.scan_layers,
         )
         return DecodeState(
             cache=cache, cross=cross, cross_mask=encoder_mask, first_slot=jnp.zeros((batch,), jnp.int32),

@@ -22,7 +22,7 @@ from flax import nnx
 
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.nn import attention, kernels, layers, stacks
-from t5x_lite.nn.attention import DecodeState, KVCache
+from t5x_lite.nn.attention import DecodeState, KVCache, StackCache
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
@@ -103,8 +103,8 @@ class GPTBlock(nnx.Module):
         )
 
     def decode_step(
-        self, x: jax.Array, cache: KVCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
+        self, x: jax.Array, cache: StackCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
+    ) -> tuple[jax.Array, StackCache]:
         """One position [b, 1, e] as layer `layer` of the stack's `cache`; returns (output, updated cache)."""
         h, cache = self.attention.decode_step(self.pre_attention_layer_norm(x), cache, layer, slot, bias)
         x = x + h
@@ -181,10 +181,9 @@ class GPT(nnx.Module):
         _, cache = stacks.each_layer(
             self.layers, lambda layer, x, i: layer.with_keys_values(x, bias, None), x, scan=self.config.scan_layers
         )
-        cache_length = p + max_decode_length - 1  # the last generated token is never fed back
-        padding = ((0, 0), (0, 0), (0, 0), (0, cache_length - p), (0, 0))
+        free_slots = max_decode_length - 1  # after the prompt; the last generated token is never fed back
         return DecodeState(
-            cache=KVCache(jnp.pad(cache.key, padding), jnp.pad(cache.value, padding)),
+            cache=jax.tree.map(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, free_slots), (0, 0)]), cache),
             cross=None,
             cross_mask=None,
             first_slot=first_slot,

@@ -23,7 +23,7 @@ from flax import nnx
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
-from t5x_lite.nn.attention import DecodeState, KVCache
+from t5x_lite.nn.attention import DecodeState, StackCache
 
 FEED_FORWARDS = ("gated-gelu", "relu")
 
@@ -145,8 +145,8 @@ class DecoderLayer(nnx.Module):
         return y + drop(h, self.dropout_rate, dropout_rngs)
 
     def decode_step(
-        self, y: jax.Array, state: DecodeState, cache: KVCache, layer: int | jax.Array, self_bias: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
+        self, y: jax.Array, state: DecodeState, cache: StackCache, layer: int | jax.Array, self_bias: jax.Array
+    ) -> tuple[jax.Array, StackCache]:
         """One position [b, 1, e] as layer `layer` of the stack's self-attention `cache`; returns the output
         and the cache with this position written. No dropout (inference)."""
         h, cache = self.self_attention.decode_step(
@@ -154,7 +154,8 @@ class DecoderLayer(nnx.Module):
         )
         y = y + h
         h = self.pre_cross_attention_layer_norm(y)
-        y = y + self.encoder_decoder_attention.attend_cached(h, state.cross.layer(layer), state.cross_attention_bias())
+        cross = attention.layer_cache(state.cross, layer)
+        y = y + self.encoder_decoder_attention.attend_cached(h, cross, state.cross_attention_bias())
         return y + self.mlp(self.pre_mlp_layer_norm(y)), cache
 
 
@@ -189,7 +190,7 @@ class Encoder(nnx.Module):
             return x, x
 
         _, outputs = stacks.each_layer(self.layers, layer_output, x, scan=self.scan_layers)
-        states = [x] + [outputs[:, i] for i in range(outputs.shape[1])]
+        states = [x, *stacks.per_layer(outputs)]
         return states[:-1] + [self.encoder_norm(states[-1])]
 
     def _bias(self, mask: jax.Array) -> jax.Array:
@@ -232,7 +233,7 @@ class Decoder(nnx.Module):
 
     def decode_step(self, y: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """One embedded position [b, 1, e] at `state.index` -> normed output [b, 1, e] and the advanced state."""
-        key_positions = jnp.arange(state.cache.key.shape[3])
+        key_positions = jnp.arange(attention.cache_length(state.cache))
         # Bias of the single query position only: [1, h, 1, length] + the visible slots [b, 1, 1, length].
         self_bias = self.relpos_bias(state.index[None], key_positions) + state.self_attention_bias()
 

@@ -1,11 +1,12 @@
 """Multi-head attention and the one key/value cache layout every family decodes with.
 
-The cache is head-major, [b, heads, length, head_dim] per layer, because that is what the attention
-dots consume directly: a decode step reads the cache once instead of transposing it (a [b, length,
-heads, head_dim] cache cost a full copy per step). A decoder's layers keep theirs in one array with
-the layers on axis 1, [b, layers, heads, length, head_dim] (batch leading, as beam search requires);
-layer i reads and writes its slice, in place, whether the stack is a Python loop (static i) or one
-`lax.scan` (traced i), so a scanned stack decodes scanned and the program stays flat in depth.
+A layer's cache is head-major, [b, heads, length, head_dim], because that is what the attention dots
+consume directly: a decode step reads the cache once instead of transposing it (a [b, length, heads,
+head_dim] cache cost a full copy per step). A decoder stack keeps its layers' caches the way it keeps
+their parameters: a tuple of per-layer caches for an unrolled stack (each read and written in place,
+no slicing), one cache with the layers on axis 1, [b, layers, heads, length, head_dim], for a scanned
+stack (batch leading, as beam search requires), whose layer i reads and writes its slice inside the
+one `lax.scan` of a decode step, so the decode program stays flat in depth.
 """
 
 from __future__ import annotations
@@ -40,36 +41,59 @@ def attention_impl(name: str, dtype: jnp.dtype, head_dim: int) -> str:
 
 class KVCache(NamedTuple):
     """Keys and values, [b, heads, length, head_dim] (one layer) or [b, layers, heads, length, head_dim]
-    (a decoder's stack), in the activation dtype."""
+    (a scanned stack), in the activation dtype."""
 
     key: jax.Array
     value: jax.Array
 
-    @classmethod
-    def zeros(cls, batch: int, num_layers: int, num_heads: int, length: int, head_dim: int, dtype) -> KVCache:
-        """An empty cache for a stack of `num_layers` layers."""
+
+# A decoder stack's caches: per-layer caches (an unrolled stack) or one stacked cache (a scanned stack).
+StackCache = KVCache | tuple[KVCache, ...]
+
+
+def empty_stack_cache(
+    batch: int, num_layers: int, num_heads: int, length: int, head_dim: int, dtype, *, scan: bool
+) -> StackCache:
+    """Zeroed caches of `length` slots for a stack of `num_layers` layers."""
+    if scan:
         shape = (batch, num_layers, num_heads, length, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, num_heads, length, head_dim)
+    return tuple(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
 
-    def layer(self, index: int | jax.Array) -> KVCache:
-        """Layer `index`'s [b, heads, length, head_dim] slice of a stack's cache."""
-        take = functools.partial(jax.lax.dynamic_index_in_dim, index=index, axis=1, keepdims=False)
-        return KVCache(take(self.key), take(self.value))
 
-    def write(self, layer: int | jax.Array, slot: jax.Array, key: jax.Array, value: jax.Array) -> KVCache:
-        """The stack's cache with layer `layer`'s position `slot` set to `key`/`value` [b, heads, 1, head_dim]."""
-        start = (0, layer, 0, slot, 0)
-        return KVCache(
-            jax.lax.dynamic_update_slice(self.key, key[:, None].astype(self.key.dtype), start),
-            jax.lax.dynamic_update_slice(self.value, value[:, None].astype(self.value.dtype), start),
-        )
+def layer_cache(caches: StackCache, layer: int | jax.Array) -> KVCache:
+    """Layer `layer`'s [b, heads, length, head_dim] cache."""
+    if not isinstance(caches, KVCache):  # per-layer caches
+        return caches[layer]
+    take = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, axis=1, keepdims=False)
+    return KVCache(take(caches.key), take(caches.value))
+
+
+def write_layer_slot(
+    caches: StackCache, layer: int | jax.Array, slot: jax.Array, key: jax.Array, value: jax.Array
+) -> StackCache:
+    """The caches with layer `layer`'s position `slot` set to `key`/`value` [b, heads, 1, head_dim]."""
+    if not isinstance(caches, KVCache):  # per-layer caches
+        old, start = caches[layer], (0, 0, slot, 0)
+        new = KVCache(*(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), start) for c, x in zip(old, (key, value))))
+        return (*caches[:layer], new, *caches[layer + 1:])
+    start = (0, layer, 0, slot, 0)
+    return KVCache(
+        *(jax.lax.dynamic_update_slice(c, x[:, None].astype(c.dtype), start) for c, x in zip(caches, (key, value)))
+    )
+
+
+def cache_length(caches: StackCache) -> int:
+    """The number of slots of a stack's caches."""
+    return jax.tree.leaves(caches)[0].shape[-2]
 
 
 class DecodeState(NamedTuple):
     """Everything a network's `decode_step` needs besides its parameters (a pytree whose non-scalar leaves
     all have the batch as their leading axis, so beam search can repeat and gather them row-wise).
 
-    cache: the decoder's self-attention keys/values, stacked over layers; slot t holds position
+    cache: the decoder stack's self-attention keys/values (`StackCache`); slot t holds position
         t - first_slot of its row.
     cross: encoder-decoders: every decoder layer's keys/values of the encoded inputs (None otherwise).
     cross_mask: [b, s] bool, True for real (non-padding) encoder tokens (None without `cross`).
@@ -80,8 +104,8 @@ class DecodeState(NamedTuple):
     index: int32 scalar, the slot the next `decode_step` fills.
     """
 
-    cache: KVCache
-    cross: KVCache | None
+    cache: StackCache
+    cross: StackCache | None
     cross_mask: jax.Array | None
     first_slot: jax.Array
     forced_token: jax.Array
@@ -89,7 +113,7 @@ class DecodeState(NamedTuple):
 
     def self_attention_bias(self) -> jax.Array:
         """[b, 1, 1, length] float32: the slots a query at `index` may see (its row's, up to `index`)."""
-        slots = jnp.arange(self.cache.key.shape[3])[None]
+        slots = jnp.arange(cache_length(self.cache))[None]
         visible = (slots >= self.first_slot[:, None]) & (slots <= self.index)
         return layers.mask_to_bias(visible)[:, None, None, :]
 
@@ -97,7 +121,7 @@ class DecodeState(NamedTuple):
         """[b, 1, 1, s] float32 bias that hides padding of the encoded inputs."""
         return layers.mask_to_bias(self.cross_mask[:, None, None, :])
 
-    def advanced(self, cache: KVCache) -> DecodeState:
+    def advanced(self, cache: StackCache) -> DecodeState:
         """The state after a step that wrote `cache`."""
         return self._replace(cache=cache, forced_token=jnp.full_like(self.forced_token, -1), index=self.index + 1)
 
@@ -196,11 +220,11 @@ class MultiHeadAttention(nnx.Module):
         return self.out(x)
 
     def decode_step(
-        self, inputs_q: jax.Array, cache: KVCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
-    ) -> tuple[jax.Array, KVCache]:
-        """Self-attention of ONE new position [b, 1, e] as layer `layer` of a stack's cache: writes the
+        self, inputs_q: jax.Array, caches: StackCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array
+    ) -> tuple[jax.Array, StackCache]:
+        """Self-attention of ONE new position [b, 1, e] as layer `layer` of a stack's caches: writes the
         position's key and value at `slot`, then attends over the layer's whole fixed-size cache; `bias`
-        [.., 1, length] must hide the slots the position may not see. Returns (output, updated cache)."""
+        [.., 1, length] must hide the slots the position may not see. Returns (output, updated caches)."""
         new = self.project_kv(inputs_q)
-        cache = cache.write(layer, slot, new.key, new.value)
-        return self.attend_cached(inputs_q, cache.layer(layer), bias), cache
+        caches = write_layer_slot(caches, layer, slot, new.key, new.value)
+        return self.attend_cached(inputs_q, layer_cache(caches, layer), bias), caches

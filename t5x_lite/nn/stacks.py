@@ -130,15 +130,16 @@ def each_layer(
     scan: bool,
 ) -> tuple[Any, Any]:
     """carry, y = fn(layer, carry, i) for every layer i of `stack` in order (no dropout, no remat: for
-    inference, e.g. a decode step or a prefill); returns the last carry and the ys stacked on axis 1
-    (batch leading). Unrolled, `i` is a Python int; scanned, ONE `lax.scan` over the stacked params with
-    a traced `i`, so the program does not grow with depth."""
+    inference, e.g. a decode step or a prefill); returns the last carry and the ys laid out as the params
+    are: a tuple of per-layer ys unrolled, one ys stacked on axis 1 (batch leading) scanned. Unrolled, `i`
+    is a Python int; scanned, ONE `lax.scan` over the stacked params with a traced `i`, so the program
+    does not grow with depth."""
     if not scan:
         ys = []
         for i, layer in enumerate(stack):
             carry, y = fn(layer, carry, i)
             ys.append(y)
-        return carry, jax.tree.map(lambda *y: jnp.stack(y, axis=1), *ys)
+        return carry, tuple(ys)
     graphdef, stacked = nnx.split(stack)
     count = jax.tree.leaves(stacked)[0].shape[0]
 
@@ -148,6 +149,11 @@ def each_layer(
 
     carry, ys = jax.lax.scan(body, carry, (stacked, jnp.arange(count)))
     return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
+
+
+def per_layer(ys) -> list:
+    """`each_layer`'s ys as a list with one entry per layer, whatever the layout."""
+    return list(ys) if isinstance(ys, tuple) else [y for y in jnp.moveaxis(ys, 1, 0)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -335,8 +335,9 @@ def test_scanned_cached_decoding_matches_unscanned(family):
     for a, b in zip(scan_tokens, plain_tokens):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(scan_logits, plain_logits, atol=1e-5)
-    assert scan_cache.key.shape == plain_cache.key.shape and scan_cache.key.shape[:2] == (2, 3)
-    assert_trees_close(scan_cache, plain_cache, atol=1e-5)
+    # Unrolled: one [b, h, length, d] cache per layer; scanned: the same caches stacked on axis 1.
+    assert len(plain_cache) == 3 and scan_cache.key.shape[:2] == (2, 3)
+    assert_trees_close(scan_cache, jax.tree.map(lambda *c: jnp.stack(c, axis=1), *plain_cache), atol=1e-5)
 
 
 def decode_program_size(family: str, num_layers: int, scan: bool) -> int:
