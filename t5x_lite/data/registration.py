@@ -2,8 +2,8 @@
 
 | helper | task | files |
 | --- | --- | --- |
+| `register_family_task` | "span_corruption", "mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising" (`OBJECTIVES`) | text, one document per line |
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
-| `register_family_task` | "mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising" (`OBJECTIVES`) | text, one document per line |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
 | `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
@@ -55,6 +55,45 @@ def span_corruption_output_features(vocabulary: seqio.Vocabulary | None = None) 
     }
 
 
+# objective -> (preprocessors over a `text` field, output features for a vocabulary).
+OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]] = {
+    "span_corruption": (span_corruption.span_corruption_preprocessors, span_corruption_output_features),
+    "mlm": (mlm.mlm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "mlm_nsp": (
+        lambda: mlm.mlm_preprocessors(next_sentence_prediction=True),
+        lambda v: _features(["inputs", "targets"], False, v),
+    ),
+    "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
+    "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
+}
+
+
+def register_family_task(
+    name: str,
+    objective: str,
+    split_to_filepattern: SplitFiles,
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers `objective` (one of `OBJECTIVES`) over plain-text files, one document per line.
+
+    Example: `register_family_task("my_mlm", "mlm", {"train": "/data/train*.txt", "validation": "/data/valid.txt"})`.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; pick one of {sorted(OBJECTIVES)}.")
+    preprocessors, output_features = OBJECTIVES[objective]
+    sources.check_files(name, split_to_filepattern)
+    return _add(
+        name,
+        overwrite,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        preprocessors=[text.lines_to_text_examples, *preprocessors()],
+        output_features=output_features(vocabulary),
+        metric_fns=[],
+    )
+
+
 def register_span_corruption_task(
     name: str,
     split_to_filepattern: SplitFiles,
@@ -66,15 +105,7 @@ def register_span_corruption_task(
     Example: `register_span_corruption_task("my_corpus", {"train": "/data/train*.txt",
     "validation": "/data/valid.txt"})`, then train with `--gin.MIXTURE_OR_TASK_NAME="'my_corpus'"`.
     """
-    sources.check_files(name, split_to_filepattern)
-    return _add(
-        name,
-        overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
-        preprocessors=[text.lines_to_text_examples, *span_corruption.span_corruption_preprocessors()],
-        output_features=span_corruption_output_features(vocabulary),
-        metric_fns=[],
-    )
+    return register_family_task(name, "span_corruption", split_to_filepattern, vocabulary, overwrite)
 
 
 # Tasks registered by `text_files_task`: name -> the split patterns they were registered with.
@@ -116,48 +147,6 @@ def text_files_task(
     register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
     _TEXT_FILES_TASKS[name] = patterns
     return name
-
-
-# objective -> (preprocessors over a `text` field, output features for a vocabulary).
-OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]] = {
-    "mlm": (mlm.mlm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
-    "mlm_nsp": (
-        lambda: mlm.mlm_preprocessors(next_sentence_prediction=True),
-        lambda v: _features(["inputs", "targets"], False, v),
-    ),
-    "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
-    "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
-    "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
-}
-
-
-def _objective(name: str) -> tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]:
-    if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; pick one of {sorted(OBJECTIVES)}.")
-    return OBJECTIVES[name]
-
-
-def register_family_task(
-    name: str,
-    objective: str,
-    split_to_filepattern: SplitFiles,
-    vocabulary: seqio.Vocabulary | None = None,
-) -> seqio.Task:
-    """Registers `objective` ("mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising") over text files.
-
-    One document per line, as `register_span_corruption_task`. Example:
-    `register_family_task("my_mlm", "mlm", {"train": "/data/train*.txt", "validation": "/data/valid.txt"})`.
-    """
-    preprocessors, output_features = _objective(objective)
-    sources.check_files(name, split_to_filepattern)
-    return _add(
-        name,
-        False,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
-        preprocessors=[text.lines_to_text_examples, *preprocessors()],
-        output_features=output_features(vocabulary),
-        metric_fns=[],
-    )
 
 
 # ------------------------------------------------------------------ question answering

@@ -18,8 +18,6 @@ SPLITS = {"train": str(sources.BUNDLED_DIR / "train.txt"), "validation": str(sou
 
 
 def _register() -> None:
-    if "bundled_span_corruption" not in seqio.TaskRegistry.names():
-        registration.register_span_corruption_task("bundled_span_corruption", SPLITS)
     for objective in registration.OBJECTIVES:
         if f"bundled_{objective}" not in seqio.TaskRegistry.names():
             registration.register_family_task(f"bundled_{objective}", objective, SPLITS)
