@@ -15,7 +15,6 @@ feature lengths have `inputs`), or `seqio.LMFeatureConverter` / `seqio.PrefixLMF
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 
 import gin
@@ -101,19 +100,11 @@ def split_prefix_lm(
     return {"inputs": tokens[:split], "targets": tokens[split:]}
 
 
-def _text_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
-    return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        seqio.CacheDatasetPlaceholder(),
-    ]
-
-
 def lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
     """Causal LM over a `text` field: rekey, tokenize, cache placeholder, pack."""
-    return [*_text_preprocessors(), pack_lm_chunks]
+    return [*text.tokenize_text(), pack_lm_chunks]
 
 
 def prefix_lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
     """Prefix LM over a `text` field: rekey, tokenize, cache placeholder, pack, random split."""
-    return [*_text_preprocessors(), pack_prefix_lm_chunks, split_prefix_lm]
+    return [*text.tokenize_text(), pack_prefix_lm_chunks, split_prefix_lm]

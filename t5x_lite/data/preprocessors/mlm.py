@@ -229,9 +229,7 @@ def mlm_preprocessors(
     pack_args = {} if next_sentence_prediction is None else {"next_sentence_prediction": next_sentence_prediction}
     mask_args = {} if whole_word_masking is None else {"whole_word_masking": whole_word_masking}
     return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        seqio.CacheDatasetPlaceholder(),
+        *text.tokenize_text(),
         functools.partial(pack_mlm_sequences, **pack_args),
         functools.partial(mlm_mask_tokens, **mask_args),
     ]
