@@ -96,18 +96,11 @@ def summarise_period(
     fetched = jax.device_get(pending)
     seconds = time.time() - period_start
     applied = [m for m in fetched if not m.get("skipped", 0.0)]
-    mean = {
-        k: float(np.mean([m[k] for m in applied])) if applied else float("nan")
+    summary = {
+        f"train/{k}": float(np.mean([m[k] for m in applied])) if applied else float("nan")
         for k in ("loss", "accuracy", "z_loss", "grad_norm")
     }
-    summary = {
-        "train/loss": mean["loss"],
-        "train/accuracy": mean["accuracy"],
-        "train/z_loss": mean["z_loss"],
-        "train/grad_norm": mean["grad_norm"],
-        "train/param_norm": float(fetched[-1]["param_norm"]),
-        "train/learning_rate": float(fetched[-1]["learning_rate"]),
-    }
+    summary.update({f"train/{k}": float(fetched[-1][k]) for k in ("param_norm", "learning_rate")})
     if "skipped_steps" in fetched[-1]:
         summary["train/skipped_steps"] = float(fetched[-1]["skipped_steps"])
         summary["train/consecutive_skips"] = float(max(m["consecutive_skips"] for m in fetched))
