@@ -108,11 +108,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Ber
 
 def config_to_hf(config: BertConfig, head: str = "mlm") -> dict:
     """A `config.json` that transformers reads as the `BertFor*` class of `head`."""
-    if config.num_heads * config.head_dim != config.d_model:
-        raise ValueError(
-            f"Hugging Face BERT needs num_heads * head_dim == d_model; this BertConfig has {config.num_heads} * "
-            f"{config.head_dim} != {config.d_model}."
-        )
+    registry.check_heads_span_d_model(config, "BERT")
     architecture = {"mlm": "BertForPreTraining" if config.next_sentence_prediction else "BertForMaskedLM",
                     "classification": "BertForSequenceClassification", "tagging": "BertForTokenClassification",
                     "none": "BertModel"}[head]
