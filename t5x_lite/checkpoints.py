@@ -274,11 +274,6 @@ def find_state_dir(path: str) -> epath.Path:
     )
 
 
-def _param_name(path: tuple) -> str:
-    """`encoder/layers/0/mlp/wi_0/kernel`: the same for int and str keys (checkpoints store str)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 class CheckpointMismatch(ValueError):
     """The checkpoint was written by another model or optimizer (the message names the difference)."""
 
@@ -289,9 +284,8 @@ def check_param_shapes(state_dir: epath.Path, abstract_params: dict) -> None:
 
 
 def _compare_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
-    saved_shapes = {_param_name(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-        name = _param_name(key)
+    saved_shapes = {name: leaf.shape for name, leaf in partitioning.named_leaves(saved).items()}
+    for name, leaf in partitioning.named_leaves(abstract_params).items():
         if name not in saved_shapes:
             raise CheckpointMismatch(f"Checkpoint {state_dir} has no parameter {name}; it is from another model.")
         if tuple(saved_shapes[name]) != tuple(leaf.shape):
@@ -320,10 +314,10 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
     prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
     if fresh is not None and prefixes:
         saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"]
-        saved_names = {_param_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        saved_names = set(partitioning.named_leaves(saved))
         flat = traverse_util.flatten_dict(abstract_params)
         new_leaves = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
-                      if _param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
+                      if partitioning.param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
         abstract_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new_leaves})
     check_param_shapes(state_dir, abstract_params)
     checkpointer = ocp.PyTreeCheckpointer()
@@ -365,8 +359,6 @@ def load_checkpoint_params(
     by the rules; a missing checkpoint or one of another model is a `UserError`."""
     graphdef, abstract = train_state.network_graphdef(model)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
-    abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
-    )
+    abstract_params = train_state.abstract_train_state(nnx.to_pure_dict(abstract), shardings)
     with cli.user_errors(FileNotFoundError, ValueError, setting="CHECKPOINT_PATH"):
         return graphdef, restore_params(path, abstract_params, model)

@@ -163,6 +163,16 @@ def _derived_spec(shape: Sequence[int], param_shape: Sequence[int], spec: Partit
     return PartitionSpec()
 
 
+def param_name(path: Sequence[Any]) -> str:
+    """`encoder/layers/0/mlp/wo/kernel` for a jax key path or a tuple of keys (int and str keys alike)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """The leaves of a params tree by `param_name`, in tree order."""
+    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device (scalars, small state)."""
     return NamedSharding(mesh, PartitionSpec())

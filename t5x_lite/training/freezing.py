@@ -40,6 +40,8 @@ import gin
 import jax
 import optax
 
+from t5x_lite import partitioning
+
 FROZEN = "frozen"
 Selection = str | Sequence[str]
 
@@ -55,10 +57,7 @@ PATTERNS = {"layer_norms": LAYER_NORM_PATTERN, "heads": HEAD_PATTERN, "embedding
 
 def param_paths(params) -> list[str]:
     """'a/b/c' path of every leaf of a params tree (int layer keys as digits)."""
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-    ]
+    return list(partitioning.named_leaves(params))
 
 
 def _layer_stacks(paths: Sequence[str]) -> dict[str, list[str]]:
