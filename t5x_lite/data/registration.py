@@ -211,22 +211,14 @@ def register_qa_task(
     validate: bool = True,
     overwrite: bool = False,
 ) -> seqio.Task:
-    """Registers a UnifiedQA text-to-text task over your `.jsonl`/`.tsv` QA files (formats: `sources`).
+    """Registers a UnifiedQA text-to-text task over your `.jsonl`/`.tsv` QA files (formats: `sources`), e.g.
+    `register_qa_task("my_qa", {"train": "/data/qa/train*.jsonl", "validation": "/data/qa/dev.tsv"}, "extractive")`.
 
-    Args:
-      name: the task name (for `MIXTURE_OR_TASK_NAME`).
-      split_to_filepattern: e.g. `{"train": "/data/qa/train*.jsonl", "validation": "/data/qa/dev.tsv"}`.
-      format: one of "extractive", "abstractive", "multiple_choice", "yes_no".
-      vocabulary: default: the bundled SentencePiece vocabulary.
-      metric_fns: default per format: extractive SQuAD EM/F1; abstractive ROUGE + SQuAD F1;
-        multiple choice and yes/no accuracy (the generated text equals the answer).
-      lowercase: lower-case inputs and targets (as UnifiedQA does).
-      validate: read every file now, so a bad record fails here rather than at the first batch.
-      overwrite: replace a task of the same name.
-
-    Raises:
-      ValueError: unknown format; QaRecordError (a ValueError) for a bad or empty file.
-      FileNotFoundError: a split's pattern matches no file.
+    `format` is one of `unifiedqa.FORMATS`; `metric_fns` default to `QA_METRICS[format]` (extractive SQuAD EM/F1,
+    abstractive ROUGE + SQuAD F1, multiple choice and yes/no accuracy), the vocabulary to the bundled one;
+    `lowercase` lower-cases inputs and targets, as UnifiedQA does. `validate` reads every file now, so a bad or
+    empty file fails here (a `QaRecordError`, a ValueError) rather than at the first batch; a split's pattern
+    that matches no file is a FileNotFoundError.
     """
     unifiedqa.check_format(format)
     source = sources.QaFileDataSource(split_to_filepattern, format)
