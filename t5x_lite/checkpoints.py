@@ -198,7 +198,7 @@ def _restore_step(
 ) -> TrainState:
     state_dir = manager.directory / str(step) / "state"
     saved = ocp.StandardCheckpointHandler().metadata(state_dir)
-    _compare_param_shapes(saved["params"], abstract_state.params, state_dir)
+    check_param_shapes(saved["params"], abstract_state.params, state_dir)
     if len(jax.tree.leaves(saved)) != len(jax.tree.leaves(abstract_state)):
         raise CheckpointMismatch(
             f"Checkpoint {state_dir} holds a train state of {len(jax.tree.leaves(saved))} arrays but this run's has "
@@ -206,13 +206,8 @@ def _restore_step(
             "changed since it was written. Resume with the original settings, or start a new MODEL_DIR with "
             "INITIAL_CHECKPOINT_PATH pointing at this one (it takes the parameters only)."
         )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), dataset=DatasetIteratorArgs(iterator)
-        ),
-    )
-    return restored.state
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), dataset=DatasetIteratorArgs(iterator))
+    return manager.restore(step, args=args).state
 
 
 def restore_latest(
@@ -278,12 +273,8 @@ class CheckpointMismatch(ValueError):
     """The checkpoint was written by another model or optimizer (the message names the difference)."""
 
 
-def check_param_shapes(state_dir: epath.Path, abstract_params: dict) -> None:
-    """Compares the checkpoint's parameter shapes with the model's, from the metadata alone."""
-    _compare_param_shapes(ocp.StandardCheckpointHandler().metadata(state_dir)["params"], abstract_params, state_dir)
-
-
-def _compare_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
+def check_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
+    """Compares the parameter shapes in a checkpoint's metadata (`saved`) with the model's."""
     saved_shapes = {name: leaf.shape for name, leaf in partitioning.named_leaves(saved).items()}
     for name, leaf in partitioning.named_leaves(abstract_params).items():
         if name not in saved_shapes:
@@ -310,23 +301,20 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
 
         return hf.restore_params(path[len("hf:"):], abstract_params, model, fresh)
     state_dir = find_state_dir(path)
+    saved = ocp.StandardCheckpointHandler().metadata(state_dir)["params"]
     new_leaves = {}
     prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
     if fresh is not None and prefixes:
-        saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"]
         saved_names = set(partitioning.named_leaves(saved))
         flat = traverse_util.flatten_dict(abstract_params)
         new_leaves = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
                       if partitioning.param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
         abstract_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new_leaves})
-    check_param_shapes(state_dir, abstract_params)
-    checkpointer = ocp.PyTreeCheckpointer()
+    check_param_shapes(saved, abstract_params, state_dir)
     target = {"params": abstract_params}
-    restored = checkpointer.restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-        ),
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     )
     if not new_leaves:
         return restored["params"]
