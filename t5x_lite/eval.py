@@ -11,7 +11,6 @@ import gin
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
-from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
 
@@ -27,11 +26,7 @@ def evaluate_checkpoint(
     mixture_or_task_module: str | None = None,
 ) -> dict[str, float]:
     """Restores the parameters at `checkpoint_path` and runs the task's metrics on its eval split."""
-    cli.keep_tensorflow_off_gpus()
-    with cli.user_errors(ValueError, ModuleNotFoundError):
-        pipeline.import_task_module(mixture_or_task_module)
-        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
     if not evaluation.has_metrics(provider):
         raise cli.UserError(f"Task {mixture_or_task_name!r} defines no metric functions to evaluate.")
     mesh = partitioning.make_mesh()

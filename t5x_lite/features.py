@@ -27,7 +27,7 @@ from flax import nnx
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, partitioning
-from t5x_lite.data import pipeline, special_tokens, vocab
+from t5x_lite.data import special_tokens, vocab
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert
 from t5x_lite.networks.t5 import T5
@@ -179,19 +179,10 @@ def save_features(
         raise cli.UserError(f"FEATURE_LAYERS: {e}") from e
 
     if input_file is not None:
-        path = Path(input_file)
-        if not path.is_file():
-            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} does not exist.")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} is empty; put one text per line.")
+        lines = cli.read_lines(input_file, "FEATURES_INPUT_FILE", "text")
         tokens = encode_lines(lines[:max_examples] if max_examples else lines, sequence_length, bert)
     else:
-        try:
-            pipeline.import_task_module(mixture_or_task_module)
-            task = pipeline.get_mixture_or_task(mixture_or_task_name)
-        except (ValueError, ModuleNotFoundError) as e:
-            raise cli.UserError(str(e)) from e
+        task = cli.load_task(mixture_or_task_name, mixture_or_task_module)
         if isinstance(task, seqio.Mixture) or split not in task.splits:
             raise cli.UserError(
                 f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}."

@@ -19,20 +19,15 @@ import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
-from t5x_lite.data import pipeline, special_tokens, vocab
+from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
 
 def read_input_file(path: str) -> list[dict[str, str]]:
     """Records `{"inputs": ..., "targets": ...}` from a .txt (one input per line) or .jsonl file."""
-    file = Path(path)
-    if not file.is_file():
-        raise cli.UserError(f"INFER_INPUT_FILE {path!r} does not exist.")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise cli.UserError(f"INFER_INPUT_FILE {path!r} is empty; put one input per line.")
-    if file.suffix != ".jsonl":
+    lines = cli.read_lines(path, "INFER_INPUT_FILE", "input")
+    if Path(path).suffix != ".jsonl":
         return [{"inputs": line, "targets": ""} for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -132,10 +127,7 @@ def infer(
             )
         tasks, split = [file_task(read_input_file(input_file))], "infer"
     else:
-        with cli.user_errors(ValueError, ModuleNotFoundError):
-            pipeline.import_task_module(mixture_or_task_module)
-            provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-            pipeline.check_feature_lengths(provider, task_feature_lengths)
+        provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
         tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     output = Path(output_file)
     cli.prepare_output_dir(str(output.parent))

@@ -74,12 +74,8 @@ def train(
     used, from its first step on.
     """
     # The settings, the mesh, the fresh state and the data.
-    cli.keep_tensorflow_off_gpus()
     cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
-    with cli.user_errors(ValueError, ModuleNotFoundError):
-        pipeline.import_task_module(mixture_or_task_module)
-        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
     check_vocab_fits(provider, model)
     with cli.user_errors(ValueError):  # e.g. a MESH_SHAPE larger than the device count
         mesh = partitioning.make_mesh()
