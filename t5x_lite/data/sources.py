@@ -1,10 +1,6 @@
 """Where task examples come from: file checks, prepared TFDS datasets, and QA record files.
 
-* `check_files`: every split's file pattern matches a file (checked when a task is registered).
-* `PreparedTfdsDataSource`: TFDS, failing at once and offline when the data was never prepared.
-* `QaFileDataSource`: QA records from `.jsonl`/`.tsv` files, read and checked by `read_qa_file`.
-
-QA file formats (picked by extension):
+QA file formats (picked by extension; `read_qa_file` reads and checks them):
 
 * `.jsonl`: one JSON object per line: `{"question": ..., "context": ..., "answers": [...]}`;
   multiple choice adds `"options": [...]` (context optional) and its answer is the correct option's
@@ -133,14 +129,10 @@ def _tsv_rows(path: str, text: str) -> list[tuple[int, dict]]:
             continue
         if len(cells) > len(header):
             raise QaRecordError(f"{path}, line {line}: {len(cells)} cells but the header (line 1) names {len(header)} columns {header}.")
-        row = {}
-        for key, cell in zip(header, cells):
-            if not cell.strip():
-                continue  # an empty cell counts as a missing field
-            if key in ("options", "answers"):
-                row[key] = [item.strip() for item in cell.split(TSV_LIST_SEPARATOR)]
-            else:
-                row[key] = cell
+        row = {  # an empty cell counts as a missing field
+            key: [item.strip() for item in cell.split(TSV_LIST_SEPARATOR)] if key in ("options", "answers") else cell
+            for key, cell in zip(header, cells) if cell.strip()
+        }
         rows.append((line, row))
     return rows
 
