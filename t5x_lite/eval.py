@@ -32,9 +32,8 @@ def evaluate_checkpoint(
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
-    evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls)
-    runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(provider))
-    metrics, _ = evaluation.evaluate(evaluator, runner, params, task_feature_lengths["targets"])
+    task_eval = evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths)
+    metrics, _ = evaluation.evaluate(*task_eval, params, task_feature_lengths["targets"])
     hf_checkpoint = checkpoint_path.startswith("hf:")
     checkpoint_step = "0" if hf_checkpoint else checkpoints.find_state_dir(checkpoint_path).parent.name
     writer = metric_writers.create_writer(cli.prepare_output_dir(output_dir))

@@ -128,6 +128,20 @@ def make_evaluator(
     )
 
 
+TaskEval = tuple[seqio.Evaluator, ModelRunner]
+
+
+def task_evaluation(
+    provider: seqio.Task | seqio.Mixture, model: BaseModel, graphdef: nnx.GraphDef, mesh: Mesh,
+    rules: partitioning.Rules, task_feature_lengths: Mapping[str, int], split: str = "validation",
+) -> TaskEval | None:
+    """The evaluator and model runner of the tasks' metric functions; None for tasks without (pre-training)."""
+    if not has_metrics(provider):
+        return None
+    evaluator = make_evaluator(provider.name, task_feature_lengths, model.feature_converter_cls, split=split)
+    return evaluator, ModelRunner(model, graphdef, mesh, rules, eos_id=targets_eos_id(provider))
+
+
 def evaluate(
     evaluator: seqio.Evaluator, runner: ModelRunner, params: dict, max_decode_length: int, step: int | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:

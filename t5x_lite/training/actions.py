@@ -15,7 +15,6 @@ from typing import Protocol
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import seqio
 from absl import logging
 from clu import metric_writers
 from clu.data.dataset_iterator import TfDatasetIterator
@@ -133,16 +132,13 @@ def check_finite(summary: Mapping[str, float], step: int, max_consecutive_skips:
         )
 
 
-TaskEval = tuple[seqio.Evaluator, evaluation.ModelRunner]
-
-
 class Evaluate:
     """Every `period` steps and at the last: the validation loss over fixed batches and, for tasks with
     metric functions, their metrics from decoding (`eval/<task>/<metric>`)."""
 
     def __init__(
         self, period: int, writer: metric_writers.MetricWriter, eval_step: Callable, batches: list[dict[str, np.ndarray]],
-        batch_sharding: NamedSharding, task_eval: TaskEval | None, max_decode_length: int,
+        batch_sharding: NamedSharding, task_eval: evaluation.TaskEval | None, max_decode_length: int,
     ):
         self.period, self.writer, self.eval_step, self.batches = period, writer, eval_step, batches
         self.batch_sharding, self.task_eval, self.max_decode_length = batch_sharding, task_eval, max_decode_length
