@@ -24,26 +24,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Rule tables: (logical axis, mesh axis or axes), in order of precedence. Unlisted logical
 # axes stay replicated. A mesh axis of size 1 makes its rules no-ops, so STANDARD_RULES serves
 # every layout and MESH_SHAPE alone picks data / FSDP / tensor parallelism.
-DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")),)
-
+DATA_PARALLEL_RULES = (("batch", ("data", "fsdp")),)
 # ZeRO-3 style: parameters (and their optimizer state) split over `fsdp` along `embed`.
-FSDP_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
-
+FSDP_RULES = (*DATA_PARALLEL_RULES, ("embed", "fsdp"))
 # Megatron style: heads, feed-forward and vocabulary dimensions split over `tensor`.
-TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-)
-
-STANDARD_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-)
+TENSOR_PARALLEL_RULES = (*DATA_PARALLEL_RULES, ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+STANDARD_RULES = (*TENSOR_PARALLEL_RULES, ("embed", "fsdp"))
 
 gin.constant("t5x_lite.DATA_PARALLEL_RULES", DATA_PARALLEL_RULES)
 gin.constant("t5x_lite.FSDP_RULES", FSDP_RULES)
