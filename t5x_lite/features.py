@@ -190,10 +190,6 @@ def save_features(
         tokens = task_inputs(task, split, sequence_length, max_examples)
 
     sep_id = special_tokens.bert_special_ids(vocab.get_vocabulary()).sep if bert else None
-    # As evaluation.ModelRunner: every process runs all inputs, so multi-process runs replicate the batch.
-    replicate = jax.process_count() > 1
-    sharding = partitioning.replicated(mesh) if replicate else partitioning.batch_sharding(mesh, rules)
-
     @jax.jit
     def run(params, batch):
         features = extract_features(
@@ -207,11 +203,7 @@ def save_features(
         batch = {"tokens": batch_tokens}
         if bert:
             batch["token_types"] = bert_token_types(batch_tokens, sep_id)
-        on_device = (
-            {k: jax.device_put(v, sharding) for k, v in batch.items()}
-            if replicate else partitioning.host_batch_to_global(batch, sharding)
-        )
-        features = jax.device_get(run(params, on_device))
+        features = jax.device_get(run(params, partitioning.whole_batch_to_mesh(batch, mesh, rules)))
         for i in indices:
             outputs[i].append(np.asarray(features[i])[:rows])
     arrays = {f"layer_{i}": np.concatenate(outputs[i]) for i in indices}

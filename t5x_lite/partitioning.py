@@ -169,6 +169,14 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None), rules))
 
 
+def whole_batch_to_mesh(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """A batch that every process holds whole (evaluation and inference run all inputs in every process) on the
+    mesh: split over the data axes in a single process, replicated across several."""
+    if jax.process_count() > 1:
+        return {k: jax.device_put(v, replicated(mesh)) for k, v in batch.items()}
+    return host_batch_to_global(batch, batch_sharding(mesh, rules))
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Turns this process's slice of the global batch into global `jax.Array`s on the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
