@@ -54,13 +54,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 def _looks_stacked(params: Mapping) -> bool:
     """True when some layer stack is not keyed by layer numbers (the scan_layers layout)."""
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            if stacks.is_stack_key(key) and not all(str(k).isdigit() for k in value):
-                return True
-            if _looks_stacked(value):
-                return True
-    return False
+    return any(
+        isinstance(value, Mapping)
+        and ((stacks.is_stack_key(key) and not all(str(k).isdigit() for k in value)) or _looks_stacked(value))
+        for key, value in params.items()
+    )
 
 
 def _converted_params(checkpoint: Checkpoint, stacked: bool) -> dict[str, np.ndarray]:
@@ -171,8 +169,7 @@ def from_pretrained(path: str | Path, **config_overrides: Any) -> tuple[nnx.Modu
     has no tokenizer files. `config_overrides`: see `load_model`.
     """
     checkpoint = open_checkpoint(path)
-    config = _override(checkpoint, config_overrides)
-    checkpoint = dataclasses.replace(checkpoint, config=config)
+    checkpoint = dataclasses.replace(checkpoint, config=_override(checkpoint, config_overrides))
     model = checkpoint.model()
     abstract = nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
