@@ -130,11 +130,8 @@ def text_files_task(
     Files are file patterns (globs), one or a list per split. Without `validation_files` the task
     has only a `train` split: set `train.eval_period = 0`. Calling it again with the same files
     returns the name; with other files it re-registers the task (only a task it registered itself:
-    a name taken by another task, e.g. `bundled_span_corruption`, is an error).
-
-    Raises:
-      ValueError: `name` is taken by a task `text_files_task` did not register.
-      FileNotFoundError: a split's pattern matches no file.
+    a name taken by another task, e.g. `bundled_span_corruption`, is a ValueError). A split's pattern
+    that matches no file is a FileNotFoundError.
     """
     splits = {"train": train_files} if validation_files is None else {"train": train_files, "validation": validation_files}
     patterns = {split: (p,) if isinstance(p, str) else tuple(p) for split, p in splits.items()}

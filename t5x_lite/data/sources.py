@@ -82,10 +82,8 @@ def read_qa_file(path: str, format: str) -> list[dict[str, Any]]:
 
     Returns records `{"question": str, "context": str, "options": [str], "answers": [str]}` with
     yes/no answers as "yes"/"no" and a multiple-choice answer index replaced by the option's text.
-
-    Raises:
-      QaRecordError: for an unknown extension, an empty file, a line that is not a record, or a
-        record without a field its format needs (the message names file, line and field).
+    An unknown extension, an empty file, a line that is not a record or a record without a field its
+    format needs is a `QaRecordError` naming file, line and field.
     """
     unifiedqa.check_format(format)
     suffix = pathlib.PurePath(path).suffix.lower()
