@@ -5,17 +5,15 @@ Layers are numbered as Hugging Face's `output_hidden_states`: 0 is the embedding
 output of block i, n (or -1) the last; for T5 the last entry is the encoder output after its final
 norm (what `T5.encode` returns, and what the decoder reads).
 
-API: `extract_features(network, tokens, layers=[0, -1])` -> `{layer: [b, s, d] array}`.
-CLI: `python -m t5x_lite.features --gin_file=runs/features.gin --gin_file=models/bert/tiny.gin
---gin.CHECKPOINT_PATH="'runs/bert'" --gin.FEATURES_INPUT_FILE="'lines.txt'" --gin.FEATURES_OUTPUT_FILE="'f.npz'"`
-(or `--gin.MIXTURE_OR_TASK_NAME` and `--gin.FEATURES_SPLIT` for a task's `inputs`) writes an .npz with
-`layer_<i>` per layer ([n, length, d] float32, or [n, d] with `pooling`), `tokens` [n, length] and
-`mask` [n, length] (True at real tokens). A text-file line holding a TAB is a sentence pair for BERT.
+`extract_features(network, tokens, layers=[0, -1])` -> `{layer: [b, s, d] array}`. `python -m t5x_lite.features`
+(docs/finetuning.md) runs it over a text file (a line holding a TAB is a sentence pair for BERT) or a task split's
+`inputs` (`MIXTURE_OR_TASK_NAME`, `FEATURES_SPLIT`) and writes an .npz with `layer_<i>` per layer ([n, length, d]
+float32, or [n, d] with `pooling`), `tokens` [n, length] and `mask` [n, length] (True at real tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import gin
@@ -135,12 +133,6 @@ def task_inputs(task: seqio.Task, split: str, length: int, max_examples: int | N
     return rows
 
 
-def _batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        yield np.pad(batch, [(0, batch_size - len(batch)), (0, 0)]), len(batch)
-
-
 @gin.configurable
 def save_features(
     *,
@@ -173,10 +165,8 @@ def save_features(
         raise cli.UserError(f"Frozen features need a BERT or T5 model; MODEL builds {type(network).__name__}.")
     bert = isinstance(network, Bert)
     num_layers = network.config.num_layers if bert else network.config.num_encoder_layers
-    try:
+    with cli.user_errors(ValueError, setting="FEATURE_LAYERS"):
         indices = layer_indices(layers, num_layers)
-    except ValueError as e:
-        raise cli.UserError(f"FEATURE_LAYERS: {e}") from e
 
     if input_file is not None:
         lines = cli.read_lines(input_file, "FEATURES_INPUT_FILE", "text")
@@ -184,12 +174,11 @@ def save_features(
     else:
         task = cli.load_task(mixture_or_task_name, mixture_or_task_module)
         if isinstance(task, seqio.Mixture) or split not in task.splits:
-            raise cli.UserError(
-                f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}."
-            )
+            raise cli.UserError(f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}.")
         tokens = task_inputs(task, split, sequence_length, max_examples)
 
     sep_id = special_tokens.bert_special_ids(vocab.get_vocabulary()).sep if bert else None
+
     @jax.jit
     def run(params, batch):
         features = extract_features(
@@ -199,10 +188,11 @@ def save_features(
         return {i: pool(f.astype(jnp.float32), mask, pooling) for i, f in features.items()}
 
     outputs: dict[int, list[np.ndarray]] = {i: [] for i in indices}
-    for batch_tokens, rows in _batches(tokens, batch_size):
-        batch = {"tokens": batch_tokens}
+    for start in range(0, len(tokens), batch_size):
+        rows = len(tokens[start : start + batch_size])
+        batch = {"tokens": np.pad(tokens[start : start + batch_size], [(0, batch_size - rows), (0, 0)])}
         if bert:
-            batch["token_types"] = bert_token_types(batch_tokens, sep_id)
+            batch["token_types"] = bert_token_types(batch["tokens"], sep_id)
         features = jax.device_get(run(params, partitioning.whole_batch_to_mesh(batch, mesh, rules)))
         for i in indices:
             outputs[i].append(np.asarray(features[i])[:rows])
@@ -213,6 +203,7 @@ def save_features(
     np.savez(output, **arrays)
     print(f"Wrote layers {indices} of {len(tokens)} examples to {output}.")
     return arrays
+
 
 if __name__ == "__main__":
     cli.run_entry_point(save_features, cli.FEATURES_REQUIRED_MACROS)
