@@ -54,14 +54,6 @@ def file_task(records: Sequence[Mapping[str, str]]) -> seqio.Task:
     )
 
 
-def task_examples(
-    task: seqio.Task, split: str, lengths: Mapping[str, int], converter: seqio.FeatureConverter
-) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """The task's examples (with text) and the same examples, in order, as enumerated model features."""
-    ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
-    return ds, converter(ds, lengths).enumerate()
-
-
 def readable(vocabulary: seqio.Vocabulary, ids: list[int], gold: list[int]) -> str | list[str]:
     """Text for a row of target or predicted ids: decoded text, a label's name, or (tagging: one tag per
     position) the tag names at the positions the gold tags label, i.e. one per word."""
@@ -139,7 +131,8 @@ def infer(
     written = 0
     with open(output, "w", encoding="utf-8") as out:
         for task in tasks:
-            raw, features = task_examples(task, split, task_feature_lengths, converter)
+            raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
+            features = converter(raw, task_feature_lengths).enumerate()  # the same examples, in order
             predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
             scores = dict(runner.score(params, features))
             for index, example in enumerate(raw.as_numpy_iterator()):
