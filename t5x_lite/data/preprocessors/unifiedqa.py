@@ -120,9 +120,8 @@ def format_example(record: Mapping[str, Any], format: str, lowercase: bool = Tru
         inputs = format_multiple_choice(record["question"], record["options"], context, lowercase)
     else:
         inputs = format_extractive(record["question"], context, lowercase)
-    if format == "yes_no":
-        return {"inputs": inputs, "targets": yes_no_answer(target)}
-    return {"inputs": inputs, "targets": format_answer(target, lowercase)}
+    target = yes_no_answer(target) if format == "yes_no" else format_answer(target, lowercase)
+    return {"inputs": inputs, "targets": target}
 
 
 def check_format(format: str) -> None:
