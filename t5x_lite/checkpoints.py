@@ -130,9 +130,8 @@ def committed_steps(model_dir: str) -> list[int]:
 def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
     """Every complete and partial checkpoint of a run, by step (a local MODEL_DIR)."""
     folder = checkpoints_dir(model_dir)
-    infos = []
-    for meta in ocp.path.step.standard_name_format().find_all(folder):
-        infos.append(CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path)))
+    infos = [CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path))
+             for meta in ocp.path.step.standard_name_format().find_all(folder)]
     for path in partial_checkpoints(model_dir):
         modified = datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
         step = ocp.path.step.step_from_checkpoint_name(path.name)

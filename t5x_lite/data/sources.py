@@ -158,8 +158,6 @@ def _check_record(path: str, line: int, row: Mapping[str, Any], format: str) -> 
     answers = row["answers"] if "answers" in row else row["answer"]
     if not isinstance(answers, list):
         answers = [answers]
-    if not answers:
-        raise fail("'answers' is an empty list")
     if format == "yes_no":
         try:
             answers = [unifiedqa.yes_no_answer(a) for a in answers]
