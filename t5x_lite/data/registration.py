@@ -120,18 +120,13 @@ def text_files_task(
 ) -> str:
     """Registers a span-corruption task over your text files (one document per line); returns its name.
 
-    For gin, so that a run names its own corpus without a Python module (continued pre-training):
-
-        MIXTURE_OR_TASK_NAME = @text_files_task()
-        text_files_task.name = 'my_domain_span_corruption'
-        text_files_task.train_files = ['/data/domain/part-*.txt']
-        text_files_task.validation_files = '/data/domain/valid.txt'
-
-    Files are file patterns (globs), one or a list per split. Without `validation_files` the task
-    has only a `train` split: set `train.eval_period = 0`. Calling it again with the same files
-    returns the name; with other files it re-registers the task (only a task it registered itself:
-    a name taken by another task, e.g. `bundled_span_corruption`, is a ValueError). A split's pattern
-    that matches no file is a FileNotFoundError.
+    For gin, so that a run names its own corpus without a Python module (continued pre-training, as in
+    gin_configs/examples/dapt.gin): `MIXTURE_OR_TASK_NAME = @text_files_task()` with `text_files_task.name`,
+    `.train_files` and `.validation_files`, each a file pattern (glob) or a list of them. Without
+    `validation_files` the task has only a `train` split: set `train.eval_period = 0`. Calling it again with the
+    same files returns the name; with other files it re-registers the task (only a task it registered itself: a
+    name taken by another task, e.g. `bundled_span_corruption`, is a ValueError). A split's pattern that matches
+    no file is a FileNotFoundError.
     """
     splits = {"train": train_files} if validation_files is None else {"train": train_files, "validation": validation_files}
     patterns = {split: (p,) if isinstance(p, str) else tuple(p) for split, p in splits.items()}
