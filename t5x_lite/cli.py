@@ -269,7 +269,7 @@ def load_task(name: str, module: str | None, task_feature_lengths: Mapping[str, 
 
 
 def read_lines(path: str, setting: str, what: str) -> list[str]:
-    """The non-blank lines of the text file `setting` names, one `what` each; a missing or empty file is a `UserError`."""
+    """The non-blank lines of the file `setting` names, one `what` each; a missing or empty file is a `UserError`."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{setting} {path!r} does not exist.")

@@ -116,7 +116,8 @@ def train(
                 eval_period, writer, steps.make_eval_step(model, graphdef, shardings, batch_sharding),
                 load_eval_batches(model, mixture_or_task_name, task_feature_lengths, batch_size, eval_split,
                                   eval_steps, random_seed),
-                batch_sharding, evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths, eval_split),
+                batch_sharding,
+                evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths, eval_split),
                 task_feature_lengths["targets"],
             )
             periodic.append(evaluate)
