@@ -2,7 +2,7 @@
 
 | helper | task | files |
 | --- | --- | --- |
-| `register_family_task` | the pre-training objectives of `OBJECTIVES` ("span_corruption", "mlm", "lm", ...) | text, one document per line |
+| `register_family_task` | one of `OBJECTIVES` (span corruption, MLM (+NSP), LM, prefix LM, BART) | text, one document per line |
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
