@@ -80,14 +80,10 @@ def user_errors(*errors: type[Exception], setting: str | None = None) -> Iterato
 
 
 def one_line_error(error: UserError | FileNotFoundError) -> str:
-    """What the command line prints for an error the user can fix.
-
-    A missing file found while gin calls a configurable (e.g. `text_files_task` with a pattern
-    that matches nothing) arrives as a `FileNotFoundError` with gin's call-site note appended.
-    """
-    if isinstance(error, UserError):
-        return str(error)
-    return str(error).strip().splitlines()[0]
+    """What the command line prints for an error the user can fix. A missing file found while gin calls a
+    configurable (e.g. `text_files_task` with a pattern that matches nothing) arrives as a `FileNotFoundError`
+    with gin's call-site note appended: its first line is the message."""
+    return str(error) if isinstance(error, UserError) else str(error).strip().splitlines()[0]
 
 
 def define_flags() -> None:
