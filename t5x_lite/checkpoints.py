@@ -130,9 +130,8 @@ def committed_steps(model_dir: str) -> list[int]:
 def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
     """Every complete and partial checkpoint of a run, by step (a local MODEL_DIR)."""
     folder = checkpoints_dir(model_dir)
-    infos = []
-    for meta in ocp.path.step.standard_name_format().find_all(folder):
-        infos.append(CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path)))
+    infos = [CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path))
+             for meta in ocp.path.step.standard_name_format().find_all(folder)]
     for path in partial_checkpoints(model_dir):
         modified = datetime.datetime.fromtimestamp(path.stat().mtime, tz=datetime.timezone.utc)
         step = ocp.path.step.step_from_checkpoint_name(path.name)
@@ -198,7 +197,7 @@ def _restore_step(
 ) -> TrainState:
     state_dir = manager.directory / str(step) / "state"
     saved = ocp.StandardCheckpointHandler().metadata(state_dir)
-    _compare_param_shapes(saved["params"], abstract_state.params, state_dir)
+    check_param_shapes(saved["params"], abstract_state.params, state_dir)
     if len(jax.tree.leaves(saved)) != len(jax.tree.leaves(abstract_state)):
         raise CheckpointMismatch(
             f"Checkpoint {state_dir} holds a train state of {len(jax.tree.leaves(saved))} arrays but this run's has "
@@ -206,13 +205,8 @@ def _restore_step(
             "changed since it was written. Resume with the original settings, or start a new MODEL_DIR with "
             "INITIAL_CHECKPOINT_PATH pointing at this one (it takes the parameters only)."
         )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), dataset=DatasetIteratorArgs(iterator)
-        ),
-    )
-    return restored.state
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), dataset=DatasetIteratorArgs(iterator))
+    return manager.restore(step, args=args).state
 
 
 def restore_latest(
@@ -274,24 +268,14 @@ def find_state_dir(path: str) -> epath.Path:
     )
 
 
-def _param_name(path: tuple) -> str:
-    """`encoder/layers/0/mlp/wi_0/kernel`: the same for int and str keys (checkpoints store str)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 class CheckpointMismatch(ValueError):
     """The checkpoint was written by another model or optimizer (the message names the difference)."""
 
 
-def check_param_shapes(state_dir: epath.Path, abstract_params: dict) -> None:
-    """Compares the checkpoint's parameter shapes with the model's, from the metadata alone."""
-    _compare_param_shapes(ocp.StandardCheckpointHandler().metadata(state_dir)["params"], abstract_params, state_dir)
-
-
-def _compare_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
-    saved_shapes = {_param_name(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    for key, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-        name = _param_name(key)
+def check_param_shapes(saved: dict, abstract_params: dict, state_dir: epath.Path) -> None:
+    """Compares the parameter shapes in a checkpoint's metadata (`saved`) with the model's."""
+    saved_shapes = {name: leaf.shape for name, leaf in partitioning.named_leaves(saved).items()}
+    for name, leaf in partitioning.named_leaves(abstract_params).items():
         if name not in saved_shapes:
             raise CheckpointMismatch(f"Checkpoint {state_dir} has no parameter {name}; it is from another model.")
         if tuple(saved_shapes[name]) != tuple(leaf.shape):
@@ -316,23 +300,20 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
 
         return hf.restore_params(path[len("hf:"):], abstract_params, model, fresh)
     state_dir = find_state_dir(path)
+    saved = ocp.StandardCheckpointHandler().metadata(state_dir)["params"]
     new_leaves = {}
     prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
     if fresh is not None and prefixes:
-        saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata["params"]
-        saved_names = {_param_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(saved)[0]}
+        saved_names = set(partitioning.named_leaves(saved))
         flat = traverse_util.flatten_dict(abstract_params)
         new_leaves = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
-                      if _param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
+                      if partitioning.param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
         abstract_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new_leaves})
-    check_param_shapes(state_dir, abstract_params)
-    checkpointer = ocp.PyTreeCheckpointer()
+    check_param_shapes(saved, abstract_params, state_dir)
     target = {"params": abstract_params}
-    restored = checkpointer.restore(
-        state_dir,
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-        ),
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     )
     if not new_leaves:
         return restored["params"]
@@ -365,8 +346,6 @@ def load_checkpoint_params(
     by the rules; a missing checkpoint or one of another model is a `UserError`."""
     graphdef, abstract = train_state.network_graphdef(model)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
-    abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
-    )
+    abstract_params = train_state.abstract_train_state(nnx.to_pure_dict(abstract), shardings)
     with cli.user_errors(FileNotFoundError, ValueError, setting="CHECKPOINT_PATH"):
         return graphdef, restore_params(path, abstract_params, model)

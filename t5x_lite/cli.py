@@ -8,6 +8,7 @@ traceback. Importing this module is cheap (no TensorFlow, no seqio), so `--help`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -15,6 +16,7 @@ import tempfile
 import tokenize
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
 import jax
@@ -78,14 +80,10 @@ def user_errors(*errors: type[Exception], setting: str | None = None) -> Iterato
 
 
 def one_line_error(error: UserError | FileNotFoundError) -> str:
-    """What the command line prints for an error the user can fix.
-
-    A missing file found while gin calls a configurable (e.g. `text_files_task` with a pattern
-    that matches nothing) arrives as a `FileNotFoundError` with gin's call-site note appended.
-    """
-    if isinstance(error, UserError):
-        return str(error)
-    return str(error).strip().splitlines()[0]
+    """What the command line prints for an error the user can fix. A missing file found while gin calls a
+    configurable (e.g. `text_files_task` with a pattern that matches nothing) arrives as a `FileNotFoundError`
+    with gin's call-site note appended: its first line is the message."""
+    return str(error) if isinstance(error, UserError) else str(error).strip().splitlines()[0]
 
 
 def define_flags() -> None:
@@ -109,11 +107,6 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ gin
 
 
-def search_paths(extra: Sequence[str] = ()) -> list[Path]:
-    """Where gin files and `include`s are looked up: extra paths, the cwd, the repo's gin_configs."""
-    return [Path(p) for p in extra] + [Path.cwd(), GIN_CONFIGS_DIR]
-
-
 def resolve_gin_file(name: str, paths: Sequence[Path]) -> Path:
     """Finds a gin file as given or under a search path; a missing one is a `UserError`."""
     candidate = Path(name)
@@ -129,9 +122,9 @@ def resolve_gin_file(name: str, paths: Sequence[Path]) -> Path:
 
 
 _added_search_paths: set[str] = set()
-_prepared = False
 
 
+@functools.cache
 def _prepare_gin() -> None:
     """Once per process: registers the configurables, and makes gin's Python-path reader tolerant.
 
@@ -139,14 +132,10 @@ def _prepare_gin() -> None:
     the working directory (a namespace package); it then means "not here". gin offers no public way
     to wrap a registered reader's existence check, so its list of readers is rewritten here.
     """
-    global _prepared
-    if _prepared:
-        return
     for module in CONFIGURABLE_MODULES:
         importlib.import_module(module)
     readers = gin.config._FILE_READERS
     readers[:] = [(reader, _tolerant(exists)) for reader, exists in readers]
-    _prepared = True
 
 
 def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
@@ -160,9 +149,10 @@ def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths: Sequence[str] = ()) -> None:
-    """Parses files then bindings; unknown names, bad syntax and missing files become `UserError`s."""
+    """Parses files then bindings, looking them and their `include`s up in the extra paths, the cwd and the repo's
+    gin_configs; unknown names, bad syntax and missing files become `UserError`s."""
     _prepare_gin()
-    paths = search_paths(extra_search_paths)
+    paths = [Path(p) for p in extra_search_paths] + [Path.cwd(), GIN_CONFIGS_DIR]
     for path in paths:
         if str(path) not in _added_search_paths:  # gin keeps (and searches) duplicates
             gin.add_config_file_search_path(str(path))
@@ -258,6 +248,31 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
             sys.exit(2)
 
     app.run(main, argv=rewrite_gin_args(sys.argv))
+
+
+def load_task(name: str, module: str | None, task_feature_lengths: Mapping[str, int] | None = None) -> Any:
+    """The task or mixture MIXTURE_OR_TASK_NAME names, once MIXTURE_OR_TASK_MODULE has registered its tasks, with
+    TensorFlow kept off the GPUs and the feature lengths checked when given; a problem is a `UserError`."""
+    keep_tensorflow_off_gpus()
+    from t5x_lite.data import pipeline  # TensorFlow and seqio: only the processes that read data import them
+
+    with user_errors(ValueError, ModuleNotFoundError):
+        pipeline.import_task_module(module)
+        provider = pipeline.get_mixture_or_task(name)
+        if task_feature_lengths is not None:
+            pipeline.check_feature_lengths(provider, task_feature_lengths)
+    return provider
+
+
+def read_lines(path: str, setting: str, what: str) -> list[str]:
+    """The non-blank lines of the file `setting` names, one `what` each; a missing or empty file is a `UserError`."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{setting} {path!r} does not exist.")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{setting} {path!r} is empty; put one {what} per line.")
+    return lines
 
 
 def prepare_output_dir(path: str, setting: str | None = None) -> Path:

@@ -11,7 +11,6 @@ import gin
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
-from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
 
@@ -27,19 +26,14 @@ def evaluate_checkpoint(
     mixture_or_task_module: str | None = None,
 ) -> dict[str, float]:
     """Restores the parameters at `checkpoint_path` and runs the task's metrics on its eval split."""
-    cli.keep_tensorflow_off_gpus()
-    with cli.user_errors(ValueError, ModuleNotFoundError):
-        pipeline.import_task_module(mixture_or_task_module)
-        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
     if not evaluation.has_metrics(provider):
         raise cli.UserError(f"Task {mixture_or_task_name!r} defines no metric functions to evaluate.")
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
-    evaluator = evaluation.make_evaluator(mixture_or_task_name, task_feature_lengths, model.feature_converter_cls)
-    runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(provider))
-    metrics, _ = evaluation.evaluate(evaluator, runner, params, task_feature_lengths["targets"])
+    task_eval = evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths)
+    metrics, _ = evaluation.evaluate(*task_eval, params, task_feature_lengths["targets"])
     hf_checkpoint = checkpoint_path.startswith("hf:")
     checkpoint_step = "0" if hf_checkpoint else checkpoints.find_state_dir(checkpoint_path).parent.name
     writer = metric_writers.create_writer(cli.prepare_output_dir(output_dir))

@@ -7,6 +7,7 @@ it calls, and flattens the results into `eval/<task>/<metric>` scalars.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -28,8 +29,7 @@ from t5x_lite.models.base import BaseModel
 class ModelRunner:
     """Predicts tokens and scores targets for batches of converted features, jitted once per shape.
 
-    Every process runs the whole evaluation set (predictions are identical everywhere), so the
-    batch is split over the mesh only in a single process and replicated across processes.
+    Every process runs the whole evaluation set (predictions are identical everywhere).
     """
 
     def __init__(
@@ -49,8 +49,7 @@ class ModelRunner:
     ):
         self.batch_size = batch_size
         self.predict_features = model.predict_features
-        self.replicate = jax.process_count() > 1
-        self.sharding = partitioning.replicated(mesh) if self.replicate else partitioning.batch_sharding(mesh, rules)
+        self._to_device = functools.partial(partitioning.whole_batch_to_mesh, mesh=mesh, rules=rules)
         decode = DecodeConfig(method, beam_size, alpha, temperature, top_k, top_p, eos_id)
 
         def predict(params, batch, rng, max_decode_length):
@@ -70,11 +69,6 @@ class ModelRunner:
             rows = len(indices)
             padded = {k: np.pad(v, [(0, self.batch_size - rows)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
             yield indices, padded, rows
-
-    def _to_device(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        if self.replicate:
-            return {k: jax.device_put(v, self.sharding) for k, v in batch.items()}
-        return partitioning.host_batch_to_global(batch, self.sharding)
 
     def predict(self, params: dict, ds: tf.data.Dataset, max_decode_length: int, seed: int = 0) -> list[tuple[int, list[int]]]:
         """(index, predicted token ids) for every example of an enumerated dataset."""
@@ -126,6 +120,20 @@ def make_evaluator(
         use_memory_cache=True,
         async_compute_metrics=False,
     )
+
+
+TaskEval = tuple[seqio.Evaluator, ModelRunner]
+
+
+def task_evaluation(
+    provider: seqio.Task | seqio.Mixture, model: BaseModel, graphdef: nnx.GraphDef, mesh: Mesh,
+    rules: partitioning.Rules, task_feature_lengths: Mapping[str, int], split: str = "validation",
+) -> TaskEval | None:
+    """The evaluator and model runner of the tasks' metric functions; None for tasks without (pre-training)."""
+    if not has_metrics(provider):
+        return None
+    evaluator = make_evaluator(provider.name, task_feature_lengths, model.feature_converter_cls, split=split)
+    return evaluator, ModelRunner(model, graphdef, mesh, rules, eos_id=targets_eos_id(provider))
 
 
 def evaluate(

@@ -5,17 +5,15 @@ Layers are numbered as Hugging Face's `output_hidden_states`: 0 is the embedding
 output of block i, n (or -1) the last; for T5 the last entry is the encoder output after its final
 norm (what `T5.encode` returns, and what the decoder reads).
 
-API: `extract_features(network, tokens, layers=[0, -1])` -> `{layer: [b, s, d] array}`.
-CLI: `python -m t5x_lite.features --gin_file=runs/features.gin --gin_file=models/bert/tiny.gin
---gin.CHECKPOINT_PATH="'runs/bert'" --gin.FEATURES_INPUT_FILE="'lines.txt'" --gin.FEATURES_OUTPUT_FILE="'f.npz'"`
-(or `--gin.MIXTURE_OR_TASK_NAME` and `--gin.FEATURES_SPLIT` for a task's `inputs`) writes an .npz with
-`layer_<i>` per layer ([n, length, d] float32, or [n, d] with `pooling`), `tokens` [n, length] and
-`mask` [n, length] (True at real tokens). A text-file line holding a TAB is a sentence pair for BERT.
+`extract_features(network, tokens, layers=[0, -1])` -> `{layer: [b, s, d] array}`. `python -m t5x_lite.features`
+(docs/finetuning.md) runs it over a text file (a line holding a TAB is a sentence pair for BERT) or a task split's
+`inputs` (`MIXTURE_OR_TASK_NAME`, `FEATURES_SPLIT`) and writes an .npz with `layer_<i>` per layer ([n, length, d]
+float32, or [n, d] with `pooling`), `tokens` [n, length] and `mask` [n, length] (True at real tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import gin
@@ -27,7 +25,7 @@ from flax import nnx
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, partitioning
-from t5x_lite.data import pipeline, special_tokens, vocab
+from t5x_lite.data import special_tokens, vocab
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert
 from t5x_lite.networks.t5 import T5
@@ -135,12 +133,6 @@ def task_inputs(task: seqio.Task, split: str, length: int, max_examples: int | N
     return rows
 
 
-def _batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size]
-        yield np.pad(batch, [(0, batch_size - len(batch)), (0, 0)]), len(batch)
-
-
 @gin.configurable
 def save_features(
     *,
@@ -173,35 +165,19 @@ def save_features(
         raise cli.UserError(f"Frozen features need a BERT or T5 model; MODEL builds {type(network).__name__}.")
     bert = isinstance(network, Bert)
     num_layers = network.config.num_layers if bert else network.config.num_encoder_layers
-    try:
+    with cli.user_errors(ValueError, setting="FEATURE_LAYERS"):
         indices = layer_indices(layers, num_layers)
-    except ValueError as e:
-        raise cli.UserError(f"FEATURE_LAYERS: {e}") from e
 
     if input_file is not None:
-        path = Path(input_file)
-        if not path.is_file():
-            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} does not exist.")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise cli.UserError(f"FEATURES_INPUT_FILE {input_file!r} is empty; put one text per line.")
+        lines = cli.read_lines(input_file, "FEATURES_INPUT_FILE", "text")
         tokens = encode_lines(lines[:max_examples] if max_examples else lines, sequence_length, bert)
     else:
-        try:
-            pipeline.import_task_module(mixture_or_task_module)
-            task = pipeline.get_mixture_or_task(mixture_or_task_name)
-        except (ValueError, ModuleNotFoundError) as e:
-            raise cli.UserError(str(e)) from e
+        task = cli.load_task(mixture_or_task_name, mixture_or_task_module)
         if isinstance(task, seqio.Mixture) or split not in task.splits:
-            raise cli.UserError(
-                f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}."
-            )
+            raise cli.UserError(f"MIXTURE_OR_TASK_NAME {mixture_or_task_name!r} must be a task with a split {split!r}.")
         tokens = task_inputs(task, split, sequence_length, max_examples)
 
     sep_id = special_tokens.bert_special_ids(vocab.get_vocabulary()).sep if bert else None
-    # As evaluation.ModelRunner: every process runs all inputs, so multi-process runs replicate the batch.
-    replicate = jax.process_count() > 1
-    sharding = partitioning.replicated(mesh) if replicate else partitioning.batch_sharding(mesh, rules)
 
     @jax.jit
     def run(params, batch):
@@ -212,15 +188,12 @@ def save_features(
         return {i: pool(f.astype(jnp.float32), mask, pooling) for i, f in features.items()}
 
     outputs: dict[int, list[np.ndarray]] = {i: [] for i in indices}
-    for batch_tokens, rows in _batches(tokens, batch_size):
-        batch = {"tokens": batch_tokens}
+    for start in range(0, len(tokens), batch_size):
+        rows = len(tokens[start : start + batch_size])
+        batch = {"tokens": np.pad(tokens[start : start + batch_size], [(0, batch_size - rows), (0, 0)])}
         if bert:
-            batch["token_types"] = bert_token_types(batch_tokens, sep_id)
-        on_device = (
-            {k: jax.device_put(v, sharding) for k, v in batch.items()}
-            if replicate else partitioning.host_batch_to_global(batch, sharding)
-        )
-        features = jax.device_get(run(params, on_device))
+            batch["token_types"] = bert_token_types(batch["tokens"], sep_id)
+        features = jax.device_get(run(params, partitioning.whole_batch_to_mesh(batch, mesh, rules)))
         for i in indices:
             outputs[i].append(np.asarray(features[i])[:rows])
     arrays = {f"layer_{i}": np.concatenate(outputs[i]) for i in indices}
@@ -230,6 +203,7 @@ def save_features(
     np.savez(output, **arrays)
     print(f"Wrote layers {indices} of {len(tokens)} examples to {output}.")
     return arrays
+
 
 if __name__ == "__main__":
     cli.run_entry_point(save_features, cli.FEATURES_REQUIRED_MACROS)

@@ -1,24 +1,17 @@
 """Host-memory allocator settings that make XLA's CPU executions fast: freed memory is kept for reuse.
 
 XLA on the CPU allocates an executable's temporaries and outputs afresh on every run. glibc's malloc
-serves blocks above its mmap threshold (at most 32 MiB) with `mmap` and returns them with `munmap` on
-free, and trims freed memory at the top of its heaps back to the OS, so every train step faults its
-large buffers in again, page by page: writing a fresh buffer costs several times reading one. With mmap
-and trimming off, freed blocks stay on malloc's free lists and the next step reuses them (what
-PyTorch's caching allocators do). Measured on 2 CPU cores: T5-small train step 8.0 -> 6.7 s, tiny
-72 -> 52 ms, attention-logit matmuls 45 -> 113 GFLOP/s. The cost: the process keeps its peak footprint.
+serves blocks above its mmap threshold with `mmap`, unmaps them on free and trims its heaps, so every
+train step faulted its large buffers in again, page by page. With mmap and trimming off, freed blocks
+stay on malloc's free lists and the next step reuses them (as PyTorch's caching allocators do); the
+process keeps its peak footprint. That holds on the main thread's heap only: a block larger than a
+thread arena's heap (64 MiB) is mmap-served whatever mallopt says, and JAX's asynchronous dispatch ran
+each step's temporaries on a worker thread, so single-device CPU computations run on the calling thread
+(`jax_cpu_enable_async_dispatch` off); multi-device ones stay asynchronous. The measured effect is in
+docs/performance.md. A process whose JAX backend is a GPU or TPU keeps glibc's defaults.
 
-That holds on the main thread's heap only. A block larger than a thread arena's heap (64 MiB) requested
-by any other thread is mmap-served whatever mallopt says, and unmapped on free; JAX dispatches CPU
-computations asynchronously, so each run's temporaries (gigabytes for T5-small) came from a worker
-thread and were faulted in again every step (750k page faults per step). Single-device CPU computations
-therefore run on the calling thread (`jax_cpu_enable_async_dispatch` off): 0 faults, T5-small step
-6.1-6.6 -> 5.1-5.7 s; tiny steps unchanged. Multi-device computations stay asynchronous.
-
-These are facts about XLA's CPU backend: a process whose JAX backend is a GPU or TPU keeps glibc's defaults.
-The entry points (`python -m t5x_lite.train` and the other CLIs, after joining a multi-host run;
-`tools/benchmark.py`, `tools/profile_step.py` and `tools/pretraining_helps.py`) call `keep_freed_host_memory()`
-first; library users can call it too. `T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
+The entry points (after joining a multi-host run) and `tools/{benchmark,profile_step,pretraining_helps}.py`
+call `keep_freed_host_memory()` first; library users can call it too. `T5X_LITE_KEEP_HOST_MEMORY=0` opts out.
 """
 
 from __future__ import annotations

@@ -19,20 +19,15 @@ import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
-from t5x_lite.data import pipeline, special_tokens, vocab
+from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
 
 def read_input_file(path: str) -> list[dict[str, str]]:
     """Records `{"inputs": ..., "targets": ...}` from a .txt (one input per line) or .jsonl file."""
-    file = Path(path)
-    if not file.is_file():
-        raise cli.UserError(f"INFER_INPUT_FILE {path!r} does not exist.")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise cli.UserError(f"INFER_INPUT_FILE {path!r} is empty; put one input per line.")
-    if file.suffix != ".jsonl":
+    lines = cli.read_lines(path, "INFER_INPUT_FILE", "input")
+    if Path(path).suffix != ".jsonl":
         return [{"inputs": line, "targets": ""} for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -57,14 +52,6 @@ def file_task(records: Sequence[Mapping[str, str]]) -> seqio.Task:
         "infer_input_file", source, output_features=features,
         preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
     )
-
-
-def task_examples(
-    task: seqio.Task, split: str, lengths: Mapping[str, int], converter: seqio.FeatureConverter
-) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """The task's examples (with text) and the same examples, in order, as enumerated model features."""
-    ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
-    return ds, converter(ds, lengths).enumerate()
 
 
 def readable(vocabulary: seqio.Vocabulary, ids: list[int], gold: list[int]) -> str | list[str]:
@@ -132,10 +119,7 @@ def infer(
             )
         tasks, split = [file_task(read_input_file(input_file))], "infer"
     else:
-        with cli.user_errors(ValueError, ModuleNotFoundError):
-            pipeline.import_task_module(mixture_or_task_module)
-            provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-            pipeline.check_feature_lengths(provider, task_feature_lengths)
+        provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
         tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     output = Path(output_file)
     cli.prepare_output_dir(str(output.parent))
@@ -147,7 +131,8 @@ def infer(
     written = 0
     with open(output, "w", encoding="utf-8") as out:
         for task in tasks:
-            raw, features = task_examples(task, split, task_feature_lengths, converter)
+            raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
+            features = converter(raw, task_feature_lengths).enumerate()  # the same examples, in order
             predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
             scores = dict(runner.score(params, features))
             for index, example in enumerate(raw.as_numpy_iterator()):

@@ -24,26 +24,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Rule tables: (logical axis, mesh axis or axes), in order of precedence. Unlisted logical
 # axes stay replicated. A mesh axis of size 1 makes its rules no-ops, so STANDARD_RULES serves
 # every layout and MESH_SHAPE alone picks data / FSDP / tensor parallelism.
-DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")),)
-
+DATA_PARALLEL_RULES = (("batch", ("data", "fsdp")),)
 # ZeRO-3 style: parameters (and their optimizer state) split over `fsdp` along `embed`.
-FSDP_RULES: tuple[tuple[str, Any], ...] = (("batch", ("data", "fsdp")), ("embed", "fsdp"))
-
+FSDP_RULES = (*DATA_PARALLEL_RULES, ("embed", "fsdp"))
 # Megatron style: heads, feed-forward and vocabulary dimensions split over `tensor`.
-TENSOR_PARALLEL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-)
-
-STANDARD_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-)
+TENSOR_PARALLEL_RULES = (*DATA_PARALLEL_RULES, ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+STANDARD_RULES = (*TENSOR_PARALLEL_RULES, ("embed", "fsdp"))
 
 gin.constant("t5x_lite.DATA_PARALLEL_RULES", DATA_PARALLEL_RULES)
 gin.constant("t5x_lite.FSDP_RULES", FSDP_RULES)
@@ -163,6 +149,16 @@ def _derived_spec(shape: Sequence[int], param_shape: Sequence[int], spec: Partit
     return PartitionSpec()
 
 
+def param_name(path: Sequence[Any]) -> str:
+    """`encoder/layers/0/mlp/wo/kernel` for a jax key path or a tuple of keys (int and str keys alike)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """The leaves of a params tree by `param_name`, in tree order."""
+    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device (scalars, small state)."""
     return NamedSharding(mesh, PartitionSpec())
@@ -171,6 +167,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of a [batch, length] input array: batch split over the data axes."""
     return NamedSharding(mesh, logical_to_spec(("batch", None), rules))
+
+
+def whole_batch_to_mesh(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """A batch that every process holds whole (evaluation and inference run all inputs in every process) on the
+    mesh: split over the data axes in a single process, replicated across several."""
+    if jax.process_count() > 1:
+        return {k: jax.device_put(v, replicated(mesh)) for k, v in batch.items()}
+    return host_batch_to_global(batch, batch_sharding(mesh, rules))
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

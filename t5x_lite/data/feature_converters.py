@@ -1,11 +1,8 @@
 """The feature converters seqio lacks: task features -> model features for the encoder-only models.
 
 seqio's own converters (`EncDecFeatureConverter`, `DecoderFeatureConverter`, ...) serve the T5, BART,
-GPT and prefix-LM tasks; these three serve BERT's:
-
-* `MaskedLMFeatureConverter` (MLM, optionally with next-sentence pairs),
-* `ClassificationFeatureConverter` (one label per row, token types, never packed),
-* `TaggingFeatureConverter` (one tag per token, packed like seqio's).
+GPT and prefix-LM tasks; `MaskedLMFeatureConverter`, `ClassificationFeatureConverter` and
+`TaggingFeatureConverter` serve BERT's.
 
 **MLM.** seqio's `EncoderFeatureConverter` puts loss weight only where `inputs == mask_id`, which drops
 BERT's 10% random-token and 10% unchanged positions from the loss (their inputs are not [MASK]).

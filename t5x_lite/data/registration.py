@@ -2,8 +2,8 @@
 
 | helper | task | files |
 | --- | --- | --- |
+| `register_family_task` | one of `OBJECTIVES` (span corruption, MLM (+NSP), LM, prefix LM, BART) | text, one document per line |
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
-| `register_family_task` | "mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising" (`OBJECTIVES`) | text, one document per line |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
 | `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
@@ -55,6 +55,45 @@ def span_corruption_output_features(vocabulary: seqio.Vocabulary | None = None) 
     }
 
 
+# objective -> (preprocessors over a `text` field, output features for a vocabulary).
+OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]] = {
+    "span_corruption": (span_corruption.span_corruption_preprocessors, span_corruption_output_features),
+    "mlm": (mlm.mlm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "mlm_nsp": (
+        lambda: mlm.mlm_preprocessors(next_sentence_prediction=True),
+        lambda v: _features(["inputs", "targets"], False, v),
+    ),
+    "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
+    "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
+}
+
+
+def register_family_task(
+    name: str,
+    objective: str,
+    split_to_filepattern: SplitFiles,
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers `objective` (one of `OBJECTIVES`) over plain-text files, one document per line.
+
+    Example: `register_family_task("my_mlm", "mlm", {"train": "/data/train*.txt", "validation": "/data/valid.txt"})`.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; pick one of {sorted(OBJECTIVES)}.")
+    preprocessors, output_features = OBJECTIVES[objective]
+    sources.check_files(name, split_to_filepattern)
+    return _add(
+        name,
+        overwrite,
+        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        preprocessors=[text.lines_to_text_examples, *preprocessors()],
+        output_features=output_features(vocabulary),
+        metric_fns=[],
+    )
+
+
 def register_span_corruption_task(
     name: str,
     split_to_filepattern: SplitFiles,
@@ -66,15 +105,7 @@ def register_span_corruption_task(
     Example: `register_span_corruption_task("my_corpus", {"train": "/data/train*.txt",
     "validation": "/data/valid.txt"})`, then train with `--gin.MIXTURE_OR_TASK_NAME="'my_corpus'"`.
     """
-    sources.check_files(name, split_to_filepattern)
-    return _add(
-        name,
-        overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
-        preprocessors=[text.lines_to_text_examples, *span_corruption.span_corruption_preprocessors()],
-        output_features=span_corruption_output_features(vocabulary),
-        metric_fns=[],
-    )
+    return register_family_task(name, "span_corruption", split_to_filepattern, vocabulary, overwrite)
 
 
 # Tasks registered by `text_files_task`: name -> the split patterns they were registered with.
@@ -89,21 +120,13 @@ def text_files_task(
 ) -> str:
     """Registers a span-corruption task over your text files (one document per line); returns its name.
 
-    For gin, so that a run names its own corpus without a Python module (continued pre-training):
-
-        MIXTURE_OR_TASK_NAME = @text_files_task()
-        text_files_task.name = 'my_domain_span_corruption'
-        text_files_task.train_files = ['/data/domain/part-*.txt']
-        text_files_task.validation_files = '/data/domain/valid.txt'
-
-    Files are file patterns (globs), one or a list per split. Without `validation_files` the task
-    has only a `train` split: set `train.eval_period = 0`. Calling it again with the same files
-    returns the name; with other files it re-registers the task (only a task it registered itself:
-    a name taken by another task, e.g. `bundled_span_corruption`, is an error).
-
-    Raises:
-      ValueError: `name` is taken by a task `text_files_task` did not register.
-      FileNotFoundError: a split's pattern matches no file.
+    For gin, so that a run names its own corpus without a Python module (continued pre-training, as in
+    gin_configs/examples/dapt.gin): `MIXTURE_OR_TASK_NAME = @text_files_task()` with `text_files_task.name`,
+    `.train_files` and `.validation_files`, each a file pattern (glob) or a list of them. Without
+    `validation_files` the task has only a `train` split: set `train.eval_period = 0`. Calling it again with the
+    same files returns the name; with other files it re-registers the task (only a task it registered itself: a
+    name taken by another task, e.g. `bundled_span_corruption`, is a ValueError). A split's pattern that matches
+    no file is a FileNotFoundError.
     """
     splits = {"train": train_files} if validation_files is None else {"train": train_files, "validation": validation_files}
     patterns = {split: (p,) if isinstance(p, str) else tuple(p) for split, p in splits.items()}
@@ -116,48 +139,6 @@ def text_files_task(
     register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
     _TEXT_FILES_TASKS[name] = patterns
     return name
-
-
-# objective -> (preprocessors over a `text` field, output features for a vocabulary).
-OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]] = {
-    "mlm": (mlm.mlm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
-    "mlm_nsp": (
-        lambda: mlm.mlm_preprocessors(next_sentence_prediction=True),
-        lambda v: _features(["inputs", "targets"], False, v),
-    ),
-    "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
-    "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
-    "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
-}
-
-
-def _objective(name: str) -> tuple[Callable[[], list], Callable[[seqio.Vocabulary | None], dict[str, seqio.Feature]]]:
-    if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}; pick one of {sorted(OBJECTIVES)}.")
-    return OBJECTIVES[name]
-
-
-def register_family_task(
-    name: str,
-    objective: str,
-    split_to_filepattern: SplitFiles,
-    vocabulary: seqio.Vocabulary | None = None,
-) -> seqio.Task:
-    """Registers `objective` ("mlm", "mlm_nsp", "lm", "prefix_lm", "bart_denoising") over text files.
-
-    One document per line, as `register_span_corruption_task`. Example:
-    `register_family_task("my_mlm", "mlm", {"train": "/data/train*.txt", "validation": "/data/valid.txt"})`.
-    """
-    preprocessors, output_features = _objective(objective)
-    sources.check_files(name, split_to_filepattern)
-    return _add(
-        name,
-        False,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
-        preprocessors=[text.lines_to_text_examples, *preprocessors()],
-        output_features=output_features(vocabulary),
-        metric_fns=[],
-    )
 
 
 # ------------------------------------------------------------------ question answering
@@ -222,22 +203,14 @@ def register_qa_task(
     validate: bool = True,
     overwrite: bool = False,
 ) -> seqio.Task:
-    """Registers a UnifiedQA text-to-text task over your `.jsonl`/`.tsv` QA files (formats: `sources`).
+    """Registers a UnifiedQA text-to-text task over your `.jsonl`/`.tsv` QA files (formats: `sources`), e.g.
+    `register_qa_task("my_qa", {"train": "/data/qa/train*.jsonl", "validation": "/data/qa/dev.tsv"}, "extractive")`.
 
-    Args:
-      name: the task name (for `MIXTURE_OR_TASK_NAME`).
-      split_to_filepattern: e.g. `{"train": "/data/qa/train*.jsonl", "validation": "/data/qa/dev.tsv"}`.
-      format: one of "extractive", "abstractive", "multiple_choice", "yes_no".
-      vocabulary: default: the bundled SentencePiece vocabulary.
-      metric_fns: default per format: extractive SQuAD EM/F1; abstractive ROUGE + SQuAD F1;
-        multiple choice and yes/no accuracy (the generated text equals the answer).
-      lowercase: lower-case inputs and targets (as UnifiedQA does).
-      validate: read every file now, so a bad record fails here rather than at the first batch.
-      overwrite: replace a task of the same name.
-
-    Raises:
-      ValueError: unknown format; QaRecordError (a ValueError) for a bad or empty file.
-      FileNotFoundError: a split's pattern matches no file.
+    `format` is one of `unifiedqa.FORMATS`; `metric_fns` default to `QA_METRICS[format]` (extractive SQuAD EM/F1,
+    abstractive ROUGE + SQuAD F1, multiple choice and yes/no accuracy), the vocabulary to the bundled one;
+    `lowercase` lower-cases inputs and targets, as UnifiedQA does. `validate` reads every file now, so a bad or
+    empty file fails here (a `QaRecordError`, a ValueError) rather than at the first batch; a split's pattern
+    that matches no file is a FileNotFoundError.
     """
     unifiedqa.check_format(format)
     source = sources.QaFileDataSource(split_to_filepattern, format)

@@ -1,10 +1,6 @@
 """Where task examples come from: file checks, prepared TFDS datasets, and QA record files.
 
-* `check_files`: every split's file pattern matches a file (checked when a task is registered).
-* `PreparedTfdsDataSource`: TFDS, failing at once and offline when the data was never prepared.
-* `QaFileDataSource`: QA records from `.jsonl`/`.tsv` files, read and checked by `read_qa_file`.
-
-QA file formats (picked by extension):
+QA file formats (picked by extension; `read_qa_file` reads and checks them):
 
 * `.jsonl`: one JSON object per line: `{"question": ..., "context": ..., "answers": [...]}`;
   multiple choice adds `"options": [...]` (context optional) and its answer is the correct option's
@@ -86,10 +82,8 @@ def read_qa_file(path: str, format: str) -> list[dict[str, Any]]:
 
     Returns records `{"question": str, "context": str, "options": [str], "answers": [str]}` with
     yes/no answers as "yes"/"no" and a multiple-choice answer index replaced by the option's text.
-
-    Raises:
-      QaRecordError: for an unknown extension, an empty file, a line that is not a record, or a
-        record without a field its format needs (the message names file, line and field).
+    An unknown extension, an empty file, a line that is not a record or a record without a field its
+    format needs is a `QaRecordError` naming file, line and field.
     """
     unifiedqa.check_format(format)
     suffix = pathlib.PurePath(path).suffix.lower()
@@ -133,14 +127,10 @@ def _tsv_rows(path: str, text: str) -> list[tuple[int, dict]]:
             continue
         if len(cells) > len(header):
             raise QaRecordError(f"{path}, line {line}: {len(cells)} cells but the header (line 1) names {len(header)} columns {header}.")
-        row = {}
-        for key, cell in zip(header, cells):
-            if not cell.strip():
-                continue  # an empty cell counts as a missing field
-            if key in ("options", "answers"):
-                row[key] = [item.strip() for item in cell.split(TSV_LIST_SEPARATOR)]
-            else:
-                row[key] = cell
+        row = {  # an empty cell counts as a missing field
+            key: [item.strip() for item in cell.split(TSV_LIST_SEPARATOR)] if key in ("options", "answers") else cell
+            for key, cell in zip(header, cells) if cell.strip()
+        }
         rows.append((line, row))
     return rows
 
@@ -168,8 +158,6 @@ def _check_record(path: str, line: int, row: Mapping[str, Any], format: str) -> 
     answers = row["answers"] if "answers" in row else row["answer"]
     if not isinstance(answers, list):
         answers = [answers]
-    if not answers:
-        raise fail("'answers' is an empty list")
     if format == "yes_no":
         try:
             answers = [unifiedqa.yes_no_answer(a) for a in answers]

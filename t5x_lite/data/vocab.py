@@ -19,16 +19,9 @@ DEFAULT_EXTRA_IDS = 100
 
 @gin.configurable
 def get_vocabulary(spm_path: str | None = None, extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-    """Returns a SentencePiece vocabulary with `extra_ids` sentinel ids appended.
-
-    Args:
-      spm_path: a SentencePiece `.model` file (local or any `tf.io.gfile` path); None means the
-        bundled model, `BUNDLED_SPM_PATH`.
-      extra_ids: number of `<extra_id_N>` sentinels (T5 uses 100); `<extra_id_0>` gets the last id.
-
-    Raises:
-      FileNotFoundError: if `spm_path` does not exist.
-    """
+    """The SentencePiece model at `spm_path` (any `tf.io.gfile` path; None: the bundled one) with `extra_ids`
+    `<extra_id_N>` sentinels appended (T5 uses 100; `<extra_id_0>` gets the last id); a missing file is a
+    FileNotFoundError."""
     path = BUNDLED_SPM_PATH if spm_path is None else spm_path
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(

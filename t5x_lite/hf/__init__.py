@@ -1,16 +1,12 @@
-"""Hugging Face interop: import and export checkpoints with numerical parity, tokenizers, datasets.
+"""Hugging Face interop: import and export checkpoints with numerical parity, tokenizers, datasets (docs/hf.md).
 
     network, vocabulary = t5x_lite.hf.from_pretrained("/models/flan-t5-small")
     logits = network(encoder_input_tokens, decoder_input_tokens)    # int32 ids, 0 = padding
     t5x_lite.hf.save_pretrained(network, "/tmp/exported", vocabulary=vocabulary)
 
-Families (one converter module each, `registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5
-and mT5 (`T5ForConditionalGeneration`), BERT (`BertForMaskedLM`, `BertForPreTraining`,
-`BertForSequenceClassification`, `BertForTokenClassification`: the head, and with it the trainer's
-model, comes from the checkpoint), GPT-2 (`GPT2LMHeadModel`) and BART (`BartForConditionalGeneration`).
-`INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`; a
-fine-tuning run keeps fresh the heads the checkpoint lacks); `tools/convert_hf.py` converts to an
-Orbax checkpoint plus a model gin file, and back.
+One converter module per family (`registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5 and mT5, BERT
+(the head, and with it the trainer's model, comes from the checkpoint), GPT-2 and BART. `INITIAL_CHECKPOINT_PATH`
+and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`); `tools/convert_hf.py` converts both ways.
 """
 
 from t5x_lite.hf.convert import (

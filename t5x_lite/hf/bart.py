@@ -73,11 +73,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Bar
 def config_to_hf(config: BartConfig) -> dict:
     """A `config.json` that transformers reads as this `BartForConditionalGeneration` (ids: see
     `write_pretrained`; no forced EOS, which t5x_lite's decoding does not do either)."""
-    if config.num_heads * config.head_dim != config.d_model:
-        raise ValueError(
-            f"Hugging Face BART needs num_heads * head_dim == d_model; this BartConfig has {config.num_heads} * "
-            f"{config.head_dim} != {config.d_model}."
-        )
+    registry.check_heads_span_d_model(config, "BART")
     if config.layer_norm_epsilon != 1e-5:
         raise ValueError(
             f"Hugging Face BART's layer norms use epsilon 1e-5; this BartConfig has {config.layer_norm_epsilon}."

@@ -1,21 +1,12 @@
 """BERT <-> Hugging Face `BertForMaskedLM`, `BertForPreTraining`, `BertForSequenceClassification`,
-`BertForTokenClassification` (and the head-less `BertModel`).
+`BertForTokenClassification` (and the head-less `BertModel`): `config.json` both ways, the tensor map and the head.
 
-`config.json` both ways, the tensor map and the head. A checkpoint's head comes from `architectures` in `config.json` (the first BERT class listed), or, when that is
-absent, from its tensors (`cls.predictions.*`: masked LM; `classifier.*` with a pooler: sequence
-classification, without: token classification):
-
-    BertForMaskedLM, BertForPreTraining -> "mlm" (`EncoderOnlyMLMModel`), with the pooler and
-        next-sentence head when `cls.seq_relationship.*` is present (`next_sentence_prediction`);
-    BertForSequenceClassification -> "classification" (`EncoderClassificationModel`), `num_labels`
-        from `id2label`;
-    BertForTokenClassification -> "tagging" (`EncoderTaggingModel`), `num_labels` from `id2label`;
-    BertModel -> "none": only a starting point for fine-tuning (`INITIAL_CHECKPOINT_PATH='hf:...'`).
-
-Names are read without the `bert.` prefix and with old TF-era layer norms' `gamma`/`beta` read as
-`weight`/`bias`; the MLM decoder's weight and bias are tied copies (of the word embedding and
-`cls.predictions.bias`). Export writes the class of the parameters' head, with the tensor names its
-`from_pretrained` expects.
+A checkpoint's head comes from the first BERT class in `config.json`'s `architectures` (`ARCHITECTURES`), or,
+when that is absent, from its tensors (`cls.predictions.*`: masked LM; `classifier.*` with a pooler: sequence
+classification, without: token classification); docs/hf.md says which trainer model each head gives. Names are
+read without the `bert.` prefix and with old TF-era layer norms' `gamma`/`beta` read as `weight`/`bias`; the MLM
+decoder's weight and bias are tied copies (of the word embedding and `cls.predictions.bias`). Export writes the
+class of the parameters' head, with the tensor names its `from_pretrained` expects.
 """
 
 from __future__ import annotations
@@ -108,11 +99,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Ber
 
 def config_to_hf(config: BertConfig, head: str = "mlm") -> dict:
     """A `config.json` that transformers reads as the `BertFor*` class of `head`."""
-    if config.num_heads * config.head_dim != config.d_model:
-        raise ValueError(
-            f"Hugging Face BERT needs num_heads * head_dim == d_model; this BertConfig has {config.num_heads} * "
-            f"{config.head_dim} != {config.d_model}."
-        )
+    registry.check_heads_span_d_model(config, "BERT")
     architecture = {"mlm": "BertForPreTraining" if config.next_sentence_prediction else "BertForMaskedLM",
                     "classification": "BertForSequenceClassification", "tagging": "BertForTokenClassification",
                     "none": "BertModel"}[head]

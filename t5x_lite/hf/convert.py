@@ -15,6 +15,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from t5x_lite import partitioning
 from t5x_lite.hf import files, registry, vocabularies
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import stacks
@@ -51,20 +52,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(folder, family, hf_config, weights, family.config_from_hf(hf_config, weights), head)
 
 
-def param_name(path: tuple) -> str:
-    """`encoder/layers/0/mlp/wo/kernel` for a jax key path (int and str keys alike)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def _looks_stacked(params: Mapping) -> bool:
     """True when some layer stack is not keyed by layer numbers (the scan_layers layout)."""
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            if stacks.is_stack_key(key) and not all(str(k).isdigit() for k in value):
-                return True
-            if _looks_stacked(value):
-                return True
-    return False
+    return any(
+        isinstance(value, Mapping)
+        and ((stacks.is_stack_key(key) and not all(str(k).isdigit() for k in value)) or _looks_stacked(value))
+        for key, value in params.items()
+    )
 
 
 def _converted_params(checkpoint: Checkpoint, stacked: bool) -> dict[str, np.ndarray]:
@@ -72,11 +66,7 @@ def _converted_params(checkpoint: Checkpoint, stacked: bool) -> dict[str, np.nda
     params = checkpoint.params()
     if stacked:
         params = stacks.stack_layer_params(params)
-    return {param_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _named_leaves(tree: Any) -> dict[str, Any]:
-    return {param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {name: np.asarray(leaf) for name, leaf in partitioning.named_leaves(params).items()}
 
 
 def _fill(
@@ -85,12 +75,12 @@ def _fill(
     """`abstract` with every leaf replaced by `place(array, leaf)`, or by the `fresh` leaf of that name
     where the checkpoint has none; names and shapes must agree."""
     fresh = fresh or {}
-    extra = sorted(set(converted) - set(_named_leaves(abstract)))
+    extra = sorted(set(converted) - set(partitioning.named_leaves(abstract)))
     if extra:
         raise ValueError(f"{source} has parameters this model lacks: {extra[:5]}; is the model config the same?")
 
     def fill(path, leaf):
-        name = param_name(path)
+        name = partitioning.param_name(path)
         if name not in converted and name in fresh:
             return fresh[name]
         if name not in converted:
@@ -139,9 +129,9 @@ def restore_params(
     kept = {}
     if fresh is not None:
         prefixes = tuple(getattr(model, "fresh_param_prefixes", ()))
-        kept = {name: leaf for name, leaf in _named_leaves(fresh).items()
+        kept = {name: leaf for name, leaf in partitioning.named_leaves(fresh).items()
                 if name not in converted and name.split("/")[0].startswith(prefixes)}
-        unused = sorted(set(converted) - set(_named_leaves(abstract_params)))
+        unused = sorted(set(converted) - set(partitioning.named_leaves(abstract_params)))
         if unused:
             logging.info("%s: leaving out parameters the model does not have: %s", source, unused)
             converted = {name: array for name, array in converted.items() if name not in unused}
@@ -179,8 +169,7 @@ def from_pretrained(path: str | Path, **config_overrides: Any) -> tuple[nnx.Modu
     has no tokenizer files. `config_overrides`: see `load_model`.
     """
     checkpoint = open_checkpoint(path)
-    config = _override(checkpoint, config_overrides)
-    checkpoint = dataclasses.replace(checkpoint, config=config)
+    checkpoint = dataclasses.replace(checkpoint, config=_override(checkpoint, config_overrides))
     model = checkpoint.model()
     abstract = nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)

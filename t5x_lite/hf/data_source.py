@@ -7,6 +7,7 @@ Rows become tf.data examples with one feature per column (strings, numbers, and 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,19 +80,14 @@ class HuggingFaceDataSource(seqio.DataSource):
         self._path, self._name, self._data_files = path, name, data_files
         self._cache_dir, self._allow_download = cache_dir, allow_download
         self._columns = None if columns is None else list(columns)
-        self._loaded = None
         if splits is None:
-            splits = list(self._load())
+            splits = list(self._loaded)
         self._split_map = dict(splits) if isinstance(splits, Mapping) else {s: s for s in splits}
         super().__init__(splits=list(self._split_map))
 
-    def _load(self):
+    @functools.cached_property
+    def _loaded(self):
         """The `datasets.DatasetDict` (memory-mapped Arrow tables; loaded once per source)."""
-        if self._loaded is None:
-            self._loaded = self._load_uncached()
-        return self._loaded
-
-    def _load_uncached(self):
         datasets = _import_datasets()
         folder = Path(self._path).expanduser()
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
@@ -112,7 +108,7 @@ class HuggingFaceDataSource(seqio.DataSource):
     def _split(self, split: str):
         if split not in self._split_map:
             raise ValueError(f"Split {split!r} is not one of this source's splits {list(self._split_map)}.")
-        loaded = self._load()
+        loaded = self._loaded
         hf_split = self._split_map[split]
         if hf_split not in loaded:
             raise ValueError(f"Dataset {self._path!r} has no split {hf_split!r}; it has {list(loaded)}.")

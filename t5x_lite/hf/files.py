@@ -61,22 +61,14 @@ class Weights(Mapping):
     """
 
     def __init__(self, path: str | Path):
-        folder = model_dir(path)
-        self.folder = folder
+        self.folder = model_dir(path)
         self._files: dict[str, Path] = {}  # tensor name -> file holding it
         self._torch_cache: dict[Path, dict] = {}
-        if (folder / SAFETENSORS).is_file():
-            self._add_safetensors(folder / SAFETENSORS)
-        elif (folder / SAFETENSORS_INDEX).is_file():
-            self._add_index(folder / SAFETENSORS_INDEX)
-        elif (folder / PYTORCH_BIN).is_file():
-            self._add_torch(folder / PYTORCH_BIN)
-        elif (folder / PYTORCH_BIN_INDEX).is_file():
-            self._add_index(folder / PYTORCH_BIN_INDEX)
-        else:
-            raise FileNotFoundError(
-                f"{str(path)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}."
-            )
+        found = next((name for name in WEIGHT_FILES if (self.folder / name).is_file()), None)  # in that preference
+        if found is None:
+            raise FileNotFoundError(f"{str(path)!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}.")
+        add = {SAFETENSORS: self._add_safetensors, PYTORCH_BIN: self._add_torch}.get(found, self._add_index)  # an index
+        add(self.folder / found)
 
     def _add_safetensors(self, file: Path) -> None:
         with safe_open(str(file), framework="numpy") as f:

@@ -52,11 +52,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> GPT
 
 def config_to_hf(config: GPTConfig) -> dict:
     """A `config.json` that transformers reads as this `GPT2LMHeadModel` (ids: see `write_pretrained`)."""
-    if config.num_heads * config.head_dim != config.d_model:
-        raise ValueError(
-            f"Hugging Face GPT-2 needs num_heads * head_dim == d_model; this GPTConfig has {config.num_heads} * "
-            f"{config.head_dim} != {config.d_model}."
-        )
+    registry.check_heads_span_d_model(config, "GPT-2")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -132,6 +132,15 @@ def head_dim(d_model: int, heads: int, d_model_key: str) -> int:
     return d_model // heads
 
 
+def check_heads_span_d_model(config: Any, family: str) -> None:
+    """Hugging Face's `family` derives the head width from d_model; a config whose heads do not span it is refused."""
+    if config.num_heads * config.head_dim != config.d_model:
+        raise ValueError(
+            f"Hugging Face {family} needs num_heads * head_dim == d_model; this {type(config).__name__} has "
+            f"{config.num_heads} * {config.head_dim} != {config.d_model}."
+        )
+
+
 def check_config_matches(family: Family, expected: Any, configured: Any, source: str) -> None:
     """Raises if a parameter-relevant field of the configured (gin) model differs from the checkpoint's."""
     for field in family.checkpoint_fields:

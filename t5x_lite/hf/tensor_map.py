@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from t5x_lite import partitioning
+
 Entry = tuple[str, tuple, str]  # (HF tensor name, our parameter path, layout name)
 
 # layout -> (which two of our axes HF merges: "first", "last" or None; whether HF reverses the axes)
@@ -89,11 +91,6 @@ def set_path(tree: dict, path: tuple, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def path_name(path: tuple) -> str:
-    """`layers/0/mlp/wi/kernel` for a parameter path."""
-    return "/".join(map(str, path))
-
-
 def param_shapes(network_class: Callable[..., nnx.Module], config: Any, *args: Any) -> dict[tuple, tuple[int, ...]]:
     """Our unscanned parameter shapes by path, from an abstract `network_class(config, *args)` (nothing
     is allocated)."""
@@ -159,13 +156,12 @@ def params_from_hf(
     an entry nor `ignored` (tied copies, buffers) is a ValueError naming the tensor."""
     params: dict = {}
     for name, path, layout in entries:
+        ours = partitioning.param_name(path)
         if name not in weights:
-            raise ValueError(f"The checkpoint has no tensor {name!r}, which {model} needs for {path_name(path)}.")
+            raise ValueError(f"The checkpoint has no tensor {name!r}, which {model} needs for {ours}.")
         value, want = to_numpy(weights[name]), hf_shape(layout, shapes[path])
         if value.shape != want:
-            raise ValueError(
-                f"Tensor {name!r} has shape {value.shape}, but the config needs {want} for {path_name(path)}."
-            )
+            raise ValueError(f"Tensor {name!r} has shape {value.shape}, but the config needs {want} for {ours}.")
         set_path(params, path, _to_ours(layout, value, shapes[path]))
     unexpected = sorted(set(weights) - {name for name, _, _ in entries} - set(ignored))
     if unexpected:

@@ -150,9 +150,7 @@ class TokenizersVocabulary(seqio.Vocabulary):
 
 def _token_string(value) -> str | None:
     """A special token from tokenizer_config.json: a string, or an AddedToken dict with "content"."""
-    if isinstance(value, Mapping):
-        return value.get("content")
-    return value
+    return value.get("content") if isinstance(value, Mapping) else value
 
 
 def _tokenizer_config(folder: Path) -> dict:

@@ -1,11 +1,7 @@
-"""t5x_lite's own seqio tasks and mixtures; importing this package registers them (a second import does nothing).
-
-| module | registers |
-| --- | --- |
-| `bundled` | span corruption and the BERT/GPT/prefix-LM/BART objectives over the bundled corpus (offline) |
-| `c4` | the same objectives over TFDS `c4/en` (prepared beforehand, `--tfds_data_dir`) |
-| `qa` | the bundled UnifiedQA sets and their mixture, SQuAD v1.1 and BoolQ (TFDS) |
-| `classification` | the bundled classification and tagging sets, GLUE SST-2, MNLI and RTE (TFDS) |
+"""t5x_lite's own seqio tasks and mixtures; importing this package registers them (a second import does nothing):
+`bundled` and `c4` (the pre-training objectives over the bundled corpus, offline, and over TFDS `c4/en`, prepared
+beforehand), `qa` (the bundled UnifiedQA sets and their mixture, SQuAD v1.1, BoolQ) and `classification` (the
+bundled classification and tagging sets, GLUE SST-2, MNLI and RTE).
 
 The CLI imports this package on the first lookup of a task name (`pipeline.get_mixture_or_task`);
 Python users `import t5x_lite.tasks`. Tasks over your own files: `t5x_lite.data.registration`.

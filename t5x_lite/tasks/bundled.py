@@ -1,13 +1,6 @@
-"""Pre-training tasks over the corpus shipped in `t5x_lite/data/bundled` (offline).
-
-| task | objective | TASK_FEATURE_LENGTHS | feature converter |
-| --- | --- | --- | --- |
-| `bundled_span_corruption` | T5 span corruption | inputs, targets | `seqio.EncDecFeatureConverter` |
-| `bundled_mlm` | BERT MLM, no NSP | inputs == targets | `MaskedLMFeatureConverter` |
-| `bundled_mlm_nsp` | BERT MLM + next-sentence pairs | inputs == targets | `MaskedLMFeatureConverter` |
-| `bundled_lm` | causal LM | targets | `seqio.DecoderFeatureConverter` |
-| `bundled_prefix_lm` | prefix LM | inputs, targets | `seqio.DecoderFeatureConverter` |
-| `bundled_bart_denoising` | BART | inputs, targets | `seqio.EncDecFeatureConverter` |
+"""Pre-training tasks over the corpus shipped in `t5x_lite/data/bundled` (offline): `bundled_<objective>` for each
+of `registration.OBJECTIVES`. docs/objectives.md gives each one's TASK_FEATURE_LENGTHS and feature converter
+(`bundled_span_corruption`: inputs and targets, `seqio.EncDecFeatureConverter`).
 """
 
 import seqio
@@ -18,8 +11,6 @@ SPLITS = {"train": str(sources.BUNDLED_DIR / "train.txt"), "validation": str(sou
 
 
 def _register() -> None:
-    if "bundled_span_corruption" not in seqio.TaskRegistry.names():
-        registration.register_span_corruption_task("bundled_span_corruption", SPLITS)
     for objective in registration.OBJECTIVES:
         if f"bundled_{objective}" not in seqio.TaskRegistry.names():
             registration.register_family_task(f"bundled_{objective}", objective, SPLITS)

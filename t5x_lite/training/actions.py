@@ -15,7 +15,6 @@ from typing import Protocol
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import seqio
 from absl import logging
 from clu import metric_writers
 from clu.data.dataset_iterator import TfDatasetIterator
@@ -96,18 +95,11 @@ def summarise_period(
     fetched = jax.device_get(pending)
     seconds = time.time() - period_start
     applied = [m for m in fetched if not m.get("skipped", 0.0)]
-    mean = {
-        k: float(np.mean([m[k] for m in applied])) if applied else float("nan")
+    summary = {
+        f"train/{k}": float(np.mean([m[k] for m in applied])) if applied else float("nan")
         for k in ("loss", "accuracy", "z_loss", "grad_norm")
     }
-    summary = {
-        "train/loss": mean["loss"],
-        "train/accuracy": mean["accuracy"],
-        "train/z_loss": mean["z_loss"],
-        "train/grad_norm": mean["grad_norm"],
-        "train/param_norm": float(fetched[-1]["param_norm"]),
-        "train/learning_rate": float(fetched[-1]["learning_rate"]),
-    }
+    summary.update({f"train/{k}": float(fetched[-1][k]) for k in ("param_norm", "learning_rate")})
     if "skipped_steps" in fetched[-1]:
         summary["train/skipped_steps"] = float(fetched[-1]["skipped_steps"])
         summary["train/consecutive_skips"] = float(max(m["consecutive_skips"] for m in fetched))
@@ -140,16 +132,13 @@ def check_finite(summary: Mapping[str, float], step: int, max_consecutive_skips:
         )
 
 
-TaskEval = tuple[seqio.Evaluator, evaluation.ModelRunner]
-
-
 class Evaluate:
     """Every `period` steps and at the last: the validation loss over fixed batches and, for tasks with
     metric functions, their metrics from decoding (`eval/<task>/<metric>`)."""
 
     def __init__(
         self, period: int, writer: metric_writers.MetricWriter, eval_step: Callable, batches: list[dict[str, np.ndarray]],
-        batch_sharding: NamedSharding, task_eval: TaskEval | None, max_decode_length: int,
+        batch_sharding: NamedSharding, task_eval: evaluation.TaskEval | None, max_decode_length: int,
     ):
         self.period, self.writer, self.eval_step, self.batches = period, writer, eval_step, batches
         self.batch_sharding, self.task_eval, self.max_decode_length = batch_sharding, task_eval, max_decode_length

@@ -15,20 +15,13 @@ list of terms; the trainable set is the union of the terms, minus the terms writ
   anything else                a regular expression searched in each path, e.g. 'decoder/layers/[45]/'
 A term that matches no parameter is an error (a typo would otherwise freeze the model silently).
 
-In gin, wrap the configured optimizer (train.py is unchanged):
-    train.optimizer = @selective
-    selective.optimizer = @adafactor
-    selective.trainable = ['top_k_layers=2', 'layer_norms']
-or unfreeze gradually ("top few layers -> layer norms -> everything"), each stage adding to the last:
-    selective.stages = [(0, 'top_k_layers=2'), (1000, 'layer_norms'), (2000, 'all')]
-
-Built from optax: `multi_transform` gives frozen parameters `set_to_zero()` (no optimizer state, so
-their memory is saved and they stay bit-identical), and each stage's parameters their own instance
-of the optimizer inside `conditionally_mask`: its state exists from the start, its updates are zero
-until the stage's step, and from then on it runs as if training began there, with the run's
-learning-rate schedule read at the global step. Stage steps count optimizer updates (the train step,
-unless non-finite steps were skipped). Note that anything global inside the optimizer, such as
-AdamW's gradient-norm clipping, sees each stage's parameters separately.
+In gin: `train.optimizer = @selective`, `selective.optimizer = @adafactor`, and `selective.trainable = [...]`, or
+`selective.stages = [(0, 'top_k_layers=2'), (1000, 'layer_norms'), (2000, 'all')]` to unfreeze gradually, each
+stage adding to the last (docs/finetuning.md shows a run). Frozen parameters get optax's `set_to_zero()` (no
+optimizer state, bit-identical); each stage's parameters get their own optimizer inside `conditionally_mask`:
+zero updates until the stage's step, then as if training began there, with the schedule read at the global
+step. Stage steps count optimizer updates (the train step, unless non-finite steps were skipped); anything
+global inside the optimizer, such as AdamW's gradient-norm clipping, sees each stage's parameters separately.
 """
 
 from __future__ import annotations
@@ -39,6 +32,8 @@ from collections.abc import Callable, Sequence
 import gin
 import jax
 import optax
+
+from t5x_lite import partitioning
 
 FROZEN = "frozen"
 Selection = str | Sequence[str]
@@ -55,10 +50,7 @@ PATTERNS = {"layer_norms": LAYER_NORM_PATTERN, "heads": HEAD_PATTERN, "embedding
 
 def param_paths(params) -> list[str]:
     """'a/b/c' path of every leaf of a params tree (int layer keys as digits)."""
-    return [
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-    ]
+    return list(partitioning.named_leaves(params))
 
 
 def _layer_stacks(paths: Sequence[str]) -> dict[str, list[str]]:

@@ -20,8 +20,6 @@ import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
-from flax import nnx
-from jax.sharding import Mesh
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning
@@ -74,12 +72,8 @@ def train(
     used, from its first step on.
     """
     # The settings, the mesh, the fresh state and the data.
-    cli.keep_tensorflow_off_gpus()
     cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
-    with cli.user_errors(ValueError, ModuleNotFoundError):
-        pipeline.import_task_module(mixture_or_task_module)
-        provider = pipeline.get_mixture_or_task(mixture_or_task_name)
-        pipeline.check_feature_lengths(provider, task_feature_lengths)
+    provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
     check_vocab_fits(provider, model)
     chosen = kernels.resolve(model.config.kernels)  # once, before any network is built or traced
     report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
@@ -122,7 +116,8 @@ def train(
                 eval_period, writer, steps.make_eval_step(model, graphdef, shardings, batch_sharding),
                 load_eval_batches(model, mixture_or_task_name, task_feature_lengths, batch_size, eval_split,
                                   eval_steps, random_seed),
-                batch_sharding, task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths, eval_split),
+                batch_sharding,
+                evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths, eval_split),
                 task_feature_lengths["targets"],
             )
             periodic.append(evaluate)
@@ -198,17 +193,6 @@ def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: the bindings of every configurable the run has called so far (process 0)."""
     if jax.process_index() == 0:
         (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
-
-
-def task_evaluation(
-    provider: seqio.Task | seqio.Mixture, model: BaseModel, graphdef: nnx.GraphDef, mesh: Mesh,
-    rules: partitioning.Rules, task_feature_lengths: Mapping[str, int], split: str,
-) -> actions.TaskEval | None:
-    """The evaluator and model runner of the tasks' metric functions; None for tasks without (pre-training)."""
-    if not evaluation.has_metrics(provider):
-        return None
-    evaluator = evaluation.make_evaluator(provider.name, task_feature_lengths, model.feature_converter_cls, split=split)
-    return evaluator, evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(provider))
 
 
 def load_eval_batches(

@@ -25,26 +25,11 @@ class JsonlWriter(metric_writers.MetricWriter):
         record.update({k: float(v) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
 
-    def write_summaries(self, step, values, metadata=None) -> None:
-        pass
+    def _ignore(self, *args, **kwargs) -> None:
+        """Only scalars go to the JSONL file."""
 
-    def write_images(self, step, images) -> None:
-        pass
-
-    def write_videos(self, step, videos) -> None:
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        pass
-
-    def write_texts(self, step, texts) -> None:
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        pass
-
-    def write_hparams(self, hparams) -> None:
-        pass
+    write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = _ignore
+    write_hparams = _ignore
 
     def flush(self) -> None:
         self._file.flush()

@@ -17,17 +17,6 @@ Batch = Mapping[str, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
 
 
-def _summarise(loss: jax.Array, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-step metrics from the summed loss terms."""
-    tokens = jnp.maximum(sums["weight_sum"], 1.0)
-    return {
-        "loss": loss,
-        "accuracy": sums["correct_sum"] / tokens,
-        "z_loss": sums["z_loss_sum"] / tokens,
-        "target_tokens": sums["weight_sum"],
-    }
-
-
 def split_microbatches(batch: Batch, num_microbatches: int) -> Batch:
     """[B, ...] -> [num_microbatches, B / num_microbatches, ...], strided so every device's rows
     are spread over all microbatches (each microbatch stays balanced across the data axes)."""
@@ -102,16 +91,20 @@ def make_train_step(
             grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = _summarise(loss, sums)
-        metrics["learning_rate"] = jnp.asarray(learning_rate(state.step), jnp.float32)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(params)
+        metrics = {
+            "loss": loss,
+            "accuracy": sums["correct_sum"] / tokens,
+            "z_loss": sums["z_loss_sum"] / tokens,
+            "target_tokens": sums["weight_sum"],
+            "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+        }
         if isinstance(opt_state, optax.ApplyIfFiniteState):
             metrics["skipped"] = jnp.logical_not(opt_state.last_finite).astype(jnp.float32)
             metrics["consecutive_skips"] = opt_state.notfinite_count
             metrics["skipped_steps"] = opt_state.total_notfinite
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(
         train_step,

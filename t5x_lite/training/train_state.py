@@ -31,9 +31,7 @@ class TrainState:
 
 def network_graphdef(model: BaseModel) -> tuple[nnx.GraphDef, nnx.State]:
     """The network's static structure and its abstract parameters (no memory allocated)."""
-    abstract_network = nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_network, nnx.Param)
-    return graphdef, abstract_params
+    return nnx.split(nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0))), nnx.Param)
 
 
 def state_shardings(
@@ -83,6 +81,4 @@ def create_train_state(
 
 def abstract_train_state(state_or_shapes: Any, shardings: TrainState) -> TrainState:
     """`ShapeDtypeStruct`s with shardings, the restore target for a checkpoint."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_or_shapes, shardings
-    )
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_or_shapes, shardings)

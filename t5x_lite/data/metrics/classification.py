@@ -1,7 +1,4 @@
-"""Classification and tagging metrics (percent) and the postprocessors that feed them label/tag ids.
-
-* `classification_metrics`: accuracy and macro F1 over the classes present.
-* `tagging_metrics_fn(tag_names)`: entity-level precision/recall/F1 (exact BIO spans) and token accuracy.
+"""Classification and tagging metrics (percent), and the postprocessors that feed them label/tag ids.
 
 Pure Python and numpy: no TensorFlow.
 """

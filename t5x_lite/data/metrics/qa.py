@@ -1,23 +1,11 @@
-"""QA metrics with seqio's metric-fn signature `fn(targets, predictions) -> dict[str, float]`.
+"""QA metrics with seqio's metric-fn signature `fn(targets, predictions) -> dict[str, float]`, in percent.
 
-* `squad` (`em`, `f1`), `squad_f1` (`f1`): the official SQuAD v1.1 evaluation. Answers are
-  normalised (lower-case; punctuation removed; the articles a/an/the removed; whitespace
-  collapsed); EM is exact equality of the normalised strings, F1 the harmonic mean of token
-  precision and recall (bag of tokens); each prediction takes its best score over its reference
-  answers; the dataset score is the mean, in percent.
-* `accuracy` (`accuracy`): percent of predictions equal to their target (after collapsing
-  whitespace, stripping and lower-casing both). A target may be a list: any reference counts.
-* `rouge` (`rouge1`, `rouge2`, `rougeL`): ROUGE F-measures from the `rouge-score` package (its
-  tokenizer: lower-case, non-alphanumerics dropped; Porter stemming), best over references, mean in
-  percent.
-* `rank_classification`: multiple choice by scoring: pick the option with the highest score
-  (e.g. log-likelihood) and report accuracy. `rank_classification_accuracy` takes per-example lists
-  of option scores; `rank_classification` takes seqio's score-metric signature `fn(targets, scores)`
-  over one example per (question, option), see `unifiedqa.multiple_choice_rank_classification`.
-
-Targets may be strings or lists of reference strings (for SQuAD: every annotator's answer).
-The postprocessors (`postprocess_text`, `postprocess_with_references`, `postprocess_rank_target`)
-turn decoded outputs and examples into what these metrics take. Pure Python and numpy: no TensorFlow.
+`squad` (`em`, `f1`) and `squad_f1` are the official SQuAD v1.1 evaluation; `accuracy` compares text with
+whitespace collapsed and case ignored; `rouge` (`rouge1`, `rouge2`, `rougeL`) takes the `rouge-score` package's
+F-measures (its tokenizer: lower-case, non-alphanumerics dropped; Porter stemming); `rank_classification` answers
+multiple choice by the best-scoring option. A target may be a string or a list of reference strings (for SQuAD:
+every annotator's answer): each prediction takes its best score over them, the dataset score is the mean.
+The postprocessors turn decoded outputs and examples into what these metrics take. Pure Python and numpy.
 """
 
 from __future__ import annotations
@@ -35,16 +23,22 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
+def _to_str(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _references(target: Any) -> list[str]:
     """A target as a non-empty list of reference strings."""
-    if isinstance(target, bytes):
-        target = target.decode("utf-8")
-    if isinstance(target, str):
-        return [target]
-    refs = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in target]
+    if isinstance(target, (str, bytes)):
+        return [_to_str(target)]
+    refs = [_to_str(t) for t in target]
     if not refs:
         raise ValueError("A target has no reference answers (an empty list).")
     return refs
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.split()).lower()
 
 
 def _check_lengths(targets: Sequence[Any], predictions: Sequence[Any]) -> None:
@@ -55,14 +49,10 @@ def _check_lengths(targets: Sequence[Any], predictions: Sequence[Any]) -> None:
 # ------------------------------------------------------------------ postprocessors
 
 
-def _to_str(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def postprocess_text(output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False) -> str:
     """Decoded text with whitespace collapsed and lower-cased (for exact-match accuracy)."""
     del example, is_target
-    return " ".join(_to_str(output).split()).lower()
+    return _plain(_to_str(output))
 
 
 def postprocess_with_references(output: Any, example: Mapping[str, Any] | None = None,
@@ -129,10 +119,6 @@ def squad_f1(targets: Sequence[str | Sequence[str]], predictions: Sequence[str])
 
 
 # ------------------------------------------------------------------ accuracy
-
-
-def _plain(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def accuracy(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:

@@ -21,7 +21,6 @@ apply to the sequence each step receives. [MASK] is `special_tokens.bert_special
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 
 import gin
@@ -184,9 +183,7 @@ def bart_noise(
 def bart_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
     """BART denoising over a `text` field: rekey, tokenize, cache placeholder, pack, noise, EOS."""
     return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        seqio.CacheDatasetPlaceholder(),
+        *text.tokenize_text(),
         pack_tokens_for_denoising,
         bart_noise,
         seqio.preprocessors.append_eos_after_trim,

@@ -15,7 +15,6 @@ feature lengths have `inputs`), or `seqio.LMFeatureConverter` / `seqio.PrefixLMF
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 
 import gin
@@ -34,17 +33,16 @@ def _feature_length(sequence_length: Mapping[str, int] | None, key: str, objecti
     return sequence_length[key]
 
 
-def _documents_with_eos(dataset: tf.data.Dataset, eos_id: int) -> tf.data.Dataset:
-    return dataset.map(
-        lambda ex: {"targets": tf.concat([ex["targets"], tf.constant([eos_id], ex["targets"].dtype)], axis=0)}
-    )
-
-
-def _eos_id(output_features: Mapping[str, seqio.Feature]) -> int:
+def _chunks(
+    dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature], chunk_length: int
+) -> tf.data.Dataset:
+    """The documents, each followed by EOS, as one stream cut into `chunk_length`-token chunks."""
     eos_id = output_features["targets"].vocabulary.eos_id
     if eos_id is None:
         raise ValueError("The LM objectives separate documents with EOS, but the targets vocabulary has no eos_id.")
-    return eos_id
+    eos = tf.constant([eos_id], dataset.element_spec["targets"].dtype)
+    documents = dataset.map(lambda ex: {"targets": tf.concat([ex["targets"], eos], axis=0)})
+    return text.split_token_stream(documents, chunk_length)
 
 
 @gin.configurable
@@ -57,8 +55,7 @@ def pack_lm_chunks(
 
     Every chunk but the stream's last fills the targets length. Output: `{"targets": chunk}`.
     """
-    chunk_length = _feature_length(sequence_length, "targets", "causal LM")
-    return text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+    return _chunks(dataset, output_features, _feature_length(sequence_length, "targets", "causal LM"))
 
 
 def prefix_lm_chunk_length(sequence_length: Mapping[str, int]) -> int:
@@ -75,8 +72,7 @@ def pack_prefix_lm_chunks(
     output_features: Mapping[str, seqio.Feature],
 ) -> tf.data.Dataset:
     """Like `pack_lm_chunks` with `prefix_lm_chunk_length` tokens per chunk; drops a last chunk under 2 tokens."""
-    chunk_length = prefix_lm_chunk_length(sequence_length)
-    chunks = text.split_token_stream(_documents_with_eos(dataset, _eos_id(output_features)), chunk_length)
+    chunks = _chunks(dataset, output_features, prefix_lm_chunk_length(sequence_length))
     return chunks.filter(lambda ex: tf.size(ex["targets"]) >= 2)
 
 
@@ -101,19 +97,11 @@ def split_prefix_lm(
     return {"inputs": tokens[:split], "targets": tokens[split:]}
 
 
-def _text_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
-    return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        seqio.CacheDatasetPlaceholder(),
-    ]
-
-
 def lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
     """Causal LM over a `text` field: rekey, tokenize, cache placeholder, pack."""
-    return [*_text_preprocessors(), pack_lm_chunks]
+    return [*text.tokenize_text(), pack_lm_chunks]
 
 
 def prefix_lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
     """Prefix LM over a `text` field: rekey, tokenize, cache placeholder, pack, random split."""
-    return [*_text_preprocessors(), pack_prefix_lm_chunks, split_prefix_lm]
+    return [*text.tokenize_text(), pack_prefix_lm_chunks, split_prefix_lm]

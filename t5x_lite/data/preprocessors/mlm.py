@@ -205,12 +205,8 @@ def mlm_mask_tokens(
     chosen = _choose_tokens(is_candidate, word_ids, num_words, mask_rate, choose_seed)
     action = tf.random.stateless_uniform(tf.shape(tokens), action_seed)
     random_tokens = tf.random.stateless_uniform(tf.shape(tokens), random_seed, minval=low, maxval=high, dtype=tokens.dtype)
-    corrupted = tf.where(action < mask_token_fraction, tf.cast(ids.mask, tokens.dtype), tokens)
-    corrupted = tf.where(
-        tf.logical_and(action >= mask_token_fraction, action < mask_token_fraction + random_token_fraction),
-        random_tokens,
-        corrupted,
-    )
+    corrupted = tf.where(action < mask_token_fraction + random_token_fraction, random_tokens, tokens)
+    corrupted = tf.where(action < mask_token_fraction, tf.cast(ids.mask, tokens.dtype), corrupted)
     return {
         **features,
         "inputs": tf.where(chosen, corrupted, tokens),
@@ -229,9 +225,7 @@ def mlm_preprocessors(
     pack_args = {} if next_sentence_prediction is None else {"next_sentence_prediction": next_sentence_prediction}
     mask_args = {} if whole_word_masking is None else {"whole_word_masking": whole_word_masking}
     return [
-        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
-        seqio.CacheDatasetPlaceholder(),
+        *text.tokenize_text(),
         functools.partial(pack_mlm_sequences, **pack_args),
         functools.partial(mlm_mask_tokens, **mask_args),
     ]

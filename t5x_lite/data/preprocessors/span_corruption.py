@@ -1,18 +1,16 @@
 """T5's span-corruption pre-training objective as SeqIO preprocessors.
 
-A document stream is packed into chunks of raw tokens sized so that, once
-corrupted, the inputs fill `sequence_length["inputs"]` exactly (see
-`random_spans_lengths`). In each chunk about `noise_density` of the tokens, in
-spans of mean length `mean_noise_span_length`, are replaced in the inputs by one
-sentinel per span; the targets list each sentinel followed by the span it hides:
+A document stream is packed into chunks of raw tokens sized so that, once corrupted, the inputs fill
+`sequence_length["inputs"]` exactly (`random_spans_lengths`). In each chunk about `noise_density` of the
+tokens, in spans of mean length `mean_noise_span_length`, are replaced in the inputs by one sentinel per
+span; the targets list each sentinel followed by the span it hides:
 
   tokens:  a b c d e f g h
   inputs:  a <extra_id_0> d e f <extra_id_1>           (+ EOS)
   targets: <extra_id_0> b c <extra_id_1> g h           (+ EOS)
 
-Sentinels are the vocabulary's extra ids counted down from the top
-(`<extra_id_0>` = `vocab_size - 1`). All randomness is stateless and seeded by
-SeqIO, so `Task.get_dataset(seed=...)` is reproducible.
+Sentinels are the vocabulary's extra ids counted down from the top (`<extra_id_0>` = `vocab_size - 1`).
+All randomness is stateless and seeded by SeqIO, so `Task.get_dataset(seed=...)` is reproducible.
 """
 
 import functools
@@ -32,20 +30,16 @@ def _check_noise_args(noise_density: float, mean_noise_span_length: float) -> No
     if not 0.0 < noise_density < 1.0:
         raise ValueError(f"noise_density={noise_density!r} must lie strictly between 0 and 1 (T5 uses 0.15).")
     if not mean_noise_span_length >= 1.0:
-        raise ValueError(
-            f"mean_noise_span_length={mean_noise_span_length!r} must be >= 1: a "
-            "span holds at least one token (T5 uses 3.0)."
-        )
+        raise ValueError(f"mean_noise_span_length={mean_noise_span_length!r} must be >= 1: a span holds at least one "
+                         "token (T5 uses 3.0).")
 
 
 def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """Returns (num_noise_tokens, num_noise_spans) for `length` raw tokens.
+    """(num_noise_tokens, num_noise_spans) for `length` raw tokens (`_noise_counts_tf`: the same in TF ops).
 
-    A sequence of 2+ tokens gets at least one noise token and at least one
-    non-noise token, so every example has something to predict and something
-    to condition on; a 0- or 1-token sequence is left uncorrupted. `_noise_counts_tf`
-    is the same arithmetic in TF ops (Python's `round` and `tf.round` both round
-    half to even, in float64).
+    A sequence of 2+ tokens gets at least one noise and one non-noise token, so every example has something to
+    predict and something to condition on; a 0- or 1-token sequence is left uncorrupted. Python's `round` and
+    `tf.round` both round half to even, in float64.
     """
     if length < 2:
         return 0, 0
@@ -71,29 +65,21 @@ def random_spans_lengths(
     noise_density: float = NOISE_DENSITY,
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
 ) -> tuple[int, int]:
-    """Returns `(tokens_length, targets_length)` for span corruption.
-
-    `tokens_length` is the largest raw chunk (no EOS) whose corrupted inputs,
-    non-noise tokens + one sentinel per span + EOS, fit in `inputs_length`;
-    `targets_length` is the length of its targets, noise tokens + one sentinel
-    per span + EOS. Packing chunks of `tokens_length` tokens makes the inputs fill
-    the model's input length without truncation. T5: 512 -> (568, 114).
+    """`(tokens_length, targets_length)`: the largest raw chunk (no EOS) whose corrupted inputs (non-noise tokens +
+    one sentinel per span + EOS) fit in `inputs_length`, and the length of its targets (noise tokens + one sentinel
+    per span + EOS). Chunks of `tokens_length` tokens fill the inputs without truncation. T5: 512 -> (568, 114).
     """
     _check_noise_args(noise_density, mean_noise_span_length)
     if inputs_length < 3:
-        raise ValueError(
-            f"inputs_length={inputs_length!r} is too short for span corruption: it "
-            "needs room for a token, a sentinel and EOS (use at least 3)."
-        )
+        raise ValueError(f"inputs_length={inputs_length!r} is too short for span corruption: it needs room for a "
+                         "token, a sentinel and EOS (use at least 3).")
 
     def lengths(tokens_length: int) -> tuple[int, int]:
         num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
         return (tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1)
 
-    # The inputs length never decreases as tokens_length grows (each extra token
-    # adds at most one noise token, and a new span adds a sentinel), and it is at
-    # most tokens_length + 1, so bisect between a length that fits and one that
-    # does not.
+    # The inputs length never decreases as tokens_length grows (an extra token adds at most one noise token, a new
+    # span a sentinel) and is at most tokens_length + 1: bisect between a length that fits and one that does not.
     fits, too_long = inputs_length - 1, inputs_length
     while lengths(too_long)[0] <= inputs_length:
         fits, too_long = too_long, 2 * too_long
@@ -107,11 +93,8 @@ def random_spans_lengths(
 
 
 def _random_composition(total: tf.Tensor, num_parts: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Splits `total` into `num_parts` positive ints, uniformly at random.
-
-    Each of the C(total - 1, num_parts - 1) compositions is equally likely: a
-    random subset of the `total - 1` gaps between items is chosen as cut points by
-    shuffling a 0/1 vector. `total == 0` with `num_parts == 1` gives `[0]`.
+    """Splits `total` into `num_parts` positive ints, each of the C(total - 1, num_parts - 1) ways equally likely:
+    shuffling a 0/1 vector picks which of the `total - 1` gaps are cuts. `total == 0`, `num_parts == 1` gives `[0]`.
     """
     num_cuts = num_parts - 1
     num_gaps = tf.maximum(total - 1, 0)
@@ -127,20 +110,12 @@ def random_noise_mask(
     noise_density: float = NOISE_DENSITY,
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
 ) -> tf.Tensor:
-    """Returns a random bool mask of shape [length], True at noise tokens.
+    """A random bool [length] mask (length: a scalar, maybe dynamic, int32 tensor), True at noise tokens.
 
-    The mask has exactly `round(length * noise_density)` noise tokens in
-    `round(num_noise / mean_noise_span_length)` spans (clamped as in
-    `_noise_counts`). Segments alternate non-noise, noise, ..., non-noise, noise
-    (so the first token is never noise and the last always is, as in T5); the
-    non-noise and the noise tokens are each split into that many positive-length
-    segments uniformly at random.
-
-    Args:
-      length: scalar int32 tensor (may be dynamic), the sequence length.
-      seed: shape [2] integer tensor for TF's stateless random ops.
-      noise_density: fraction of tokens that are noise.
-      mean_noise_span_length: mean number of tokens per noise span.
+    Exactly `round(length * noise_density)` noise tokens in `round(num_noise / mean_noise_span_length)` spans
+    (clamped as in `_noise_counts`). Segments alternate non-noise, noise, ..., non-noise, noise (the first token is
+    never noise and the last always is, as in T5); the non-noise and the noise tokens are each split into that many
+    positive-length segments uniformly at random. `seed`: a [2] tensor for TF's stateless random ops.
     """
     length = tf.convert_to_tensor(length, tf.int32)
     num_noise, num_spans = _noise_counts_tf(length, noise_density, mean_noise_span_length)
@@ -154,18 +129,14 @@ def random_noise_mask(
 
 
 def corrupt_spans(tokens: tf.Tensor, is_noise: tf.Tensor, vocab_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Returns `(inputs, targets)` of span corruption for a given noise mask.
-
-    inputs: the non-noise tokens, with each noise span replaced by its sentinel.
-    targets: for each noise span, its sentinel then its tokens. The k-th span
-    (from 0) uses sentinel `vocab_size - 1 - k`. No EOS is added.
+    """`(inputs, targets)` for a noise mask: the non-noise tokens with each noise span replaced by its sentinel,
+    and each span's sentinel then its tokens. The k-th span (from 0) uses sentinel `vocab_size - 1 - k`; no EOS.
     """
     follows_noise = tf.concat([[False], is_noise[:-1]], axis=0)
     starts_span = tf.logical_and(is_noise, tf.logical_not(follows_noise))
     span_index = tf.cumsum(tf.cast(starts_span, tokens.dtype)) - 1
     sentinels = tf.cast(vocab_size - 1, tokens.dtype) - span_index
-    # Each position contributes [sentinel if a span starts here, token if kept];
-    # interleaving the two columns keeps every sentinel before its span.
+    # Each position contributes [sentinel if a span starts here, token if kept]: every sentinel precedes its span.
     candidates = tf.reshape(tf.stack([sentinels, tokens], axis=1), [-1])
 
     def keep(keep_token: tf.Tensor) -> tf.Tensor:
@@ -182,30 +153,25 @@ def pack_tokens_for_span_corruption(
     noise_density: float = NOISE_DENSITY,
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
 ) -> tf.data.Dataset:
-    """Concatenates the `targets` of all examples and splits them into chunks.
+    """Concatenates the `targets` of all examples (documents are not separated, as in T5) into chunks of
+    `random_spans_lengths(sequence_length["inputs"], ...)[0]` tokens, so that after `span_corruption` and EOS the
+    inputs are exactly `sequence_length["inputs"]` long; only the stream's last chunk may be shorter.
 
-    Chunks hold exactly `random_spans_lengths(sequence_length["inputs"], ...)[0]`
-    tokens, so that after `span_corruption` and EOS the inputs are exactly
-    `sequence_length["inputs"]` long; only the stream's last chunk may be
-    shorter. Documents are not separated (as in T5). Output examples have only a
-    `targets` feature: other features (e.g. `*_pretokenized`) no longer align
-    with the chunks and are dropped. Deterministic; goes after the cache
-    placeholder because it depends on the sequence length.
+    Output examples have only `targets`: other features (e.g. `*_pretokenized`) no longer align with the chunks.
+    Deterministic; goes after the cache placeholder because it depends on the sequence length.
     """
     if not sequence_length or not sequence_length.get("inputs"):
         raise ValueError(
-            "pack_tokens_for_span_corruption needs sequence_length['inputs'] (got "
-            f"{sequence_length!r}); pass sequence_length={{'inputs': ..., "
-            "'targets': ...}} to get_dataset."
+            f"pack_tokens_for_span_corruption needs sequence_length['inputs'] (got {sequence_length!r}); pass "
+            "sequence_length={'inputs': ..., 'targets': ...} to get_dataset."
         )
     chunk_length, targets_length = random_spans_lengths(
         sequence_length["inputs"], noise_density, mean_noise_span_length
     )
     if sequence_length.get("targets", targets_length) < targets_length:
         raise ValueError(
-            f"Span corruption of {sequence_length['inputs']} input tokens makes "
-            f"targets of {targets_length} tokens, but the targets length is "
-            f"{sequence_length['targets']}: targets would be truncated. Set "
+            f"Span corruption of {sequence_length['inputs']} input tokens makes targets of {targets_length} tokens, "
+            f"but the targets length is {sequence_length['targets']}: targets would be truncated. Set "
             f"TASK_FEATURE_LENGTHS['targets'] to at least {targets_length}."
         )
     return text.split_token_stream(dataset, chunk_length)
@@ -220,13 +186,10 @@ def span_corruption(
     noise_density: float = NOISE_DENSITY,
     mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH,
 ) -> dict[str, tf.Tensor]:
-    """Turns `{"targets": tokens}` into span-corrupted `inputs` and `targets`.
+    """Turns `{"targets": tokens}` into span-corrupted `inputs` and `targets`; other features pass through.
 
-    Called as `span_corruption(dataset, output_features=...)`; SeqIO passes
-    `output_features` and a per-example seed. Sentinels come from
-    `output_features["targets"].vocabulary`; if that vocabulary declares extra
-    ids, an example needing more sentinels than it has fails loudly. Features
-    other than `targets` pass through unchanged. No EOS is added (use
+    SeqIO passes `output_features` and a per-example seed. Sentinels come from the targets vocabulary; if it
+    declares extra ids, an example needing more sentinels than it has fails loudly. No EOS is added (use
     `seqio.preprocessors.append_eos_after_trim` next).
     """
     _check_noise_args(noise_density, mean_noise_span_length)
@@ -236,17 +199,12 @@ def span_corruption(
     inputs, targets = corrupt_spans(tokens, is_noise, vocabulary.vocab_size)
     if vocabulary.extra_ids:
         _, num_spans = _noise_counts_tf(tf.size(tokens), noise_density, mean_noise_span_length)
-        with tf.control_dependencies(
-            [
-                tf.debugging.assert_less_equal(
-                    num_spans,
-                    vocabulary.extra_ids,
-                    message=f"span corruption needs more sentinels than the vocabulary's "
-                    f"{vocabulary.extra_ids} extra ids; use a shorter inputs length, a "
-                    "lower noise_density or a longer mean_noise_span_length",
-                )
-            ]
-        ):
+        check = tf.debugging.assert_less_equal(
+            num_spans, vocabulary.extra_ids,
+            message=f"span corruption needs more sentinels than the vocabulary's {vocabulary.extra_ids} extra ids; "
+            "use a shorter inputs length, a lower noise_density or a longer mean_noise_span_length",
+        )
+        with tf.control_dependencies([check]):
             inputs = tf.identity(inputs)
     return {**features, "inputs": inputs, "targets": targets}
 
@@ -255,20 +213,14 @@ def span_corruption_preprocessors(
     noise_density: float | None = None,
     mean_noise_span_length: float | None = None,
 ) -> list[Callable[..., tf.data.Dataset]]:
-    """Returns the preprocessors of a span-corruption Task over a `text` field.
+    """A span-corruption task's preprocessors over `text`: rekey, tokenize, cache placeholder, pack, corrupt, EOS.
 
-    rekey text -> targets, tokenize, cache placeholder, pack, corrupt, EOS.
-    Values passed here are bound into both the packer and the corrupter (which
-    must agree); values left as None come from gin at dataset-build time
-    (`pack_tokens_for_span_corruption.noise_density`,
-    `span_corruption.noise_density`, ...; bind both, e.g. through one gin macro)
-    or from the defaults (0.15, 3.0).
+    Values passed here are bound into both the packer and the corrupter (which must agree); None leaves them to gin
+    at dataset-build time (`pack_tokens_for_span_corruption.noise_density`, `span_corruption.noise_density`, ...;
+    bind both, e.g. through one gin macro) or to the defaults (0.15, 3.0).
     """
-    noise_args = {
-        k: v
-        for k, v in [("noise_density", noise_density), ("mean_noise_span_length", mean_noise_span_length)]
-        if v is not None
-    }
+    noise_args = {"noise_density": noise_density, "mean_noise_span_length": mean_noise_span_length}
+    noise_args = {k: v for k, v in noise_args.items() if v is not None}
     return [
         functools.partial(seqio.preprocessors.rekey, key_map={"inputs": None, "targets": "text"}),
         functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),

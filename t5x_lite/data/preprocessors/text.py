@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import gin
 import seqio
@@ -14,6 +15,15 @@ LONG_SEQUENCE_ERROR = "is longer than TASK_FEATURE_LENGTHS allows"
 def lines_to_text_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """`TextLineDataSource` yields bare strings; the preprocessors expect `{"text": line}`."""
     return dataset.map(lambda line: {"text": line}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def tokenize_text() -> list[Callable[..., tf.data.Dataset]]:
+    """The first steps over a `text` field: rekey it to `targets`, tokenize, then SeqIO's cache placeholder."""
+    return [
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+        seqio.CacheDatasetPlaceholder(),
+    ]
 
 
 def parse_tsv_lines(dataset: tf.data.Dataset, columns: Sequence[str]) -> tf.data.Dataset:

@@ -72,18 +72,11 @@ def format_options(options: Sequence[str], lowercase: bool = True) -> str:
 
 
 def format_extractive(question: str, context: str, lowercase: bool = True) -> str:
-    """`question \\n context`: the input of an extractive (span) question."""
+    """`question \\n context`: the input of an extractive, abstractive or yes/no question."""
     return normalize_text(question, lowercase) + SEPARATOR + normalize_text(context, lowercase)
 
 
-def format_abstractive(question: str, context: str, lowercase: bool = True) -> str:
-    """`question \\n context`: the input of an abstractive (free-form answer) question."""
-    return format_extractive(question, context, lowercase)
-
-
-def format_yes_no(question: str, context: str, lowercase: bool = True) -> str:
-    """`question \\n context`: the input of a yes/no question (target: `yes_no_answer(label)`)."""
-    return format_extractive(question, context, lowercase)
+format_abstractive = format_yes_no = format_extractive  # the same input layout
 
 
 def format_multiple_choice(
@@ -127,9 +120,8 @@ def format_example(record: Mapping[str, Any], format: str, lowercase: bool = Tru
         inputs = format_multiple_choice(record["question"], record["options"], context, lowercase)
     else:
         inputs = format_extractive(record["question"], context, lowercase)
-    if format == "yes_no":
-        return {"inputs": inputs, "targets": yes_no_answer(target)}
-    return {"inputs": inputs, "targets": format_answer(target, lowercase)}
+    target = yes_no_answer(target) if format == "yes_no" else format_answer(target, lowercase)
+    return {"inputs": inputs, "targets": target}
 
 
 def check_format(format: str) -> None:
@@ -192,21 +184,11 @@ def to_text_to_text(dataset: tf.data.Dataset, format: str, lowercase: bool = Tru
     return fn(dataset)
 
 
-extractive_preprocessor = functools.partial(to_text_to_text, format="extractive")
-abstractive_preprocessor = functools.partial(to_text_to_text, format="abstractive")
-multiple_choice_preprocessor = functools.partial(to_text_to_text, format="multiple_choice")
-yes_no_preprocessor = functools.partial(to_text_to_text, format="yes_no")
-extractive_preprocessor.__doc__ = "Records -> `question \\n context` / answer span (see `to_text_to_text`)."
-abstractive_preprocessor.__doc__ = "Records -> `question \\n context` / free-form answer (see `to_text_to_text`)."
-multiple_choice_preprocessor.__doc__ = "Records -> `question \\n (a) .. (b) .. \\n context` / option text."
-yes_no_preprocessor.__doc__ = "Records -> `question \\n context` / `yes` or `no` (see `to_text_to_text`)."
-
-PREPROCESSORS = {
-    "extractive": extractive_preprocessor,
-    "abstractive": abstractive_preprocessor,
-    "multiple_choice": multiple_choice_preprocessor,
-    "yes_no": yes_no_preprocessor,
-}
+# format -> `to_text_to_text` for that format (the module docstring's table says what each makes).
+PREPROCESSORS = {format: functools.partial(to_text_to_text, format=format) for format in FORMATS}
+extractive_preprocessor, abstractive_preprocessor, multiple_choice_preprocessor, yes_no_preprocessor = (
+    PREPROCESSORS.values()
+)
 
 
 def multiple_choice_rank_classification(dataset: tf.data.Dataset, lowercase: bool = True) -> tf.data.Dataset:
