@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging as logging_std
 import os
 import sys
 import tempfile
@@ -201,24 +202,79 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize()
 
 
+# seqio warnings about its own bookkeeping that no setting of a run changes (its format strings, matched exactly).
+UNACTIONABLE_SEQIO_WARNINGS = frozenset({
+    "Task '%s' not cached so using number of input examples instead of preprocessed examples to compute rate.",
+    "Features not in `features_length` will be removed during packing: %s",
+})
+
+
+def _actionable(record: logging_std.LogRecord) -> bool:
+    """The absl-logger filter that drops `UNACTIONABLE_SEQIO_WARNINGS` and keeps every other record."""
+    return record.msg not in UNACTIONABLE_SEQIO_WARNINGS
+
+
+def filter_unactionable_warnings() -> None:
+    """Keeps seqio's `UNACTIONABLE_SEQIO_WARNINGS` out of the console and the log (once per process)."""
+    logging.get_absl_logger().addFilter(_actionable)
+
+
+def native_logs_wanted() -> bool:
+    """Whether the user asked for TensorFlow's and XLA's C++ start-up logs: absl's `--verbosity` of 1 or more."""
+    return logging.get_verbosity() >= logging.DEBUG
+
+
+@contextlib.contextmanager
+def native_logs_held() -> Iterator[None]:
+    """Holds back what C++ code writes to file descriptor 2 during the block (TensorFlow's CUDA probing and
+    oneDNN notices, which no environment variable silences in TF 2.21); on an exception the held text is
+    written out before it propagates, so a failed import still explains itself. A no-op with `--verbosity>=1`."""
+    if native_logs_wanted():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@functools.cache
 def keep_tensorflow_off_gpus() -> None:
     """TensorFlow only reads data here; it must never take accelerator memory from JAX.
 
     Called by whatever reads data, before the first dataset is built; once TF has set up its devices
-    the setting is fixed, and then it was made already.
+    the setting is fixed, and then it was made already. TF is imported and its devices set up with
+    their C++ start-up logs held back (`native_logs_held`): on a CPU-only machine they include a
+    `failed call to cuInit` error that is no failure.
     """
-    import tensorflow as tf  # only processes that read data pay for TensorFlow
+    with native_logs_held():
+        import tensorflow as tf  # only processes that read data pay for TensorFlow
 
-    with contextlib.suppress(RuntimeError):  # devices already set up (an earlier call, or data read first)
-        tf.config.set_visible_devices([], "GPU")
+        with contextlib.suppress(RuntimeError):  # devices already set up (data read first)
+            tf.config.set_visible_devices([], "GPU")
 
 
 def setup_runtime() -> None:
-    """The process set-up of an entry point, from the flags: quiet library logs unless -v was given, join a
-    multi-host run, then per backend: keep freed host memory on the CPU (`host_memory`), and TensorFlow off
-    the GPUs; point seqio at TFDS data."""
+    """The process set-up of an entry point, from the flags: quiet library logs unless -v was given (and
+    TensorFlow's C++ start-up logs and seqio's unactionable warnings unless --verbosity>=1), join a multi-host
+    run, then per backend: keep freed host memory on the CPU (`host_memory`), and TensorFlow off the GPUs;
+    point seqio at TFDS data."""
     if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
         logging.set_verbosity(logging.WARNING)
+    if not native_logs_wanted():
+        filter_unactionable_warnings()
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     host_memory.keep_freed_host_memory()
     keep_tensorflow_off_gpus()
