@@ -257,8 +257,13 @@ def keep_tensorflow_off_gpus() -> None:
     Called by whatever reads data, before the first dataset is built; once TF has set up its devices
     the setting is fixed, and then it was made already. TF is imported and its devices set up with
     their C++ start-up logs held back (`native_logs_held`): on a CPU-only machine they include a
-    `failed call to cuInit` error that is no failure.
+    `failed call to cuInit` error that is no failure (TF probes CUDA when it sets up its devices, so
+    that is done here even where JAX has no GPU). Unless `--verbosity>=1` (or the user set
+    TF_CPP_MIN_LOG_LEVEL), TF's later C++ INFO and WARNING lines are off too, e.g. the notice that an
+    evaluation read part of a cached dataset; its errors still show.
     """
+    if not native_logs_wanted():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with native_logs_held():
         import tensorflow as tf  # only processes that read data pay for TensorFlow
 

@@ -226,6 +226,12 @@ def test_show_task_finds_a_module_in_the_working_folder(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+def test_list_checkpoints_is_quiet(tmp_path):
+    result = run_as_user(str(REPO / "tools" / "list_checkpoints.py"), str(tmp_path), module="")
+    assert result.returncode == 2
+    assert result.stderr == f"error: {str(tmp_path)!r} has no checkpoints folder; is it a t5x_lite MODEL_DIR?\n"
+
+
 def test_quickstart_comment_states_the_logged_learning_rate():
     gin.clear_config()
     try:

@@ -14,8 +14,13 @@ import re
 import sys
 from collections.abc import Sequence
 
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # imports TensorFlow (the iterator checkpoints need it) without its C++ logs
+
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_manager
 
 from t5x_lite import checkpoints
 
@@ -54,16 +59,22 @@ def best_rows(model_dir: str) -> list[Row]:
     if not folder.is_dir():
         return []
     metric = best_metric_name(model_dir)
-    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
     rows = []
     for meta in sorted(ocp.path.step.standard_name_format().find_all(folder), key=lambda m: m.step):
-        value = (manager.metrics(meta.step) or {}).get(metric) if metric else None
+        value = saved_metrics(meta.path).get(metric) if metric else None
         note = f"{metric}={value:.4f}" if isinstance(value, float | int) else ""
         info = checkpoints.CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp,
                                           checkpoints.folder_size(meta.path))
         rows.append((info, "best", note))
-    manager.close()
     return rows
+
+
+def saved_metrics(step_dir: epath.Path) -> dict[str, float]:
+    """The metrics an Orbax manager saved with a step (its `metrics` item); empty if it saved none."""
+    path = step_dir / checkpoint_manager.METRIC_ITEM_NAME
+    if not path.is_dir():
+        return {}
+    return ocp.JsonCheckpointHandler(filename=checkpoint_manager.METRIC_ITEM_NAME).restore(path)
 
 
 def best_metric_name(model_dir: str) -> str | None:
