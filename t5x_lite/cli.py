@@ -220,8 +220,22 @@ def filter_unactionable_warnings() -> None:
 
 
 def native_logs_wanted() -> bool:
-    """Whether the user asked for TensorFlow's and XLA's C++ start-up logs: absl's `--verbosity` of 1 or more."""
-    return logging.get_verbosity() >= logging.DEBUG
+    """Whether the user asked for TensorFlow's and XLA's C++ logs: absl's `--verbosity` of 1 or more. Before absl
+    has parsed the command line (an entry point that imports TensorFlow at import time) the flag is read from it."""
+    if logging.get_verbosity() >= logging.DEBUG:
+        return True
+    return not FLAGS.is_parsed() and verbosity_in(sys.argv) >= logging.DEBUG
+
+
+def verbosity_in(argv: Sequence[str]) -> int:
+    """The `--verbosity`/`-v` value of a command line as absl reads it, ignoring every other flag (-1 if absent)."""
+    only = flags.FlagValues()
+    flags.DEFINE_integer("verbosity", -1, "absl's verbosity", short_name="v", flag_values=only)
+    try:
+        only([argv[0] if argv else "", *argv[1:]], known_only=True)
+    except flags.Error:  # e.g. pytest's own -v
+        return -1
+    return only.verbosity
 
 
 @contextlib.contextmanager
@@ -255,15 +269,15 @@ def keep_tensorflow_off_gpus() -> None:
     """TensorFlow only reads data here; it must never take accelerator memory from JAX.
 
     Called by whatever reads data, before the first dataset is built; once TF has set up its devices
-    the setting is fixed, and then it was made already. TF is imported and its devices set up with
-    their C++ start-up logs held back (`native_logs_held`): on a CPU-only machine they include a
-    `failed call to cuInit` error that is no failure (TF probes CUDA when it sets up its devices, so
-    that is done here even where JAX has no GPU). Unless `--verbosity>=1` (or the user set
-    TF_CPP_MIN_LOG_LEVEL), TF's later C++ INFO and WARNING lines are off too, e.g. the notice that an
-    evaluation read part of a cached dataset; its errors still show.
+    the setting is fixed, and then it was made already. The entry points that import TensorFlow at
+    import time (eval, infer, features) call it first, before TF's own start-up callback lists devices.
+    TF is imported and its devices set up with their C++ logs held back (`native_logs_held`): oneDNN
+    and CUDA-probing notices and, on a CPU-only machine, `failed call to cuInit: ... CUDA error`, which
+    is no failure. Unless `--verbosity>=1` (or the user set TF_CPP_MIN_LOG_LEVEL), TF's later C++ INFO
+    and WARNING lines are off too, e.g. the notice that an evaluation read part of a cached dataset.
     """
-    if not native_logs_wanted():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not native_logs_wanted() and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":  # unset, or JAX's default
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     with native_logs_held():
         import tensorflow as tf  # only processes that read data pay for TensorFlow
 

@@ -5,12 +5,16 @@ Metrics go to the console, TensorBoard and `EVAL_OUTPUT_DIR/metrics.jsonl` as `e
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
+
 from collections.abc import Mapping
 
 import gin
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
 

@@ -95,6 +95,13 @@ def test_native_logs_pass_with_verbosity_1(capfd):
     assert capfd.readouterr().err == "I0000 shown\n"
 
 
+def test_verbosity_is_read_from_the_command_line_before_absl_parses_it():
+    """The entry points that import TensorFlow at import time decide before absl has parsed the flags."""
+    assert [cli.verbosity_in(argv) for argv in (
+        ["eval", "--verbosity=1"], ["eval", "-v", "2"], ["eval", "--gin_file=a.gin", "--gin.X=1"], ["pytest", "-v", "t.py"],
+    )] == [1, 2, -1, -1]
+
+
 def test_only_seqios_unactionable_warnings_are_filtered():
     seen: list[str] = []
     handler = Collect(seen)
