@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging as logging_std
 import os
 import sys
 import tempfile
@@ -201,24 +202,98 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize()
 
 
+# seqio warnings about its own bookkeeping that no setting of a run changes (its format strings, matched exactly).
+UNACTIONABLE_SEQIO_WARNINGS = frozenset({
+    "Task '%s' not cached so using number of input examples instead of preprocessed examples to compute rate.",
+    "Features not in `features_length` will be removed during packing: %s",
+})
+
+
+def _actionable(record: logging_std.LogRecord) -> bool:
+    """The absl-logger filter that drops `UNACTIONABLE_SEQIO_WARNINGS` and keeps every other record."""
+    return record.msg not in UNACTIONABLE_SEQIO_WARNINGS
+
+
+def filter_unactionable_warnings() -> None:
+    """Keeps seqio's `UNACTIONABLE_SEQIO_WARNINGS` out of the console and the log (once per process)."""
+    logging.get_absl_logger().addFilter(_actionable)
+
+
+def native_logs_wanted() -> bool:
+    """Whether the user asked for TensorFlow's and XLA's C++ logs: absl's `--verbosity` of 1 or more. Before absl
+    has parsed the command line (an entry point that imports TensorFlow at import time) the flag is read from it."""
+    if logging.get_verbosity() >= logging.DEBUG:
+        return True
+    return not FLAGS.is_parsed() and verbosity_in(sys.argv) >= logging.DEBUG
+
+
+def verbosity_in(argv: Sequence[str]) -> int:
+    """The `--verbosity`/`-v` value of a command line as absl reads it, ignoring every other flag (-1 if absent)."""
+    only = flags.FlagValues()
+    flags.DEFINE_integer("verbosity", -1, "absl's verbosity", short_name="v", flag_values=only)
+    try:
+        only([argv[0] if argv else "", *argv[1:]], known_only=True)
+    except flags.Error:  # e.g. pytest's own -v
+        return -1
+    return only.verbosity
+
+
+@contextlib.contextmanager
+def native_logs_held() -> Iterator[None]:
+    """Holds back what C++ code writes to file descriptor 2 during the block (TensorFlow's CUDA probing and
+    oneDNN notices, which no environment variable silences in TF 2.21); on an exception the held text is
+    written out before it propagates, so a failed import still explains itself. A no-op with `--verbosity>=1`."""
+    if native_logs_wanted():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@functools.cache
 def keep_tensorflow_off_gpus() -> None:
     """TensorFlow only reads data here; it must never take accelerator memory from JAX.
 
     Called by whatever reads data, before the first dataset is built; once TF has set up its devices
-    the setting is fixed, and then it was made already.
+    the setting is fixed, and then it was made already. The entry points that import TensorFlow at
+    import time (eval, infer, features) call it first, before TF's own start-up callback lists devices.
+    TF is imported and its devices set up with their C++ logs held back (`native_logs_held`): oneDNN
+    and CUDA-probing notices and, on a CPU-only machine, `failed call to cuInit: ... CUDA error`, which
+    is no failure. Unless `--verbosity>=1` (or the user set TF_CPP_MIN_LOG_LEVEL), TF's later C++ INFO
+    and WARNING lines are off too, e.g. the notice that an evaluation read part of a cached dataset.
     """
-    import tensorflow as tf  # only processes that read data pay for TensorFlow
+    if not native_logs_wanted() and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":  # unset, or JAX's default
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    with native_logs_held():
+        import tensorflow as tf  # only processes that read data pay for TensorFlow
 
-    with contextlib.suppress(RuntimeError):  # devices already set up (an earlier call, or data read first)
-        tf.config.set_visible_devices([], "GPU")
+        with contextlib.suppress(RuntimeError):  # devices already set up (data read first)
+            tf.config.set_visible_devices([], "GPU")
 
 
 def setup_runtime() -> None:
-    """The process set-up of an entry point, from the flags: quiet library logs unless -v was given, join a
-    multi-host run, then per backend: keep freed host memory on the CPU (`host_memory`), and TensorFlow off
-    the GPUs; point seqio at TFDS data."""
+    """The process set-up of an entry point, from the flags: quiet library logs unless -v was given (and
+    TensorFlow's C++ start-up logs and seqio's unactionable warnings unless --verbosity>=1), join a multi-host
+    run, then per backend: keep freed host memory on the CPU (`host_memory`), and TensorFlow off the GPUs;
+    point seqio at TFDS data."""
     if not FLAGS["verbosity"].present:  # Library INFO chatter (Orbax, seqio) stays out of the console.
         logging.set_verbosity(logging.WARNING)
+    if not native_logs_wanted():
+        filter_unactionable_warnings()
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     host_memory.keep_freed_host_memory()
     keep_tensorflow_off_gpus()

@@ -8,6 +8,10 @@ tasks write label names (`"prediction": "milton"`), tagging tasks one tag name p
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
+
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +22,7 @@ import seqio
 import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel

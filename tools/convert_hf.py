@@ -28,10 +28,15 @@ from pathlib import Path
 import gin
 import jax
 import orbax.checkpoint as ocp
+
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # imports TensorFlow without its C++ start-up logs, before seqio does
+
 import seqio
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, hf, partitioning
+from t5x_lite import checkpoints, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies
 from t5x_lite.models.base import BaseModel
