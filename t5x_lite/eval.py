@@ -5,12 +5,17 @@ Metrics go to the console, TensorBoard and `EVAL_OUTPUT_DIR/metrics.jsonl` as `e
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+if __name__ == "__main__":
+    cli.exit_on_help(cli.EVAL_REQUIRED_MACROS)  # before the imports below load TensorFlow: --help answers at once
+
 from collections.abc import Mapping
 
 import gin
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
 
