@@ -121,8 +121,6 @@ FEATURES_REQUIRED_MACROS = {
 }
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class EntryHelp:
     """What `--help` shows for an entry point: its command, run file, macros and other common settings."""
@@ -436,6 +434,9 @@ PATHS = (("train", "model_dir"), ("train", "initial_checkpoint_path"), ("evaluat
          ("infer", "checkpoint_path"), ("save_features", "checkpoint_path"))
 
 
+_UNBOUND = object()
+
+
 def bound_value(selector: str, param: str) -> tuple[str, Any] | None:
     """(the setting's name, its value) as the gin files bind `selector.param`: through a `%MACRO`, the macro's
     name and value; None when it is not bound, or bound to a reference (e.g. `@text_files_task()`, %gin.REQUIRED)."""
@@ -443,18 +444,16 @@ def bound_value(selector: str, param: str) -> tuple[str, Any] | None:
         value = gin.get_bindings(selector, resolve_references=False).get(param, _UNBOUND)
     except (ValueError, KeyError):  # no such configurable in this process (or its short name is ambiguous)
         return None
-    name = f"{selector}.{param}"
+    through: list[str] = []  # the macros the value is read through, the one the user set first
     while isinstance(value, gin.config.ConfigurableReference):
         macros = _macro_references(value)
         if len(macros) != 1 or _is_unset(macros[0]):
             return None
-        if name == f"{selector}.{param}":
-            name = macros[0]
+        through.append(macros[0])
         value = gin.query_parameter(f"{macros[0]}/macro.value")
-    return None if value is _UNBOUND else (name, value)
-
-
-_UNBOUND = object()
+    if value is _UNBOUND:
+        return None
+    return (through[0] if through else f"{selector}.{param}"), value
 
 
 def _flag(name: str, typical: Any) -> str:

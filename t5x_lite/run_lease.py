@@ -1,7 +1,7 @@
 """An exclusive lease on a run folder: one training run writes into a MODEL_DIR at a time.
 
 The lease is the file `MODEL_DIR/.lease.json` (host, pid, start and refresh times, a token), created with an
-exclusive create through `etils.epath`, refreshed by a daemon thread while the run lives and removed when it
+exclusive create (`create_exclusive`), refreshed by a daemon thread while the run lives and removed when it
 ends (normally, with an error, or on SIGTERM). A second run into a held folder is refused at once; a stale
 lease (on this host its process is gone; or not refreshed for `stale_after_s`) is taken over with one log
 line. In a multi-process run process 0 holds it for the job and the others follow its outcome.
@@ -180,11 +180,11 @@ def run_lease(model_dir: str, stale_after_s: float = 300.0, refresh_s: float | N
 
 
 @contextlib.contextmanager
-def held(model_dir: str) -> Iterator[None]:
+def held(model_dir: str, tidy: Callable[[], None]) -> Iterator[None]:
     """Holds the lease on MODEL_DIR for the block (process 0; the other processes follow its outcome).
 
-    SIGTERM outside the training loop (which handles it itself) ends the block with a `UserError`, so the
-    lease is released then too.
+    SIGTERM outside the training loop (which handles it itself) releases the lease and calls `tidy` before the
+    process ends as SIGTERM ends it by default.
     """
     lease = run_lease(model_dir) if jax.process_index() == 0 else None
     refusal = None
@@ -195,12 +195,14 @@ def held(model_dir: str) -> Iterator[None]:
             refusal = e
     if not all_processes_agree(refusal is None):
         raise refusal or cli.UserError(f"MODEL_DIR {model_dir} is in use (process 0 could not take its lease)")
+    if lease is None:
+        yield
+        return
     try:
-        with terminated_as_error():
+        with on_sigterm(lambda: (lease.release(), tidy())):
             yield
     finally:
-        if lease is not None:
-            lease.release()
+        lease.release()
 
 
 def all_processes_agree(ok: bool) -> bool:
@@ -213,14 +215,20 @@ def all_processes_agree(ok: bool) -> bool:
 
 
 @contextlib.contextmanager
-def terminated_as_error() -> Iterator[None]:
-    """Within the block, SIGTERM raises a `UserError` (the main thread only; elsewhere nothing changes)."""
+def on_sigterm(cleanup: Callable[[], object]) -> Iterator[None]:
+    """Within the block, SIGTERM runs `cleanup`, then ends the process as it would have (main thread only).
+
+    The handler raises nothing: an exception from a signal handler lands wherever Python happens to be (a garbage
+    collector callback swallows it, TensorFlow's threads may crash at exit), so the process is ended instead.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum: int, frame: object) -> None:
-        raise cli.UserError("stopped by SIGTERM before training began; re-run the same command to start again")
+        cleanup()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -249,13 +257,17 @@ def holds_model_dir(run: Run) -> Run:
         model_dir = kwargs["model_dir"]
         folder = epath.Path(model_dir)
         existed = folder.exists()
-        try:
-            cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
-            with held(model_dir):
-                return run(*args, **kwargs)
-        except BaseException:
+
+        def tidy() -> None:
             if not existed and jax.process_index() == 0:
                 remove_empty_folders(folder)
+
+        try:
+            cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
+            with held(model_dir, tidy):
+                return run(*args, **kwargs)
+        except BaseException:
+            tidy()
             raise
 
     return leased  # type: ignore[return-value]

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -338,6 +339,20 @@ def test_the_lease_is_refreshed_and_released(tmp_path):
         other.acquire()
     lease.release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_start_up_releases_the_lease(tmp_path):
+    """Outside the training loop (which checkpoints on SIGTERM) the run ends as SIGTERM ends it, lease released."""
+    model_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "t5x_lite.train", QUICKSTART, f"--gin.MODEL_DIR='{model_dir}'"],
+                               cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (model_dir / run_lease.LEASE_FILE).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGTERM, err[-3000:]
+    assert not (model_dir / run_lease.LEASE_FILE).exists()
 
 
 TWO_RUN_ARGS = (QUICKSTART, "--gin.TRAIN_STEPS=40", "--gin.train.log_period=10", "--gin.train.eval_period=20",
