@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from t5x_lite import cli
 
+if __name__ == "__main__":
+    cli.exit_on_help(cli.INFER_REQUIRED_MACROS)  # before the imports below load TensorFlow: --help answers at once
 cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
 
 import json

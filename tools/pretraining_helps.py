@@ -174,7 +174,7 @@ def run_training(gin_files: list[str], bindings: list[str], report: tuple[str, .
     gin.clear_config()
     try:
         cli.parse_gin(gin_files, bindings)
-        cli.require_macros()
+        cli.check_config(gin_files, bindings)
         values = {name: gin.query_parameter(name) for name in report}
         train_lib.train()
         return values

@@ -24,7 +24,7 @@ from clu.data.dataset_iterator import TfDatasetIterator
 from jax.sharding import Mesh
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import kernels
@@ -34,6 +34,7 @@ from t5x_lite.training.train_state import TrainState
 
 
 @gin.configurable
+@run_lease.holds_model_dir  # one run at a time in MODEL_DIR; a failed start leaves no empty folder
 def train(
     *,
     model_dir: str = gin.REQUIRED,
@@ -173,7 +174,7 @@ def train(
 def open_checkpoints(model_dir: str) -> ocp.CheckpointManager:
     """The manager of MODEL_DIR/checkpoints, after reporting the partial checkpoints it is about to remove."""
     for partial in checkpoints.partial_checkpoints(model_dir):
-        report(f"Ignoring partial checkpoint {partial} (its write was interrupted; Orbax removes it).")
+        report(f"Ignoring partial checkpoint {partial} (its write was interrupted; it is removed).")
     with cli.user_errors(ValueError, setting="MODEL_DIR"):  # e.g. checkpoint_manager.keep = 0
         return checkpoints.checkpoint_manager(model_dir)
 
