@@ -6,7 +6,7 @@ checkpoint is atomic: Orbax commits the step only when both are written).
 
 Crash safety is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp` and
 renamed to `<step>` only once every process has finished, so a run killed mid-write leaves
-a temporary folder that is never restored (the next manager reports and removes it).
+a temporary folder that is never restored (the next run reports and removes it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
 from etils import epath
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from t5x_lite import cli, partitioning
@@ -85,14 +86,14 @@ def checkpoint_manager(
     """An Orbax manager over `MODEL_DIR/checkpoints`: keeps the newest `keep` steps and every
     `keep_period`-th step (e.g. keep=3, keep_period=10000: the last three plus 10k, 20k, ...).
 
-    Temporary folders of interrupted writes are removed by Orbax when the manager starts
+    Temporary folders of interrupted writes are removed before the manager starts
     (`partial_checkpoints` lists them first); complete checkpoints are only ever removed by
     the retention policy.
     """
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=retention_policy(keep, keep_period), create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save,
+        preservation_policy=retention_policy(keep, keep_period), create=True, enable_async_checkpointing=async_save,
     )
+    remove_partial_checkpoints(model_dir)
     return ocp.CheckpointManager(checkpoints_dir(model_dir), options=options, item_names=("state", "dataset"))
 
 
@@ -103,6 +104,20 @@ def partial_checkpoints(model_dir: str) -> list[epath.Path]:
         return []
     paths = [p.get() for p in ocp.path.step.all_temporary_paths(folder)]
     return sorted(paths, key=lambda p: (ocp.path.step.step_from_checkpoint_name(p.name), p.name))
+
+
+def remove_partial_checkpoints(model_dir: str) -> None:
+    """Process 0 removes the temporary step folders of interrupted writes; every process waits until it has.
+
+    Done here, synchronously, rather than by Orbax's `cleanup_tmp_directories`: that runs in a thread only a save
+    waits for, so a run failing before its first save (e.g. a wrong INITIAL_CHECKPOINT_PATH) left it running into
+    interpreter shutdown, where it printed a "cannot schedule new futures after interpreter shutdown" trace.
+    """
+    if jax.process_index() == 0:
+        for path in partial_checkpoints(model_dir):
+            path.rmtree()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("t5x_lite: partial checkpoints removed")
 
 
 @dataclasses.dataclass(frozen=True)

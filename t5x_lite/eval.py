@@ -5,12 +5,18 @@ Metrics go to the console, TensorBoard and `EVAL_OUTPUT_DIR/metrics.jsonl` as `e
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+if __name__ == "__main__":
+    cli.exit_on_help(cli.EVAL_REQUIRED_MACROS)  # before the imports below load TensorFlow: --help answers at once
+cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
+
 from collections.abc import Mapping
 
 import gin
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import metric_writers
 
@@ -32,16 +38,27 @@ def evaluate_checkpoint(
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
+    step, what = checkpoint_step(checkpoint_path)
+    print(f"Evaluating {what} on {mixture_or_task_name}.", flush=True)
     task_eval = evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths)
     metrics, _ = evaluation.evaluate(*task_eval, params, task_feature_lengths["targets"])
-    hf_checkpoint = checkpoint_path.startswith("hf:")
-    checkpoint_step = "0" if hf_checkpoint else checkpoints.find_state_dir(checkpoint_path).parent.name
     writer = metric_writers.create_writer(cli.prepare_output_dir(output_dir))
-    writer.write_scalars(int(checkpoint_step) if checkpoint_step.isdigit() else 0, metrics)
+    writer.write_scalars(step, metrics)
     writer.close()
     for name, value in sorted(metrics.items()):
         print(f"{name} = {value:.4f}")
     return metrics
+
+
+def checkpoint_step(checkpoint_path: str) -> tuple[int, str]:
+    """The step the metrics are logged at (0 for a Hugging Face checkpoint or a folder not named by its step),
+    and what the console calls the checkpoint, e.g. `checkpoint step 300 (runs/q/checkpoints/300)`."""
+    if checkpoint_path.startswith("hf:"):
+        return 0, f"the Hugging Face checkpoint {checkpoint_path[3:]} (logged as step 0)"
+    folder = checkpoints.find_state_dir(checkpoint_path).parent
+    if not folder.name.isdigit():
+        return 0, f"the checkpoint in {folder} (logged as step 0)"
+    return int(folder.name), f"checkpoint step {folder.name} ({folder})"
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class ModelRunner:
     def _batches(self, ds: tf.data.Dataset) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
         """(indices, batch padded to `batch_size` rows, number of real rows) over an enumerated dataset."""
         batches = ds.batch(self.batch_size).as_numpy_iterator()
-        for indices, batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=jax.process_index() != 0):
+        # disable=None: no bar where stderr is not a terminal (a redirected log keeps no escape codes).
+        shown = jax.process_index() == 0
+        for indices, batch in tqdm(batches, desc="eval", unit="batch", leave=False, disable=None if shown else True):
             rows = len(indices)
             padded = {k: np.pad(v, [(0, self.batch_size - rows)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
             yield indices, padded, rows

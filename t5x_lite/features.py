@@ -13,6 +13,12 @@ float32, or [n, d] with `pooling`), `tokens` [n, length] and `mask` [n, length] 
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+if __name__ == "__main__":
+    cli.exit_on_help(cli.FEATURES_REQUIRED_MACROS)  # before the imports below load TensorFlow: --help answers at once
+cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import seqio
 from flax import nnx
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, partitioning
+from t5x_lite import checkpoints, partitioning
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert

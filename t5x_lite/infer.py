@@ -8,6 +8,12 @@ tasks write label names (`"prediction": "milton"`), tagging tasks one tag name p
 
 from __future__ import annotations
 
+from t5x_lite import cli
+
+if __name__ == "__main__":
+    cli.exit_on_help(cli.INFER_REQUIRED_MACROS)  # before the imports below load TensorFlow: --help answers at once
+cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
+
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +24,7 @@ import seqio
 import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel

@@ -139,6 +139,9 @@ def test_eval_cli_writes_the_metrics_of_the_python_api(finetuned, tmp_path):
     assert record.pop("step") == 2  # the checkpoint's step
     record.pop("time")
     assert record == metrics
+    assert result.stdout.startswith(f"Evaluating checkpoint step 2 ({finetuned / 'checkpoints' / '2'}) on {task}.\n")
+    assert "\r" not in result.stderr  # no eval bar where stderr is a pipe
+    assert "cuInit" not in result.stderr and "absl::InitializeLog" not in result.stderr  # TF's C++ start-up logs
     printed = dict(line.split(" = ") for line in result.stdout.splitlines() if line.startswith("eval/"))
     assert printed == {name: f"{value:.4f}" for name, value in metrics.items()}
 

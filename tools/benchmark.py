@@ -713,8 +713,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "in seconds instead of minutes there), a Python loop on CPU")
     parser.add_argument("--optimizer", default="adamw", help="adamw or adafactor (--compare-hf needs adamw)")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed turns of each timed thing after compiling, alternating like the timed ones")
+    parser.add_argument("--warmup", type=int, default=6,
+                        help="untimed turns of each timed thing after compiling, alternating like the timed ones "
+                             "(both sides share one heap, which settles only after a few rounds of both)")
     parser.add_argument("--turn_s", type=float, default=1.0,
                         help="with --compare-hf, each side runs for this long before the other's turn (0: every run)")
     parser.add_argument("--steps", type=int, default=3, help="timed train steps (median reported)")

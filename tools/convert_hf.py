@@ -28,10 +28,15 @@ from pathlib import Path
 import gin
 import jax
 import orbax.checkpoint as ocp
+
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # imports TensorFlow without its C++ start-up logs, before seqio does
+
 import seqio
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, hf, partitioning
+from t5x_lite import checkpoints, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies
 from t5x_lite.models.base import BaseModel
@@ -74,6 +79,7 @@ def t5x_to_hf(
     """Writes a t5x_lite checkpoint of the gin-configured model as a HF directory; returns out_dir."""
     cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
                               "exported_model.model = %MODEL"])
+    cli.check_config(gin_files, bindings, {"MODEL": cli.MODEL_EXAMPLE})
     model = exported_model()
     mesh = partitioning.make_mesh({"data": -1})
     _, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())

@@ -174,7 +174,7 @@ def run_training(gin_files: list[str], bindings: list[str], report: tuple[str, .
     gin.clear_config()
     try:
         cli.parse_gin(gin_files, bindings)
-        cli.require_macros()
+        cli.check_config(gin_files, bindings)
         values = {name: gin.query_parameter(name) for name in report}
         train_lib.train()
         return values
@@ -199,8 +199,11 @@ def main(argv=None) -> dict:
     from absl import logging
     from plot_metrics import plot
 
+    from t5x_lite import cli, host_memory
+
+    cli.keep_tensorflow_off_gpus()  # TensorFlow imported without its C++ start-up logs, as the CLI does
+    cli.filter_unactionable_warnings()
     import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-    from t5x_lite import host_memory
 
     host_memory.keep_freed_host_memory()  # as `python -m t5x_lite.train` does
 

@@ -11,8 +11,15 @@ can check that a task you registered does what you meant.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import numpy as np
+
+from t5x_lite import cli
+
+cli.keep_tensorflow_off_gpus()  # imports TensorFlow without its C++ start-up logs, before seqio does
+
 import seqio
 
 from t5x_lite.data import pipeline
@@ -52,6 +59,13 @@ def _text(value) -> str:
     return repr(value)
 
 
+def put_working_folder_on_path() -> None:
+    """Lets `--module` name a module in the working folder, as `python -m` does (a script gets its own folder,
+    tools/, on `sys.path` instead)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="task or mixture name")
@@ -63,7 +77,11 @@ def main() -> None:
     parser.add_argument("--module", default=None, help="module that registers your tasks")
     parser.add_argument("--list", action="store_true", help="list registered tasks and mixtures")
     args = parser.parse_args()
-    pipeline.import_task_module(args.module)
+    put_working_folder_on_path()
+    try:
+        pipeline.import_task_module(args.module)
+    except ModuleNotFoundError as e:
+        sys.exit(f"error: {e}")
     if args.list or not args.name:
         print("tasks:", ", ".join(sorted(seqio.TaskRegistry.names())))
         print("mixtures:", ", ".join(sorted(seqio.MixtureRegistry.names())) or "(none)")

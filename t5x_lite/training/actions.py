@@ -192,11 +192,13 @@ class KeepBest:
 
 class Checkpoint:
     """Every `period` steps, at the last and on a stop request: saves the state with the data position
-    (asynchronously) and reports each checkpoint once it is committed, with its size."""
+    (asynchronously) and reports each checkpoint once it is committed, with its size: `poll` after every
+    step notices a finished save, so the report comes at the first step boundary after the commit."""
 
     def __init__(self, manager: ocp.CheckpointManager, iterator: TfDatasetIterator, period: int, model_dir: str):
         self.manager, self.iterator, self.period, self.model_dir = manager, iterator, period, model_dir
         self.reported_step = max(checkpoints.committed_steps(model_dir), default=0)
+        self.unreported = False  # a save was started and its commit not reported yet
 
     def due(self, tick: Tick) -> bool:
         return tick.step % self.period == 0 or tick.last or tick.stopping
@@ -204,8 +206,15 @@ class Checkpoint:
     def __call__(self, tick: Tick, state: TrainState) -> dict[str, float]:
         with cli.user_errors(OSError):  # a full disk or read-only MODEL_DIR
             checkpoints.save(self.manager, state, self.iterator)
-        self.report_committed()
+        self.unreported = True
+        self.poll()
         return {}
+
+    def poll(self) -> None:
+        """Reports the saves committed since the last report; costs a flag check while none is pending."""
+        if self.unreported and not self.manager.is_saving_in_progress():
+            self.unreported = False
+            self.report_committed()
 
     def report_committed(self) -> None:
         for step in checkpoints.committed_steps(self.model_dir):
@@ -225,11 +234,13 @@ class Checkpoint:
 
 
 class Progress:
-    """The progress bar (process 0): a tick per step, the loss of each log."""
+    """The progress bar (process 0, in a terminal): a tick per step, the loss of each log. Where the console
+    is not a terminal (redirected to a file, CI) there is no bar: the logged step lines tell the progress."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled or jax.process_index() != 0,
-                        desc="train", unit="step")
+        # disable=None: tqdm leaves the bar out where stderr is not a terminal (no carriage returns in a log file).
+        shown = enabled and jax.process_index() == 0
+        self.bar = tqdm(total=total, initial=initial, disable=None if shown else True, desc="train", unit="step")
 
     def advance(self, logged: Mapping[str, float]) -> None:
         self.bar.update(1)
@@ -238,3 +249,4 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+

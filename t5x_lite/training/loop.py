@@ -11,6 +11,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import gin
 import jax
@@ -20,9 +21,10 @@ import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
+from jax.sharding import Mesh
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease
 from t5x_lite.data import pipeline
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import kernels
@@ -32,6 +34,7 @@ from t5x_lite.training.train_state import TrainState
 
 
 @gin.configurable
+@run_lease.holds_model_dir  # one run at a time in MODEL_DIR; a failed start leaves no empty folder
 def train(
     *,
     model_dir: str = gin.REQUIRED,
@@ -76,7 +79,6 @@ def train(
     provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
     check_vocab_fits(provider, model)
     chosen = kernels.resolve(model.config.kernels)  # once, before any network is built or traced
-    report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
     with cli.user_errors(ValueError):  # e.g. a MESH_SHAPE larger than the device count
         mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
@@ -96,8 +98,15 @@ def train(
         # Resume from MODEL_DIR, or start (from INITIAL_CHECKPOINT_PATH's parameters when given).
         checkpoint = actions.Checkpoint(open_checkpoints(model_dir), iterator, checkpoint_period, model_dir)
         opened.callback(checkpoint.close)
-        state = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
+        state, origin = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
         start_step = int(jax.device_get(state.step))
+        report(run_summary(model, state, mixture_or_task_name, task_feature_lengths, batch_size, train_steps, mesh,
+                           model_dir, origin))
+        report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
+        if start_step >= train_steps:
+            report(f"The run is complete at step {start_step} (TRAIN_STEPS={train_steps}); raise "
+                   f"--gin.TRAIN_STEPS to continue it.")
+            return {}
         if jax.process_index() == 0:
             (Path(model_dir) / "config.gin").write_text(
                 gin.config_str() + f"\n# KERNELS={model.config.kernels!r} ran as {chosen.describe()!r} on the "
@@ -152,6 +161,7 @@ def train(
                 for action in [log, *periodic]:
                     if action.due(tick):
                         logged.update(action(tick, state))
+                checkpoint.poll()
                 progress.advance(logged)
                 summary = logged or summary
                 if tick.stopping and not tick.last:
@@ -164,7 +174,7 @@ def train(
 def open_checkpoints(model_dir: str) -> ocp.CheckpointManager:
     """The manager of MODEL_DIR/checkpoints, after reporting the partial checkpoints it is about to remove."""
     for partial in checkpoints.partial_checkpoints(model_dir):
-        report(f"Ignoring partial checkpoint {partial} (its write was interrupted; Orbax removes it).")
+        report(f"Ignoring partial checkpoint {partial} (its write was interrupted; it is removed).")
     with cli.user_errors(ValueError, setting="MODEL_DIR"):  # e.g. checkpoint_manager.keep = 0
         return checkpoints.checkpoint_manager(model_dir)
 
@@ -172,21 +182,55 @@ def open_checkpoints(model_dir: str) -> ocp.CheckpointManager:
 def resume_or_start(
     manager: ocp.CheckpointManager, state: TrainState, shardings: TrainState, iterator: TfDatasetIterator,
     model: BaseModel, initial_checkpoint_path: str | None,
-) -> TrainState:
+) -> tuple[TrainState, str]:
     """The newest checkpoint in MODEL_DIR with the data position it had; else the fresh state, with the
-    parameters of `initial_checkpoint_path` when given."""
+    parameters of `initial_checkpoint_path` when given. Also the sentence that says which, for the summary."""
     with cli.user_errors(ValueError, setting="MODEL_DIR"):
         restored = checkpoints.restore_latest(manager, train_state.abstract_train_state(state, shardings), iterator)
     if restored is not None:
-        report(f"Resumed from {manager.directory} at step {int(restored.step)}.")
-        return restored
+        return restored, f"Resumed from {manager.directory} at step {int(restored.step)}."
     if not initial_checkpoint_path:
-        return state
+        return state, "Fresh start."
     abstract_params = train_state.abstract_train_state(state.params, shardings.params)
     with cli.user_errors(FileNotFoundError, ValueError, setting="INITIAL_CHECKPOINT_PATH"):
         params = checkpoints.restore_params(initial_checkpoint_path, abstract_params, model, fresh=state.params)
-    report(f"Initialised parameters from {initial_checkpoint_path}.")
-    return state.replace(params=params)
+    return state.replace(params=params), f"Initialised parameters from {initial_checkpoint_path}."
+
+
+# The config fields that say how large a network is, in the order the summary names them.
+SIZE_FIELDS = ("d_model", "num_heads", "head_dim", "d_ff", "num_layers", "num_encoder_layers", "num_decoder_layers",
+               "vocab_size")
+
+
+def describe_model(model: BaseModel, params: Any) -> str:
+    """E.g. `T5 (EncoderDecoderModel, T5Config d_model=128 num_heads=4 ...) 2.9M params`: the family, the trainer
+    adapter, the sizes under their gin names, and the parameter count."""
+    config = model.config
+    family = type(config).__name__.removesuffix("Config").upper()
+    sizes = " ".join(f"{name}={getattr(config, name)}" for name in SIZE_FIELDS if hasattr(config, name))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    return f"{family} ({type(model).__name__}, {type(config).__name__} {sizes}) {human_count(count)} params"
+
+
+def human_count(count: int) -> str:
+    """2_912_384 -> '2.9M'; 950 -> '950'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)
+
+
+def run_summary(
+    model: BaseModel, state: TrainState, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+    batch_size: int, train_steps: int, mesh: Mesh, model_dir: str, origin: str,
+) -> str:
+    """The one line a run starts with: what trains on what, how long, where, and from where it starts."""
+    lengths = " ".join(f"{name}={length}" for name, length in task_feature_lengths.items())
+    mesh_shape = " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+    return (
+        f"Training {describe_model(model, state.params)} on {mixture_or_task_name} ({lengths}), batch {batch_size}, "
+        f"TRAIN_STEPS {train_steps}, mesh {mesh_shape}, MODEL_DIR {model_dir}. {origin}"
+    )
 
 
 def write_operative_config(model_dir: str) -> None:
@@ -206,11 +250,40 @@ def load_eval_batches(
     )
     batches = list(ds.take(eval_steps).as_numpy_iterator())
     if not batches:
-        raise cli.UserError(
-            f"Split {split!r} of {mixture_or_task_name!r} gave no full batch of {batch_size} examples; "
-            "use a smaller BATCH_SIZE, more data, or set train.eval_period=0 to skip evaluation."
-        )
+        raise small_split_error(model, mixture_or_task_name, task_feature_lengths, batch_size, split, eval_steps, seed)
     return batches
+
+
+def small_split_error(
+    model: BaseModel, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+    batch_size: int, split: str, eval_steps: int, seed: int,
+) -> cli.UserError:
+    """Why a split gave no full batch, with its counts: packing merges short examples, so a split of 40
+    examples can fill fewer than 32 rows; and what to change."""
+    examples, rows = (
+        count_rows(model, mixture_or_task_name, task_feature_lengths, split, seed, pack) for pack in (False, True)
+    )
+    where = f"Split {split!r} of {mixture_or_task_name!r}"
+    skip = "set --gin.train.eval_period=0 to skip evaluation"
+    if not rows:
+        return cli.UserError(f"{where} has no examples after preprocessing; add examples to it, or {skip}.")
+    return cli.UserError(
+        f"{where} gave no full batch of {batch_size} examples: packing put its {examples} examples into {rows} "
+        f"rows of {dict(task_feature_lengths)}. Use a BATCH_SIZE of at most {rows * jax.process_count()} "
+        f"(evaluation reads up to train.eval_steps={eval_steps} batches of it), add examples to the split, or {skip}."
+    )
+
+
+def count_rows(
+    model: BaseModel, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, seed: int,
+    pack: bool,
+) -> int:
+    """How many rows this process's share of a split converts to, packed or one example per row (a small split)."""
+    ds = pipeline.get_dataset(
+        mixture_or_task_name, task_feature_lengths, jax.process_count(), model.feature_converter_cls,
+        split=split, shuffle=False, num_epochs=1, seed=seed, pack=pack,
+    )
+    return sum(1 for _ in ds.as_numpy_iterator())
 
 
 def next_batch(

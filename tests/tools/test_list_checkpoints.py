@@ -28,18 +28,23 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def make_run(model_dir: Path) -> None:
-    """Steps 1 and 2 committed, and step 3 as Orbax leaves a write that was killed."""
+def state_at(step: int) -> train_state.TrainState:
+    """A tiny T5's train state at `step`."""
     config = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
                       num_decoder_layers=1)
     mesh = partitioning.make_mesh({"data": -1})
     tx = optimizers.adafactor(optimizers.constant_schedule(1e-2))
     state, _, _ = train_state.create_train_state(EncoderDecoderModel(config), tx, 0, mesh,
                                                  partitioning.logical_axis_rules())
+    return state.replace(step=jax.numpy.asarray(step, state.step.dtype))
+
+
+def make_run(model_dir: Path) -> None:
+    """Steps 1 and 2 committed, and step 3 as Orbax leaves a write that was killed."""
     iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
     with checkpoints.checkpoint_manager(str(model_dir), async_save=False) as manager:
         for step in (1, 2):
-            checkpoints.save(manager, state.replace(step=jax.numpy.asarray(step, state.step.dtype)), iterator)
+            checkpoints.save(manager, state_at(step), iterator)
     folder = model_dir / "checkpoints"
     shutil.copytree(folder / "2" / "state", folder / "3.orbax-checkpoint-tmp" / "state")
 
@@ -67,6 +72,20 @@ def test_prints_a_table(tmp_path, capsys):
     assert rows[0][6] == str(tmp_path / "checkpoints" / "1")
     assert rows[0][4] == "KiB" and float(rows[0][3]) > 20
     assert lines[4].startswith("3 checkpoint(s), ")
+
+
+def test_lists_the_best_checkpoint_with_its_metric(tmp_path, capsys):
+    make_run(tmp_path)
+    metric = "eval/qa/f1"
+    (tmp_path / "config.gin").write_text(f"train.best_metric = '{metric}'\n")
+    with checkpoints.best_checkpoint_manager(str(tmp_path), metric) as manager:
+        for step, f1 in ((1, 0.25), (2, 0.5)):
+            checkpoints.save_if_best(manager, state_at(step), {metric: f1, "eval/loss": 3.0}, metric)
+    assert list_checkpoints.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    best = lines[4].split()
+    assert (best[0], best[5], best[6], best[7]) == ("2", "best", str(tmp_path / "best" / "2"), "eval/qa/f1=0.5000")
+    assert lines[5].startswith("3 checkpoint(s) and 1 best, ")
 
 
 def test_sizes_read_like_du():
