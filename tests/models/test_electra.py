@@ -189,3 +189,38 @@ def test_bad_weights_and_fractions_fail_early():
         ElectraModel(CONFIG, generator_fraction=0.0)
     with pytest.raises(ValueError, match="discriminator_weight=-1"):
         ElectraModel(CONFIG, discriminator_weight=-1)
+
+
+@pytest.mark.slow
+def test_example_pretraining_loss_falls_and_the_discriminator_fine_tunes(tmp_path):
+    from t5x_lite import checkpoints
+    from tests.models.test_encoder_only import run_training
+
+    records = run_training(
+        "examples/electra_tiny_pretrain.gin", tmp_path,
+        "TRAIN_STEPS = 30", "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}",
+        "warmup_decay_schedule.warmup_steps = 5", "train.log_period = 5", "train.eval_period = 30",
+        "train.eval_steps = 2", "train.checkpoint_period = 30",
+    )
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses
+    evals = [r for r in records if "eval/loss" in r]
+    for name in ("discriminator_accuracy", "replaced_rate", "generator_loss", "discriminator_loss"):
+        assert np.isfinite(records[-2 if "eval/loss" in records[-1] else -1].get(f"train/{name}", np.nan)), records
+        assert np.isfinite(evals[-1][f"eval/{name}"])
+    assert 0.0 < evals[-1]["eval/replaced_rate"] <= 0.16  # at most the 15% chosen tokens (of the text ones)
+
+    # The discriminator as BERT's encoder under a fresh pooler and classifier (INITIAL_CHECKPOINT_PATH).
+    config = BertConfig(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_layers=2)
+    model = EncoderClassificationModel(config)
+    fresh = nnx.to_pure_dict(nnx.state(model.build_network(nnx.Rngs(7)), nnx.Param))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    restored = checkpoints.restore_params(str(tmp_path), abstract, model, fresh=fresh)
+    electra = checkpoints.restore_params(str(tmp_path), jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ElectraModel(config).build_network(nnx.Rngs(0))), nnx.Param))))
+    np.testing.assert_array_equal(restored["layers"][1]["mlp"]["wi"]["kernel"], electra["layers"][1]["mlp"]["wi"]["kernel"])
+    np.testing.assert_array_equal(restored["embeddings"]["word_embeddings"]["embedding"],
+                                  electra["embeddings"]["word_embeddings"]["embedding"])
+    for head in ("pooler", "classifier"):
+        np.testing.assert_array_equal(restored[head]["kernel"], fresh[head]["kernel"])
