@@ -30,7 +30,6 @@ from flax import nnx
 
 from t5x_lite.decoding import GREEDY, DecodeConfig
 from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel, EncoderTaggingModel
-from t5x_lite.networks.bert import BertConfig
 from t5x_lite.networks.electra import Electra, ElectraConfig
 
 gin.external_configurable(ElectraConfig, module="t5x_lite")
@@ -76,24 +75,31 @@ def sigmoid_loss_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) 
     }
 
 
+class _ElectraHead:
+    """A trainer model over the ELECTRA network of the class's `head` (HF `ElectraFor*` layouts)."""
+
+    head: str
+
+    def build_network(self, rngs: nnx.Rngs) -> Electra:
+        return Electra(self.config, self.head, rngs=rngs)
+
+
 @gin.configurable(module="t5x_lite")
-class ElectraModel(EncoderOnlyMLMModel):
-    """ELECTRA pre-training (see the module docstring). `config` is the discriminator's `BertConfig`;
-    `embedding_size`, `generator_fraction` and `generator_num_layers` as in `ElectraConfig`.
+class ElectraModel(_ElectraHead, EncoderOnlyMLMModel):
+    """ELECTRA pre-training (see the module docstring). `config`: the discriminator's sizes (a
+    `BertConfig`'s fields) with the embedding width and the generator's size (`ElectraConfig`).
 
     `max_prediction_fraction`: generator logits only at the chosen positions, gathered into a budget of
     this fraction of the batch's positions (as `EncoderOnlyMLMModel`); more chosen positions take the
     all-positions path, so loss and samples are exact either way.
     """
 
+    head = "pretraining"
     trains_with_rng = True
 
     def __init__(
         self,
-        config: BertConfig = gin.REQUIRED,
-        embedding_size: int = 0,
-        generator_fraction: float = 0.25,
-        generator_num_layers: int = 0,
+        config: ElectraConfig = gin.REQUIRED,
         generator_weight: float = 1.0,
         discriminator_weight: float = 50.0,
         label_smoothing: float = 0.0,
@@ -103,11 +109,7 @@ class ElectraModel(EncoderOnlyMLMModel):
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss, max_prediction_fraction=max_prediction_fraction)
         if generator_weight < 0 or discriminator_weight < 0:
             raise ValueError(f"generator_weight={generator_weight} and discriminator_weight={discriminator_weight} must be >= 0.")
-        self.electra_config = ElectraConfig(config, embedding_size, generator_fraction, generator_num_layers)
         self.generator_weight, self.discriminator_weight = generator_weight, discriminator_weight
-
-    def build_network(self, rngs: nnx.Rngs) -> Electra:
-        return Electra(self.electra_config, "pretraining", rngs=rngs)
 
     def network_logits(self, network: Electra, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
         """The discriminator's "replaced" logits [b, s] on the batch's inputs as they are."""
@@ -182,21 +184,30 @@ class ElectraModel(EncoderOnlyMLMModel):
         return (self.network_logits(network, batch, None) > 0).astype(jnp.int32)
 
 
-class _ElectraFineTuning:
-    """Fine-tuning on the ELECTRA network (HF `ElectraFor*` heads, `embedding_size` projection)."""
+@gin.configurable(module="t5x_lite")
+class ElectraGeneratorModel(_ElectraHead, EncoderOnlyMLMModel):
+    """The generator alone as a masked LM (HF `ElectraForMaskedLM`; its sizes are the config's own,
+    with `generator_fraction` 1)."""
 
-    head: str
-
-    def __init__(self, config: BertConfig = gin.REQUIRED, embedding_size: int = 0):
-        super().__init__(config)
-        self.electra_config = ElectraConfig(config, embedding_size)
-
-    def build_network(self, rngs: nnx.Rngs) -> Electra:
-        return Electra(self.electra_config, self.head, rngs=rngs)
+    head = "generator"
 
 
 @gin.configurable(module="t5x_lite")
-class ElectraClassificationModel(_ElectraFineTuning, EncoderClassificationModel):
+class ElectraDiscriminatorModel(ElectraModel):
+    """The discriminator alone (HF `ElectraForPreTraining`): `predict_batch` flags the tokens it takes
+    for replaced. It has no generator to train with: pre-train with `ElectraModel`, or fine-tune it."""
+
+    head = "discriminator"
+
+    def loss_fn(self, network: Electra, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None):
+        raise ValueError(
+            "An ElectraForPreTraining checkpoint holds the discriminator without its generator, so it cannot be "
+            "pre-trained further: fine-tune it (ElectraClassificationModel, ElectraTaggingModel) or pre-train ElectraModel."
+        )
+
+
+@gin.configurable(module="t5x_lite")
+class ElectraClassificationModel(_ElectraHead, EncoderClassificationModel):
     """`EncoderClassificationModel` with HF `ElectraForSequenceClassification`'s head (dense + GELU on
     [CLS], then the classes; no tanh pooler) and the embedding projection when `embedding_size` differs."""
 
@@ -204,7 +215,7 @@ class ElectraClassificationModel(_ElectraFineTuning, EncoderClassificationModel)
 
 
 @gin.configurable(module="t5x_lite")
-class ElectraTaggingModel(_ElectraFineTuning, EncoderTaggingModel):
+class ElectraTaggingModel(_ElectraHead, EncoderTaggingModel):
     """`EncoderTaggingModel` on the ELECTRA network (HF `ElectraForTokenClassification`)."""
 
     fresh_param_prefixes = ("tagger",)

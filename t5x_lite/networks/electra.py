@@ -39,20 +39,21 @@ HEADS = ("pretraining", "discriminator", "generator", "classification", "tagging
 
 
 @dataclasses.dataclass(frozen=True)
-class ElectraConfig:
-    """The discriminator's `BertConfig` plus the shared embedding width and the generator's size.
+class ElectraConfig(BertConfig):
+    """A `BertConfig` (the discriminator's) plus the shared embedding width and the generator's size.
 
-    `embedding_size` 0 means the discriminator's d_model. The generator has `generator_fraction` of
-    the discriminator's width, heads and feed-forward size (ELECTRA's default 1/4) and
-    `generator_num_layers` layers (0: as many as the discriminator).
+    `embedding_size` 0 means d_model. The generator has `generator_fraction` of the discriminator's
+    width, heads and feed-forward size (ELECTRA's default 1/4) and `generator_num_layers` layers (0:
+    as many as the discriminator). A network of the "generator" head alone (HF `ElectraForMaskedLM`)
+    is configured with the generator's own sizes and `generator_fraction` 1.
     """
 
-    discriminator: BertConfig
     embedding_size: int = 0
     generator_fraction: float = 0.25
     generator_num_layers: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 < self.generator_fraction <= 1.0:
             raise ValueError(f"ElectraConfig.generator_fraction={self.generator_fraction} must be in (0, 1].")
         if self.embedding_size < 0 or self.generator_num_layers < 0:
@@ -61,23 +62,27 @@ class ElectraConfig:
     @property
     def embedding_width(self) -> int:
         """The width of the shared embeddings."""
-        return self.embedding_size or self.discriminator.d_model
+        return self.embedding_size or self.d_model
 
     def embedding_config(self) -> BertConfig:
         """The config of the shared embeddings (BERT's embeddings at `embedding_width`)."""
-        return dataclasses.replace(self.discriminator, d_model=self.embedding_width)
+        return bert_config(self, d_model=self.embedding_width)
 
     def generator_config(self) -> BertConfig:
         """The generator's layers: `generator_fraction` of the width (heads of the discriminator's head
         size where they divide it), of the feed-forward size, and `generator_num_layers` layers."""
-        disc = self.discriminator
-        d_model = max(1, round(self.generator_fraction * disc.d_model))
-        num_heads = max(1, d_model // disc.head_dim) if d_model % disc.head_dim == 0 else 1
-        return dataclasses.replace(
-            disc, d_model=d_model, num_heads=num_heads, head_dim=d_model // num_heads,
-            d_ff=max(1, round(self.generator_fraction * disc.d_ff)),
-            num_layers=self.generator_num_layers or disc.num_layers,
+        d_model = max(1, round(self.generator_fraction * self.d_model))
+        num_heads = max(1, d_model // self.head_dim) if d_model % self.head_dim == 0 else 1
+        return bert_config(
+            self, d_model=d_model, num_heads=num_heads, head_dim=d_model // num_heads,
+            d_ff=max(1, round(self.generator_fraction * self.d_ff)), num_layers=self.generator_num_layers or self.num_layers,
         )
+
+
+def bert_config(config: BertConfig, **changes) -> BertConfig:
+    """The plain `BertConfig` of `config`'s BERT fields, with `changes`."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(BertConfig)}
+    return BertConfig(**{**fields, **changes})
 
 
 def _dense(config: BertConfig, d_in: int, d_out: int, axes: tuple[str, str], rngs: nnx.Rngs) -> layers.Dense:
@@ -127,7 +132,7 @@ class Generator(nnx.Module):
     def __init__(self, config: ElectraConfig, *, rngs: nnx.Rngs):
         generator = config.generator_config()
         self.body = Body(generator, config.embedding_width, rngs=rngs)
-        self.head = GeneratorHead(generator, config.embedding_width, config.discriminator.vocab_size, rngs=rngs)
+        self.head = GeneratorHead(generator, config.embedding_width, config.vocab_size, rngs=rngs)
 
 
 class DiscriminatorHead(nnx.Module):
@@ -163,7 +168,7 @@ class Electra(nnx.Module):
     def __init__(self, config: ElectraConfig, head: str = "pretraining", *, rngs: nnx.Rngs):
         if head not in HEADS:
             raise ValueError(f"Unknown ELECTRA head {head!r}; use one of {list(HEADS)}.")
-        disc = config.discriminator
+        disc = bert_config(config)
         self.config, self.head = config, head
         self.kernels = kernels.resolve(disc.kernels)
         self.embeddings = bert.Embeddings(config.embedding_config(), rngs=rngs)
@@ -193,13 +198,14 @@ class Electra(nnx.Module):
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """[b, s] tokens -> the discriminator's last hidden states [b, s, d_model]."""
+        """[b, s] tokens -> the discriminator's last hidden states [b, s, d_model] (the generator's, for
+        the "generator" head alone: so `EncoderOnlyMLMModel` trains it as any masked LM)."""
         if self.layers is None:
-            raise ValueError("This ELECTRA network is the generator alone; it has no discriminator.")
+            return self.generator_hidden(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
         embedded, bias = self.embed(tokens, segment_ids, positions, token_type_ids, dropout_rngs)
         x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
-        disc = self.config.discriminator
-        return stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=disc.scan_layers, remat_policy=disc.remat_policy)
+        config = self.config
+        return stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy)
 
     def generator_hidden(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
@@ -215,6 +221,10 @@ class Electra(nnx.Module):
         """Generator hidden states [.., width] -> float32 vocabulary logits [.., vocab]."""
         return self.generator.head(hidden, self.embeddings.word_embeddings)
 
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """`generator_logits`, under the name `EncoderOnlyMLMModel` calls."""
+        return self.generator_logits(hidden)
+
     def discriminator_logits(self, hidden: jax.Array) -> jax.Array:
         """[b, s, d] -> float32 [b, s] "replaced" logits."""
         return self.discriminator_predictions(hidden)
@@ -225,12 +235,11 @@ class Electra(nnx.Module):
     ) -> jax.Array:
         """The head's logits: discriminator [b, s] ("pretraining" and "discriminator"), generator
         [b, s, vocab], classification [b, labels], tagging [b, s, labels]."""
-        features = (segment_ids, positions, token_type_ids)
+        hidden = self.encode(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
         if self.head == "generator":
-            return self.generator_logits(self.generator_hidden(tokens, *features, dropout_rngs=dropout_rngs))
-        hidden = self.encode(tokens, *features, dropout_rngs=dropout_rngs)
+            return self.generator_logits(hidden)
         if self.head == "classification":
             return self.classifier(hidden, dropout_rngs)
         if self.head == "tagging":
-            return self.tagger(self.kernels.dropout(hidden, self.config.discriminator.dropout_rate, dropout_rngs), out_dtype=jnp.float32)
+            return self.tagger(self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs), out_dtype=jnp.float32)
         return self.discriminator_logits(hidden)

@@ -4,6 +4,8 @@ size, samples drawn from the generator's softmax, metrics, and loading the discr
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from t5x_lite.models.electra import ElectraModel, replaced_token_labels
 from t5x_lite.models.encoder import EncoderClassificationModel
 from t5x_lite.networks.bert import BertConfig
+from t5x_lite.networks.electra import ElectraConfig, bert_config
 from t5x_lite.training import steps
 from t5x_lite.training.train_state import TrainState
 
-CONFIG = BertConfig(vocab_size=40, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2, max_position_embeddings=24)
+CONFIG = ElectraConfig(vocab_size=40, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_layers=2, max_position_embeddings=24)
 INPUTS = np.array([[2, 5, 30, 7, 8, 30, 3, 0], [2, 11, 12, 30, 14, 15, 16, 3]], np.int32)  # 30 plays [MASK]
 TARGETS = np.array([[0, 0, 6, 0, 0, 9, 0, 0], [0, 0, 0, 13, 0, 0, 0, 0]], np.int32)  # originals where chosen
 
@@ -120,7 +123,7 @@ def test_embeddings_are_shared_and_the_generator_is_a_quarter_wide():
     embedding_tables = [p for p, leaf in flat if leaf.shape == (CONFIG.vocab_size, CONFIG.d_model)]
     assert len(embedding_tables) == 1 and "generator" not in params["embeddings"]
     assert "embeddings" not in params["generator"]["body"]
-    generator = model.electra_config.generator_config()
+    generator = CONFIG.generator_config()
     assert (generator.d_model, generator.num_heads, generator.d_ff) == (8, 1, 16)
     assert params["generator"]["body"]["embeddings_project"]["kernel"].shape == (32, 8)
     # Changing the one table changes the generator's logits and the discriminator's.
@@ -176,7 +179,7 @@ def test_train_step_reports_the_discriminator_metrics_with_microbatches():
 def test_the_discriminator_loads_into_the_bert_classification_model():
     electra = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(nnx.eval_shape(
         lambda: ElectraModel(CONFIG).build_network(nnx.Rngs(0))), nnx.Param)))
-    classifier = EncoderClassificationModel(CONFIG)
+    classifier = EncoderClassificationModel(bert_config(CONFIG))
     bert = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(nnx.eval_shape(
         lambda: classifier.build_network(nnx.Rngs(0))), nnx.Param)))
     for name in ("embeddings", "layers"):
@@ -186,7 +189,7 @@ def test_the_discriminator_loads_into_the_bert_classification_model():
 
 def test_bad_weights_and_fractions_fail_early():
     with pytest.raises(ValueError, match="generator_fraction=0.0 must be in"):
-        ElectraModel(CONFIG, generator_fraction=0.0)
+        dataclasses.replace(CONFIG, generator_fraction=0.0)
     with pytest.raises(ValueError, match="discriminator_weight=-1"):
         ElectraModel(CONFIG, discriminator_weight=-1)
 
@@ -213,12 +216,13 @@ def test_example_pretraining_loss_falls_and_the_discriminator_fine_tunes(tmp_pat
     # The discriminator as BERT's encoder under a fresh pooler and classifier (INITIAL_CHECKPOINT_PATH).
     config = BertConfig(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_layers=2)
     model = EncoderClassificationModel(config)
+    electra_config = ElectraConfig(**dataclasses.asdict(config))
     fresh = nnx.to_pure_dict(nnx.state(model.build_network(nnx.Rngs(7)), nnx.Param))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
     restored = checkpoints.restore_params(str(tmp_path), abstract, model, fresh=fresh)
     electra = checkpoints.restore_params(str(tmp_path), jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ElectraModel(config).build_network(nnx.Rngs(0))), nnx.Param))))
+        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: ElectraModel(electra_config).build_network(nnx.Rngs(0))), nnx.Param))))
     np.testing.assert_array_equal(restored["layers"][1]["mlp"]["wi"]["kernel"], electra["layers"][1]["mlp"]["wi"]["kernel"])
     np.testing.assert_array_equal(restored["embeddings"]["word_embeddings"]["embedding"],
                                   electra["embeddings"]["word_embeddings"]["embedding"])
