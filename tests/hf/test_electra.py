@@ -2,8 +2,12 @@
 discriminator (`ElectraForPreTraining`), the generator (`ElectraForMaskedLM`) and the classifier
 (`ElectraForSequenceClassification`) on random tiny configs, with and without an embedding projection;
 the round trip back to transformers; the joint pre-training parameters as a discriminator/generator pair;
-fine-tuning a classifier from a discriminator directory (`hf:`, fresh classifier)."""
+fine-tuning a classifier from a discriminator directory (`hf:`, fresh classifier); tools/convert_hf.py both ways."""
 
+import sys
+from pathlib import Path
+
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +23,9 @@ from tests.hf.conftest import randomised
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+import convert_hf
 
 VOCAB = 120
 TINY = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -111,3 +118,18 @@ def test_an_untied_generator_head_is_refused(tmp_path):
     weights = {name: value.numpy() for name, value in state.items()}
     with pytest.raises(ValueError, match="generator_lm_head.weight differs from the word embeddings"):
         hf_electra.params_from_hf(weights, model.config.to_dict(), hf_electra.config_from_hf(model.config.to_dict(), weights))
+
+
+def test_convert_tool_round_trip_of_a_discriminator(tmp_path):
+    model = random_hf_electra("discriminator", 16)
+    model.save_pretrained(tmp_path / "hf")
+    out = convert_hf.main(["--hf_dir", str(tmp_path / "hf"), "--out_dir", str(tmp_path / "t5x")])
+    assert "MODEL = @ElectraDiscriminatorModel()" in (out / "model.gin").read_text()
+    try:
+        exported = convert_hf.main(["--to_hf", "--gin_file", str(out / "model.gin"), "--checkpoint", str(out),
+                                    "--out_dir", str(tmp_path / "back")])
+    finally:
+        gin.clear_config()
+    reloaded = transformers.ElectraForPreTraining.from_pretrained(exported).eval()
+    for name, value in model.state_dict().items():  # bit-identical weights
+        np.testing.assert_array_equal(reloaded.state_dict()[name].numpy(), value.numpy(), err_msg=name)
