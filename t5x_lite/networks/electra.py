@@ -107,9 +107,16 @@ class Body(nnx.Module):
         self.layers = stacks.make_layers(lambda rngs: bert.BertLayer(config, rngs=rngs), config.num_layers, config.scan_layers, rngs)
 
     def __call__(self, embedded: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
-        config = self.config
-        return stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy)
+        return apply_body(self.embeddings_project, self.layers, self.config, embedded, bias, dropout_rngs)
+
+
+def apply_body(
+    project: layers.Dense | None, stack, config: BertConfig, embedded: jax.Array, bias: jax.Array,
+    dropout_rngs: nnx.Rngs | None,
+) -> jax.Array:
+    """The embeddings through the projection (if any) and the layer stack: [b, s, d_model]."""
+    x = embedded if project is None else project(embedded)
+    return stacks.apply_layers(stack, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy)
 
 
 class GeneratorHead(nnx.Module):
@@ -203,9 +210,7 @@ class Electra(nnx.Module):
         if self.layers is None:
             return self.generator_hidden(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
         embedded, bias = self.embed(tokens, segment_ids, positions, token_type_ids, dropout_rngs)
-        x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
-        config = self.config
-        return stacks.apply_layers(self.layers, x, (bias,), dropout_rngs, scan=config.scan_layers, remat_policy=config.remat_policy)
+        return apply_body(self.embeddings_project, self.layers, self.config, embedded, bias, dropout_rngs)
 
     def generator_hidden(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
