@@ -96,6 +96,7 @@ def _mesh_axes(entry: Any, mesh: Mesh) -> tuple[str, ...]:
 
 
 def _spec_entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+    """The spec's entries padded with None to one per dimension."""
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
@@ -308,6 +309,7 @@ class Replicated:
 
     @property
     def nbytes(self) -> int:
+        """The whole array's size in bytes."""
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
@@ -318,6 +320,7 @@ class Replicated:
 
 def _replicated(name: str, shape: Sequence[int], dtype: Any, dim: int, axes: Sequence[str], mesh: Mesh,
                 kind: str = "activation") -> Replicated:
+    """A `Replicated` record with plain (hashable, printable) shape, dtype name and mesh axis sizes."""
     return Replicated(kind, name, tuple(int(n) for n in shape), np.dtype(dtype).name, dim,
                       tuple((axis, int(mesh.shape[axis])) for axis in axes))
 
