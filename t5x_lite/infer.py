@@ -113,7 +113,8 @@ def infer(
     split: str = "validation",
     mixture_or_task_module: str | None = None,
 ) -> int:
-    """Writes predictions and scores to `output_file`; returns the number of lines written."""
+    """Writes predictions and scores to `output_file` (process 0; every process decodes its share of the examples);
+    returns the number of lines."""
     cli.keep_tensorflow_off_gpus()
     if (mixture_or_task_name is None) == (input_file is None):
         raise cli.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
