@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
 from clu.data.dataset_iterator import TfDatasetIterator
-from jax.sharding import Mesh
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease
@@ -115,6 +116,7 @@ def train(
         if batch_size % num_microbatches:
             raise cli.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
         train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
+        report_replicated(train_step, state, graphdef, train_ds, batch_size, batch_sharding, rules)
 
         # The periodic actions: log first, then evaluate, keep the best, checkpoint.
         writer = metric_writers.create_writer(model_dir)
@@ -231,6 +233,22 @@ def run_summary(
         f"Training {describe_model(model, state.params)} on {mixture_or_task_name} ({lengths}), batch {batch_size}, "
         f"TRAIN_STEPS {train_steps}, mesh {mesh_shape}, MODEL_DIR {model_dir}. {origin}"
     )
+
+
+def report_replicated(
+    train_step: steps.StepFn, state: TrainState, graphdef: nnx.GraphDef, train_ds: tf.data.Dataset, batch_size: int,
+    batch_sharding: NamedSharding, rules: partitioning.Rules,
+) -> None:
+    """Reports (process 0, once per run, before the first step) every parameter and activation dimension that a
+    mesh axis does not divide, so it is replicated, with what that costs per device."""
+    if jax.process_index() != 0:
+        return
+    batch = {
+        key: jax.ShapeDtypeStruct((batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype, sharding=batch_sharding)
+        for key, spec in train_ds.element_spec.items()
+    }
+    for line in partitioning.replication_report(steps.replicated_dimensions(train_step, state, graphdef, batch, rules)):
+        report(line)
 
 
 def write_operative_config(model_dir: str) -> None:
