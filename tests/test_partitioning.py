@@ -157,7 +157,8 @@ def test_bad_mesh_shapes():
 @pytest.mark.parametrize("target", ["fsdp2_tensor4", "one_device"])
 def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
     import tensorflow as tf
-    from clu.data.dataset_iterator import TfDatasetIterator
+
+    from t5x_lite.data.position import DataIterator, DataLayout
 
     model = EncoderDecoderModel(CONFIG)
     tx = adafactor()
@@ -165,7 +166,8 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
     saved, _, _ = train_state.create_train_state(model, tx, 0, partitioning.make_mesh({"data": 8}), rules)
 
     def iterator():
-        return TfDatasetIterator(tf.data.Dataset.range(4).map(lambda x: {"x": x}), checkpoint=True)
+        return DataIterator(lambda layout, shard: tf.data.Dataset.range(4).map(lambda x: {"x": x}),
+                            DataLayout("shard_info", 1, 1), 0, 1)
 
     manager = checkpoints.checkpoint_manager(str(tmp_path), async_save=False)
     checkpoints.save(manager, saved, iterator())
