@@ -12,9 +12,10 @@ position's own token reaches its query-stream output by no path. Both streams tr
 [b, 2s, e] array, content rows first: per-token layers (norms, MLPs) run on it unchanged, and one
 attention call serves both streams with queries over all 2s rows and keys over the first s.
 
-The first position of an order has nothing it may see in the query stream: its row is fully masked
-(its output is meaningless), so it is never a target (`preprocessors.permutation_lm` predicts at most
-n - 1 tokens).
+The first position of an order has nothing it may see in the query stream. A softmax over a fully
+masked row would spread evenly over every key, its own token included, so such a row attends to
+nothing instead: its attention output is what the output projection makes of zeros (its bias). Its
+prediction then rests on its position alone: p(x_i) for the first token of the order.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def two_stream_attention(
     attention: MultiHeadAttention, x: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
 ) -> jax.Array:
     """Self-attention of both streams `x` [b, 2s, e] (content rows first) over the content stream's keys and
-    values, with `bias` [b or 1, 1, 2s, s] (from `permutation_masks`); returns [b, 2s, e]."""
+    values, with `bias` [b, 1, 2s, s] (from `permutation_masks`); returns [b, 2s, e]. A row whose keys
+are all masked attends to nothing (see the module docstring)."""
     content, _ = split_streams(x)
-    return attention.attend(
-        attention.project_query(x), attention.key(content), attention.value(content), bias, dropout_rngs=dropout_rngs
-    )
+    q = attention.project_query(x)
+    out = attention.attend(q, attention.key(content), attention.value(content), bias, dropout_rngs=dropout_rngs)
+    sees_something = jnp.max(bias, axis=-1)[:, 0, :, None] > layers.NEG_INF / 2  # [b, 2s, 1]
+    return jnp.where(sees_something, out, attention.out(jnp.zeros_like(q[:1, :1])))

@@ -71,7 +71,7 @@ def test_order_is_uniform():
 def test_predicted_share_follows_k_and_is_the_end_of_the_order(k):
     lengths = [128, 100, 64, 31, 7, 2, 1]
     for n, ex in zip(lengths, _permuted(lengths, partial_prediction_k=k)):
-        expected = 0 if n == 1 else min(max(math.floor(n / k), 1), n - 1)
+        expected = min(max(math.floor(n / k), 1), n)
         assert ex["predicted"].sum() == expected == int(permutation_lm.num_predicted(n, k))
         # The predicted positions are exactly the last `expected` of the order.
         assert set(np.flatnonzero(ex["predicted"])) == set(np.flatnonzero(ex["factorization_rank"] >= n - expected))

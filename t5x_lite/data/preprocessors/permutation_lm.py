@@ -30,11 +30,11 @@ PARTIAL_PREDICTION_K = 6.0  # XLNet's K: predict the last n/K tokens of each ord
 
 
 def num_predicted(length: tf.Tensor | int, partial_prediction_k: float = PARTIAL_PREDICTION_K) -> tf.Tensor:
-    """How many of `length` tokens are predicted: floor(length / K), at least 1 and at most length - 1 (the
-    first token of the order has nothing to condition on), so 0 for a 1-token chunk."""
+    """How many of `length` tokens are predicted: floor(length / K), at least 1 (K = 1: all of them; the
+    first token of an order is predicted from its position alone)."""
     length = tf.convert_to_tensor(length, tf.int32)
     wanted = tf.cast(tf.math.floor(tf.cast(length, tf.float32) / partial_prediction_k), tf.int32)
-    return tf.clip_by_value(wanted, tf.minimum(1, length - 1), tf.maximum(length - 1, 0))
+    return tf.clip_by_value(wanted, tf.minimum(1, length), length)
 
 
 def _check_k(partial_prediction_k: float) -> None:
