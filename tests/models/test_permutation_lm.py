@@ -156,7 +156,7 @@ def test_example_config_loss_falls_on_the_bundled_corpus(tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_of_the_permutation_lm(tmp_path):
-    """A K below 1, and the permutation-LM model on a task without an order: one line each, exit 1, and no run
+    """A K below 1, and the permutation-LM model on a task without an order: one line each, exit 2, and no run
     folder left behind."""
     common = ["--gin_file=gin_configs/examples/xlnet_tiny_pretrain.gin", "--gin.TRAIN_STEPS=1"]
     cases = {
@@ -170,7 +170,7 @@ def test_cli_errors_of_the_permutation_lm(tmp_path):
     for name, (bindings, message) in cases.items():
         model_dir = tmp_path / name
         result = run_cli(*common, f"--gin.MODEL_DIR='{model_dir}'", *bindings)
-        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr.strip().splitlines()[-1] == message
         assert "Traceback" not in result.stderr
         assert not model_dir.exists()

@@ -37,28 +37,30 @@ def num_predicted(length: tf.Tensor | int, partial_prediction_k: float = PARTIAL
     return tf.clip_by_value(wanted, tf.minimum(1, length), length)
 
 
-def _check_k(partial_prediction_k: float) -> None:
-    if not partial_prediction_k >= 1.0:
-        raise ValueError(
-            f"permutation LM: partial_prediction_k={partial_prediction_k!r} must be >= 1 (the predicted share "
-            "is 1/K of the tokens; XLNet uses 6)."
-        )
-
-
-@gin.configurable
 @seqio.map_over_dataset(num_seeds=1)
-def permute_factorization_order(
-    features: Mapping[str, tf.Tensor], seed: tf.Tensor, partial_prediction_k: float = PARTIAL_PREDICTION_K
-) -> dict[str, tf.Tensor]:
-    """Adds a uniformly random factorization order (`factorization_rank`) of `targets` and the positions
-    it predicts (`predicted`: the last `num_predicted(n, K)` of the order); see the module docstring."""
-    _check_k(partial_prediction_k)
+def _add_random_order(features: Mapping[str, tf.Tensor], seed: tf.Tensor, partial_prediction_k: float) -> dict:
+    """One chunk's random order and predicted positions (see `permute_factorization_order`)."""
     tokens = features["targets"]
     n = tf.size(tokens)
     order = tf.argsort(tf.random.stateless_uniform([n], seed))  # order[r] = the position at rank r
     rank = tf.math.invert_permutation(order)
     predicted = tf.cast(rank >= n - num_predicted(n, partial_prediction_k), tf.int32)
     return {**features, "factorization_rank": tf.cast(rank, tf.int32), "predicted": predicted}
+
+
+@gin.configurable
+def permute_factorization_order(
+    dataset: tf.data.Dataset, partial_prediction_k: float = PARTIAL_PREDICTION_K
+) -> tf.data.Dataset:
+    """Adds to every example a uniformly random factorization order of `targets` (`factorization_rank`) and the
+    positions it predicts (`predicted`: the last `num_predicted(n, K)` of the order); see the module docstring.
+    The seed comes from seqio's map seed manager (the task's seed), so orders are reproducible."""
+    if not partial_prediction_k >= 1.0:  # checked here, outside the traced map, so the error stays one line
+        raise ValueError(
+            f"permutation LM: partial_prediction_k={partial_prediction_k!r} must be >= 1 (the predicted share "
+            "is 1/K of the tokens; XLNet uses 6)."
+        )
+    return _add_random_order(dataset, partial_prediction_k=partial_prediction_k)
 
 
 def permutation_lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:
