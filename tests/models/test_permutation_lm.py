@@ -88,8 +88,9 @@ def test_prediction_sees_neither_its_own_token_nor_later_ones(scan_layers):
     """For every position i: replacing x_i itself, or every token later than i in the order, leaves i's logits
     unchanged; replacing one token earlier in the order changes them (so the check is not vacuous)."""
     network = xlnet(dataclasses.replace(TINY, scan_layers=scan_layers))
+    logits = nnx.jit(lambda network, x, ranks: network(x, ranks))
     x, ranks = tokens(), random_ranks()
-    base = network(x, ranks)
+    base = logits(network, x, ranks)
     rng = np.random.default_rng(7)
     for row in range(x.shape[0]):
         for i in range(LENGTH):
@@ -98,12 +99,12 @@ def test_prediction_sees_neither_its_own_token_nor_later_ones(scan_layers):
             others = jnp.asarray(rng.integers(3, TINY.vocab_size, LENGTH), jnp.int32)
             after = x.at[row].set(jnp.where(later, others, x[row]))
             for changed in (own, after):
-                np.testing.assert_allclose(network(changed, ranks)[row, i], base[row, i], atol=1e-5, rtol=1e-5)
+                np.testing.assert_allclose(logits(network, changed, ranks)[row, i], base[row, i], atol=1e-5, rtol=1e-5)
             earlier = np.flatnonzero(ranks[row] < ranks[row, i])
             if len(earlier):
                 j = int(earlier[-1])
                 moved = x.at[row, j].set(x[row, j] % (TINY.vocab_size - 3) + 3 if x[row, j] != 3 else 4)
-                assert np.abs(network(moved, ranks)[row, i] - base[row, i]).max() > 1e-4
+                assert np.abs(logits(network, moved, ranks)[row, i] - base[row, i]).max() > 1e-4
 
 
 def test_packed_segments_do_not_see_each_other():
