@@ -28,6 +28,7 @@ from t5x_lite.data import pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
 from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, unifiedqa
+from t5x_lite.data.preprocessors.permutation_lm import permutation_lm_preprocessors
 
 SplitFiles = Mapping[str, str | Sequence[str]]
 QA_MIXING_MAXIMUM = 1000
@@ -66,6 +67,7 @@ OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | Non
     ),
     "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
     "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "permutation_lm": (permutation_lm_preprocessors, lambda v: _features(["targets"], False, v)),
     "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
 }
 
