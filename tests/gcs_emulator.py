@@ -4,9 +4,9 @@ The `gcs_emulator` fixture starts it on a free loopback port with an in-memory b
 the commands its tests run) at it with `STORAGE_EMULATOR_HOST`, keeps every credential and metadata lookup on
 loopback, so nothing leaves the machine, and stops it afterwards; `gcs_dir` is a fresh `gs://` folder in it.
 
-Run as a script (`python tests/gcs_emulator.py --port 9023`) it serves the emulator with the one fix it needs
-here: the emulator fails on an empty upload (it reads an empty body as None), which a real bucket stores as an
-empty object, and TensorStore retries such a dropped request for minutes.
+Run as a script (`python tests/gcs_emulator.py --port 9023`) it serves the emulator with the fixes TensorStore
+needs (`fix_emulator`): without them an empty upload fails (and TensorStore retries it for minutes), and Orbax's
+OCDBT checkpoints cannot be written twice.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from http import HTTPStatus
 
 import pytest
 
@@ -89,26 +90,53 @@ def gcs_dir(gcs_emulator: str, request: pytest.FixtureRequest) -> str:
     return f"gs://{BUCKET}/{request.node.name}-{uuid.uuid4().hex[:8]}"
 
 
-def accept_empty_uploads() -> None:
-    """Makes the emulator store an empty media upload as an empty object, as GCS does (it reads the empty body
-    as None and fails)."""
+def _generation(storage, bucket: str, name: str) -> str:
+    """The object's generation as GCS writes it; "0" when there is no such object (GCS's "does not exist")."""
+    from gcp_storage_emulator.exceptions import NotFound
+
+    try:
+        return str(storage.get_file_obj(bucket, name)["generation"])
+    except NotFound:
+        return "0"
+
+
+def fix_emulator() -> None:
+    """Three things GCS does that the emulator does not, which TensorStore (and so Orbax's OCDBT) relies on.
+
+    A media upload with an empty body is stored as an empty object (the emulator reads it as None and fails);
+    an upload with `ifGenerationMatch` is refused (412) unless the object's generation matches, "0" meaning none
+    exists; a download names the object's generation in `x-goog-generation` (TensorStore keeps it as the stamp
+    of what it read, and OCDBT conditions its manifest updates on it). Call before the emulator's server module
+    is imported: its routing table holds the handler functions themselves.
+    """
     from gcp_storage_emulator.handlers import objects
 
-    upload = objects._media_upload
+    upload, download = objects._media_upload, objects.download
 
     def media_upload(request, response, storage):
         if request.data is None:
             request._data = b""
+        expected = request.query.get("ifGenerationMatch")
+        bucket, name = request.params["bucket_name"], request.query["name"][0]
+        if expected and expected[0] != _generation(storage, bucket, name):
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
         return upload(request, response, storage)
 
-    objects._media_upload = media_upload
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            response["x-goog-generation"] = _generation(storage, request.params["bucket_name"],
+                                                        request.params["object_id"])
+
+    objects._media_upload, objects.download = media_upload, download_with_generation
 
 
 def serve(port: int) -> None:
     """Serves an in-memory emulator with the bucket `BUCKET` on 127.0.0.1:`port` until interrupted."""
+    fix_emulator()
     from gcp_storage_emulator.server import create_server
 
-    accept_empty_uploads()
     create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET).run()
 
 

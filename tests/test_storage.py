@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorstore as ts
 
 from t5x_lite import storage
 
@@ -59,13 +58,13 @@ def test_create_exclusive_creates_once(gcs_dir, tmp_path):
         assert lease.read_text() == "first"
 
 
-def test_a_write_conditional_on_no_value_only_creates():
-    """The generation GCS writes are conditioned on for an exclusive create (checked on TensorStore's memory
-    store: the emulator ignores conditions)."""
-    store = ts.KvStore.open({"driver": "memory"}).result()
-    assert store.write("k", b"1", if_equal=storage.NO_VALUE_GENERATION).result().generation
-    assert not store.write("k", b"2", if_equal=storage.NO_VALUE_GENERATION).result().generation
-    assert store.read("k").result().value == b"1"
+def test_an_exclusive_write_only_creates(gcs_dir):
+    """The conditional write behind `create_exclusive` on GCS (ifGenerationMatch=0), past its existence check: of
+    two runs that both saw no lease, the second's write is refused."""
+    lease = f"{gcs_dir}/.lease.json"
+    assert storage.gcs().write_object(lease, b"first", exclusive=True)
+    assert not storage.gcs().write_object(lease, b"second", exclusive=True)
+    assert storage.path(lease).read_text() == "first"
 
 
 def test_local_stand_ins_of_remote_files(gcs_dir):
@@ -90,10 +89,11 @@ def test_orbax_saves_and_restores_in_the_bucket(gcs_dir):
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     with ocp.CheckpointManager(directory, options=options) as manager:
         manager.save(1, args=ocp.args.StandardSave(tree))
+        manager.save(2, args=ocp.args.StandardSave({k: v + 1 for k, v in tree.items()}))
     with ocp.CheckpointManager(directory, options=options) as manager:
-        assert manager.all_steps() == [1]
-        restored = manager.restore(1, args=ocp.args.StandardRestore(tree))
-    np.testing.assert_array_equal(restored["w"], tree["w"])
+        assert manager.all_steps() == [1, 2]
+        restored = manager.restore(2, args=ocp.args.StandardRestore(tree))
+    np.testing.assert_array_equal(restored["w"], tree["w"] + 1)
 
 
 def test_task_files_and_vocabulary_in_a_bucket(gcs_dir):
