@@ -40,9 +40,10 @@ setuptools.setup(
         "hf": HF,
         # tools/benchmark.py --compare-hf times HF transformers T5 in PyTorch beside ours.
         "benchmark": ["torch==2.13.0", "transformers==5.23.0"],
-        # The tests compare against transformers (PyTorch, CPU wheel) and exercise the hf extra.
+        # The tests compare against transformers (PyTorch, CPU wheel) and exercise the hf extra; training needs none
+        # of it (the quickstart installs `pip install -e .`, the README's test command `pip install -e ".[test]"`).
         "test": [
-            "pytest",
+            "pytest==9.2.0",
             "pytest-xdist==3.8.0",  # pytest.ini runs the suite on parallel workers (compilation is single-threaded)
             "ruff==0.17.6",  # .ci/run lints with it (settings in ruff.toml)
             "gcp-storage-emulator==2026.7.19",  # a local GCS for the gs:// tests (tests/gcs_emulator.py)

@@ -15,9 +15,10 @@ if __name__ == "__main__":
 cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import gin
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -111,7 +112,8 @@ def infer(
     split: str = "validation",
     mixture_or_task_module: str | None = None,
 ) -> int:
-    """Writes predictions and scores to `output_file`; returns the number of lines written."""
+    """Writes predictions and scores to `output_file` (process 0; every process decodes its share of the examples);
+    returns the number of lines."""
     cli.keep_tensorflow_off_gpus()
     if (mixture_or_task_name is None) == (input_file is None):
         raise cli.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
@@ -132,23 +134,35 @@ def infer(
     rules = partitioning.logical_axis_rules()
     graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
     runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(tasks[0]))
-    converter = model.feature_converter_cls(pack=False)
+    # Every process decodes its share of each batch and builds every line; process 0 writes them.
+    lines = (line for task in tasks for line in task_lines(task, runner, params, model, task_feature_lengths, split))
+    if jax.process_index() != 0:
+        return sum(1 for _ in lines)
     written = 0
-    with output.open("w") as out:
-        for task in tasks:
-            raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
-            features = converter(raw, task_feature_lengths).enumerate()  # the same examples, in order
-            predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
-            scores = dict(runner.score(params, features))
-            for index, example in enumerate(raw.as_numpy_iterator()):
-                try:
-                    line = example_record(task, example, predictions[index], scores[index])
-                except ValueError as error:
-                    raise cli.UserError(f"Task {task.name!r}, example {index}: {error}") from None
-                out.write(json.dumps(line) + "\n")
-                written += 1
+    with output.open("w", encoding="utf-8") as out:
+        for line in lines:
+            out.write(line)
+            written += 1
     print(f"Wrote {written} predictions to {output}.")
     return written
+
+
+def task_lines(
+    task: seqio.Task, runner: evaluation.ModelRunner, params: dict, model: BaseModel,
+    task_feature_lengths: Mapping[str, int], split: str,
+) -> Iterator[str]:
+    """The output lines of a task's split, in order: its examples decoded and scored (each process decoding its
+    share; every process gets them all), then made readable."""
+    raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
+    features = model.feature_converter_cls(pack=False)(raw, task_feature_lengths).enumerate()  # the same examples
+    predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
+    scores = dict(runner.score(params, features))
+    for index, example in enumerate(raw.as_numpy_iterator()):
+        try:
+            line = example_record(task, example, predictions[index], scores[index])
+        except ValueError as error:
+            raise cli.UserError(f"Task {task.name!r}, example {index}: {error}") from None
+        yield json.dumps(line) + "\n"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.linen import spmd as linen_spmd
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -170,11 +170,24 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def whole_batch_to_mesh(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-    """A batch that every process holds whole (evaluation and inference run all inputs in every process) on the
+    """A batch that every process holds whole (features run all inputs in every process) on the
     mesh: split over the data axes in a single process, replicated across several."""
     if jax.process_count() > 1:
         return {k: jax.device_put(v, replicated(mesh)) for k, v in batch.items()}
     return host_batch_to_global(batch, batch_sharding(mesh, rules))
+
+
+def split_batch_to_mesh(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """A batch that every process holds whole, split over the data axes: each process places only the rows its
+    own devices hold, so the processes share the work of the batch (evaluation and inference)."""
+    sharding = batch_sharding(mesh, rules)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Global arrays (e.g. the outputs of a split batch) as whole numpy arrays on every process, in order;
+    in a single process just the transfer to the host."""
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

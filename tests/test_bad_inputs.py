@@ -100,7 +100,7 @@ def test_empty_validation_split(tmp_path):
     (tmp_path / "train.txt").write_text("a line of text for training\n" * 50)
     (tmp_path / "empty.txt").write_text("")
     name = text_files_task(tmp_path, tmp_path / "train.txt", tmp_path / "empty.txt")
-    with pytest.raises(cli.UserError, match=r"Split 'validation' of 'bad_input_\w+' gave no full batch of 8 examples"):
+    with pytest.raises(cli.UserError, match=r"Split 'validation' of 'bad_input_\w+' has no examples after preprocessing; add examples"):
         loop.load_eval_batches(EncoderDecoderModel(TINY), name, {"inputs": 32, "targets": 8}, 8, "validation", 2, 0)
 
 

@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | `register_family_task` | one of `OBJECTIVES` (span corruption, MLM (+NSP), LM, prefix LM, BART) | text, one document per line |
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
+| `register_text_to_text_task` | your own `inputs` -> `targets` pairs, metrics by name | `.tsv` (header row) / `.jsonl` |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
 | `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
@@ -139,6 +140,71 @@ def text_files_task(
     register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
     _TEXT_FILES_TASKS[name] = patterns
     return name
+
+
+# ------------------------------------------------------------------ text-to-text pairs
+
+# Metrics `register_text_to_text_task` takes by name (seqio's `fn(targets, predictions) -> {name: percent}`).
+TEXT_METRICS: dict[str, Callable[..., dict[str, float]]] = {
+    "accuracy": qa_metrics.accuracy,  # exact match, ignoring case and extra spaces: `accuracy`
+    "squad": qa_metrics.squad,  # SQuAD's normalised exact match and token F1: `em`, `f1`
+    "f1": qa_metrics.squad_f1,  # SQuAD's token F1 only: `f1`
+    "rouge": qa_metrics.rouge,  # ROUGE-1/2/L F-measures: `rouge1`, `rouge2`, `rougeL`
+}
+MetricSpec = str | Callable[..., Mapping[str, float]]
+
+
+def text_metric_fns(metrics: MetricSpec | Sequence[MetricSpec]) -> list[Callable[..., Mapping[str, float]]]:
+    """The metric functions `metrics` names: keys of `TEXT_METRICS` or seqio metric callables."""
+    fns = []
+    for metric in [metrics] if isinstance(metrics, str) or callable(metrics) else metrics:
+        if callable(metric):
+            fns.append(metric)
+        elif metric in TEXT_METRICS:
+            fns.append(TEXT_METRICS[metric])
+        else:
+            raise ValueError(f"Unknown metric {metric!r}; use one of {sorted(TEXT_METRICS)} or a function "
+                             "fn(targets, predictions) -> {name: value}.")
+    return fns
+
+
+def register_text_to_text_task(
+    name: str,
+    split_to_filepattern: SplitFiles,
+    format: str = "tsv",
+    metrics: MetricSpec | Sequence[MetricSpec] = ("accuracy",),
+    vocabulary: seqio.Vocabulary | None = None,
+    validate: bool = True,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers a text-to-text task over your files of `inputs` -> `targets` pairs, e.g.
+    `register_text_to_text_task("my_task", {"train": "data/train*.tsv", "validation": "data/dev.tsv"}, metrics=["squad"])`.
+
+    `format` "tsv": the header row `inputs<TAB>targets`, then one example per line; "jsonl": one object per line
+    with `inputs` and `targets` strings (`sources.read_text_to_text_file`). `metrics`: names from `TEXT_METRICS`
+    ("accuracy", "squad", "f1", "rouge") or callables, scored on the greedy decodes of the validation split.
+    Inputs and targets each end in EOS, cut to TASK_FEATURE_LENGTHS as the QA tasks are (`text.fit_to_length`).
+    A split's pattern that matches no file is a FileNotFoundError; `validate` reads every file now, so a bad or
+    empty one fails here (a `TextToTextFileError`, a ValueError naming the file and line).
+    """
+    fns = text_metric_fns(metrics)
+    source = sources.TextToTextFileDataSource(split_to_filepattern, format)
+    sources.check_files(name, split_to_filepattern)
+    if validate:
+        for split in source.splits:
+            source.num_input_examples(split)
+    return _add(
+        name,
+        overwrite,
+        source=source,
+        preprocessors=[
+            seqio.preprocessors.tokenize,
+            text.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
+        ],
+        output_features=qa_output_features(vocabulary),
+        postprocess_fn=qa_metrics.postprocess_with_references,  # the decoded text, stripped
+        metric_fns=fns,
+    )
 
 
 # ------------------------------------------------------------------ question answering

@@ -1,4 +1,4 @@
-"""Where task examples come from: file checks, prepared TFDS datasets, and QA record files.
+"""Where task examples come from: file checks, prepared TFDS datasets, QA record files and text-to-text pairs.
 
 QA file formats (picked by extension; `read_qa_file` reads and checks them):
 
@@ -8,11 +8,15 @@ QA file formats (picked by extension; `read_qa_file` reads and checks them):
   may replace `answers`. Blank lines are skipped.
 * `.tsv`: a header row naming the columns (`question`, `context`, `options`, `answers` or `answer`),
   then one record per row; list cells (`options`, `answers`) separate items with `|`.
+
+Text-to-text files (`read_text_to_text_file`) hold `inputs`/`targets` pairs: `.tsv` with the header row
+`inputs<TAB>targets`, or `.jsonl` objects with `inputs` and `targets` strings.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
@@ -210,17 +214,19 @@ def records_to_dataset(records: Sequence[Mapping[str, Any]]) -> tf.data.Dataset:
     })
 
 
-class QaFileDataSource(seqio.DataSource):
-    """QA records from `.jsonl`/`.tsv` files (see `read_qa_file`), one file pattern per split.
+class RecordFileDataSource(seqio.DataSource):
+    """Records that `read_file(path)` reads and checks, from files matched by one pattern (or list) per split.
 
-    The files are read and checked when a dataset is built (they are small: records are held in
-    memory, and the dataset is checkpointable with `tf.train.Checkpoint`).
+    The files are read when a dataset is built and the records held in memory (fine-tuning sets are small), so
+    the dataset is checkpointable with `tf.train.Checkpoint`; `to_dataset` turns the records into tensors.
     """
 
-    def __init__(self, split_to_filepattern: Mapping[str, str | Sequence[str]], format: str):
-        unifiedqa.check_format(format)
+    def __init__(self, split_to_filepattern: Mapping[str, str | Sequence[str]],
+                 read_file: Callable[[str], list[dict[str, Any]]],
+                 to_dataset: Callable[[Sequence[Mapping[str, Any]]], tf.data.Dataset]):
         self._patterns = {split: [p] if isinstance(p, str) else list(p) for split, p in split_to_filepattern.items()}
-        self._format = format
+        self._read_file = read_file
+        self._to_dataset = to_dataset
         self._counts: dict[str, int] = {}
         super().__init__(splits=tuple(self._patterns))
 
@@ -235,7 +241,7 @@ class QaFileDataSource(seqio.DataSource):
         return files
 
     def read_records(self, split: str, files: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        return [r for f in (files or self.list_shards(split)) for r in read_qa_file(f, self._format)]
+        return [r for f in (files or self.list_shards(split)) for r in self._read_file(f)]
 
     def num_input_examples(self, split: str) -> int:
         if split not in self._counts:
@@ -247,10 +253,121 @@ class QaFileDataSource(seqio.DataSource):
         files = self.list_shards(split)
         if shuffle:
             random.Random(seed).shuffle(files)
-        ds = records_to_dataset(self.read_records(split, files))
+        ds = self._to_dataset(self.read_records(split, files))
         if shard_info and shard_info.num_shards > 1:
             ds = ds.shard(shard_info.num_shards, shard_info.index)
         return ds
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._patterns})"
+
+
+class QaFileDataSource(RecordFileDataSource):
+    """QA records from `.jsonl`/`.tsv` files (see `read_qa_file`), one file pattern per split."""
+
+    def __init__(self, split_to_filepattern: Mapping[str, str | Sequence[str]], format: str):
+        unifiedqa.check_format(format)
+        self._format = format
+        super().__init__(split_to_filepattern, functools.partial(read_qa_file, format=format), records_to_dataset)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._patterns}, format={self._format!r})"
+
+
+# ------------------------------------------------------------------ text-to-text pairs
+
+TEXT_TO_TEXT_FORMATS = ("tsv", "jsonl")
+TEXT_TO_TEXT_FIELDS = ("inputs", "targets")
+TSV_HEADER = "\t".join(TEXT_TO_TEXT_FIELDS)
+_TEXT_TO_TEXT_EXAMPLES = {
+    "tsv": "the header row 'inputs<TAB>targets', then one example per line",
+    "jsonl": 'one JSON object per line, e.g. {"inputs": "translate: Good night", "targets": "Gute Nacht"}',
+}
+
+
+class TextToTextFileError(ValueError):
+    """A file that cannot be read as `inputs`/`targets` text pairs (names the file and line)."""
+
+
+def check_text_to_text_format(format: str) -> None:
+    """Raises ValueError for a format other than `TEXT_TO_TEXT_FORMATS`."""
+    if format not in TEXT_TO_TEXT_FORMATS:
+        raise ValueError(f"Unknown text-to-text file format {format!r}; use one of {list(TEXT_TO_TEXT_FORMATS)}.")
+
+
+def read_text_to_text_file(path: str, format: str) -> list[dict[str, str]]:
+    """Reads and checks one file of `{"inputs": str, "targets": str}` pairs (`format` "tsv" or "jsonl").
+
+    TSV: the header row `inputs<TAB>targets`, then one example per line with exactly one tab (a text holds
+    no tab or newline; use JSONL for those). JSONL: one object per line with string `inputs` and `targets`
+    (other fields are ignored). Blank lines are skipped; a line that breaks these rules, an empty text or
+    a file without examples is a `TextToTextFileError` naming the file and line.
+    """
+    check_text_to_text_format(format)
+    lines = storage.path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): a text may hold U+2028
+    numbered = [(number, line.removesuffix("\r")) for number, line in enumerate(lines, start=1) if line.strip()]
+    pairs = _tsv_pairs(path, numbered) if format == "tsv" else [_jsonl_pair(path, n, line) for n, line in numbered]
+    if not pairs:
+        found = "only the header row" if numbered else "the file is empty"
+        raise TextToTextFileError(f"{path}: no examples ({found}); a .{format} file needs {_TEXT_TO_TEXT_EXAMPLES[format]}.")
+    return pairs
+
+
+def _tsv_pairs(path: str, numbered: Sequence[tuple[int, str]]) -> list[dict[str, str]]:
+    if not numbered:
+        return []
+    header_number, header = numbered[0]
+    if header.strip() != TSV_HEADER:
+        raise TextToTextFileError(
+            f"{path}, line {header_number}: the first row must be the header 'inputs<TAB>targets', got {header[:80]!r}.")
+    pairs = []
+    for number, line in numbered[1:]:
+        cells = line.split("\t")
+        if len(cells) != 2:
+            problem = "the targets column is missing" if len(cells) == 1 else "a text may not contain a tab (use .jsonl)"
+            raise TextToTextFileError(
+                f"{path}, line {number}: {len(cells)} tab-separated cells, expected 2 (inputs<TAB>targets); {problem}.")
+        pairs.append(_check_pair(path, number, dict(zip(TEXT_TO_TEXT_FIELDS, cells))))
+    return pairs
+
+
+def _jsonl_pair(path: str, number: int, line: str) -> dict[str, str]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TextToTextFileError(f"{path}, line {number}: not valid JSON ({e.msg}): {line[:80]!r}.") from None
+    if not isinstance(row, dict):
+        raise TextToTextFileError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}.")
+    for field in TEXT_TO_TEXT_FIELDS:
+        if field not in row:
+            raise TextToTextFileError(f"{path}, line {number}: no '{field}' field (fields present: {sorted(row)}).")
+        if not isinstance(row[field], str):
+            raise TextToTextFileError(
+                f"{path}, line {number}: '{field}' must be a string, got {type(row[field]).__name__}.")
+    return _check_pair(path, number, {field: row[field] for field in TEXT_TO_TEXT_FIELDS})
+
+
+def _check_pair(path: str, number: int, pair: dict[str, str]) -> dict[str, str]:
+    for field, value in pair.items():
+        if not value.strip():
+            raise TextToTextFileError(f"{path}, line {number}: the '{field}' text is empty.")
+    return pair
+
+
+def pairs_to_dataset(pairs: Sequence[Mapping[str, str]]) -> tf.data.Dataset:
+    """A dataset of `{"inputs": string, "targets": string}` examples."""
+    return tf.data.Dataset.from_tensor_slices(
+        {field: tf.constant([p[field] for p in pairs], dtype=tf.string, shape=[len(pairs)]) for field in TEXT_TO_TEXT_FIELDS})
+
+
+class TextToTextFileDataSource(RecordFileDataSource):
+    """`inputs`/`targets` pairs from `.tsv` or `.jsonl` files (see `read_text_to_text_file`), one pattern per split."""
+
+    def __init__(self, split_to_filepattern: Mapping[str, str | Sequence[str]], format: str):
+        check_text_to_text_format(format)
+        self._format = format
+        super().__init__(split_to_filepattern, functools.partial(read_text_to_text_file, format=format),
+                         pairs_to_dataset)
 
     def __repr__(self):
         return f"{type(self).__name__}({self._patterns}, format={self._format!r})"
