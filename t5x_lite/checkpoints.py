@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state together with the data-iterator position.
 
 Each step directory holds `state` (arrays, saved asynchronously by Orbax) and `dataset`
-(this process's tf.data iterator, written synchronously by a small handler, so the
-checkpoint is atomic: Orbax commits the step only when both are written).
+(the data position: the run's data layout and each data shard's tf.data iterator, written
+synchronously by a small handler, so the checkpoint is atomic: Orbax commits the step only
+when both are written). Both restore onto any mesh and process count.
 
 Crash safety is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp` and
 renamed to `<step>` only once every process has finished, so a run killed mid-write leaves
@@ -20,47 +21,36 @@ import gin
 import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
-from clu.data.dataset_iterator import TfDatasetIterator
 from etils import epath
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from t5x_lite import cli, partitioning, storage
+from t5x_lite.data.position import DataIterator, DataLayoutMismatch
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import train_state
 from t5x_lite.training.train_state import TrainState
 
 
 class DatasetIteratorHandler(ocp.CheckpointHandler):
-    """Saves and restores a tf.data iterator, one file per process."""
-
-    def _path(self, directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+    """Saves and restores the train data position: its layout and the state of each data shard (`DataIterator`)."""
 
     def save(self, directory: epath.Path, args: DatasetIteratorArgs) -> None:
         try:
-            with storage.staged_prefix(str(self._path(directory)), upload=True) as local:  # TF writes local files
-                args.iterator.save(local)
+            args.iterator.save(directory)
         except tf.errors.OpError as e:  # a full disk or read-only folder, in TF's own error types
             raise OSError(f"writing the data-iterator state failed: {e.message}") from e
 
-    def restore(self, directory: epath.Path, args: DatasetIteratorArgs) -> TfDatasetIterator:
-        path = self._path(directory)
-        if not storage.path(f"{path}.index").exists():
-            raise FileNotFoundError(
-                f"No data-iterator state for {jax.process_count()} process(es) in {directory}; "
-                "it was written with a different process count."
-            )
-        with storage.staged_prefix(str(path), download=True) as local:  # TF reads local files
-            args.iterator.restore(local)
+    def restore(self, directory: epath.Path, args: DatasetIteratorArgs) -> DataIterator:
+        args.iterator.restore(directory)
         return args.iterator
 
 
 @ocp.args.register_with_handler(DatasetIteratorHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class DatasetIteratorArgs(ocp.args.CheckpointArgs):
-    iterator: TfDatasetIterator
+    iterator: DataIterator
 
 
 def checkpoints_dir(model_dir: str) -> epath.Path:
@@ -157,7 +147,7 @@ def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda info: (info.step, info.complete))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, iterator: TfDatasetIterator) -> None:
+def save(manager: ocp.CheckpointManager, state: TrainState, iterator: DataIterator) -> None:
     """Starts saving the state at its step (arrays finish in the background).
 
     A failed write (full disk, read-only folder) raises an `OSError` that names the step, the
@@ -211,7 +201,7 @@ def _short(error: Exception) -> str:
 
 
 def _restore_step(
-    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: DataIterator
 ) -> TrainState:
     state_dir = manager.directory / str(step) / "state"
     saved = ocp.StandardCheckpointHandler().metadata(state_dir)
@@ -228,12 +218,14 @@ def _restore_step(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: DataIterator
 ) -> TrainState | None:
     """Restores the newest complete checkpoint onto the shardings in `abstract_state`; None if none.
 
     A checkpoint of another model shape or optimizer is a `CheckpointMismatch` naming the first
-    mismatching parameter (or the differing number of arrays).
+    mismatching parameter (or the differing number of arrays); one whose data position cannot
+    continue here (another BATCH_SIZE) a `DataLayoutMismatch`. Another process count is fine:
+    the data position continues exactly (`t5x_lite.data.position`).
     A committed checkpoint that cannot be read (truncated or corrupted files) is an error naming
     its folder and the newest older one that does restore: nothing is deleted or skipped
     silently, the user moves the bad folder aside to resume from the good one.
@@ -243,7 +235,7 @@ def restore_latest(
         return None
     try:
         return _restore_step(manager, steps[0], abstract_state, iterator)
-    except CheckpointMismatch:
+    except (CheckpointMismatch, DataLayoutMismatch):
         raise
     except Exception as e:  # Orbax, tensorstore and tf.data report damaged files with many error types.
         bad = manager.directory / str(steps[0])
@@ -258,7 +250,7 @@ def restore_latest(
 
 
 def _restores(
-    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: DataIterator
 ) -> bool:
     try:
         _restore_step(manager, step, abstract_state, iterator)

@@ -72,8 +72,9 @@ class ModelRunner:
         def score(params, batch):
             return model.score_batch(nnx.merge(graphdef, params), batch)
 
-        self._predict = jax.jit(predict, static_argnums=3)
-        self._score = jax.jit(score)
+        # Decoding and scoring constrain their activations as the train step does (partitioning.constrain).
+        self._predict = jax.jit(partitioning.with_activation_sharding(predict, mesh, rules), static_argnums=3)
+        self._score = jax.jit(partitioning.with_activation_sharding(score, mesh, rules))
 
     def _batches(self, ds: tf.data.Dataset) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
         """(indices, batch padded to `batch_size` rows, number of real rows) over an enumerated dataset."""
