@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import os
 import re
-from pathlib import Path
 
 import gin
 import jax
@@ -27,7 +26,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from t5x_lite import cli, partitioning
+from t5x_lite import cli, partitioning, storage
 from t5x_lite.data.position import DataIterator, DataLayoutMismatch
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import train_state
@@ -56,7 +55,7 @@ class DatasetIteratorArgs(ocp.args.CheckpointArgs):
 
 def checkpoints_dir(model_dir: str) -> epath.Path:
     """`MODEL_DIR/checkpoints`, absolute (Orbax needs absolute local paths)."""
-    return epath.Path(model_dir if "://" in model_dir else os.path.abspath(model_dir)) / "checkpoints"
+    return storage.absolute(model_dir) / "checkpoints"
 
 
 def retention_policy(keep: int | None, keep_period: int | None) -> ocp.checkpoint_managers.PreservationPolicy:
@@ -120,11 +119,13 @@ class CheckpointInfo:
     path: epath.Path
     complete: bool  # committed by Orbax (False: a temporary folder left by an interrupted write)
     time: datetime.datetime  # commit time, or last modification of a partial folder
-    size_bytes: int
+    size_bytes: int | None  # None on an object store (gs://), whose listing here gives no sizes
 
 
-def folder_size(path: epath.Path) -> int:
-    """Bytes of all files under `path` (a local folder)."""
+def folder_size(path: epath.Path) -> int | None:
+    """Bytes of all files under `path`; None on an object store (gs://: TensorStore lists no sizes)."""
+    if storage.is_remote(path):
+        return None
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
@@ -135,7 +136,7 @@ def committed_steps(model_dir: str) -> list[int]:
 
 
 def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
-    """Every complete and partial checkpoint of a run, by step (a local MODEL_DIR)."""
+    """Every complete and partial checkpoint of a run, by step."""
     folder = checkpoints_dir(model_dir)
     infos = [CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path))
              for meta in ocp.path.step.standard_name_format().find_all(folder)]
@@ -263,7 +264,7 @@ def find_state_dir(path: str) -> epath.Path:
 
     A MODEL_DIR or `checkpoints` folder means its newest complete step.
     """
-    root = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute local paths
+    root = storage.absolute(path)  # Orbax needs absolute local paths
     if (root / "state").is_dir():
         return root / "state"
     for folder in (root / "checkpoints", root):
@@ -337,7 +338,7 @@ def best_checkpoint_manager(model_dir: str, metric: str, mode: str = "max") -> o
         max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode,
         keep_checkpoints_without_metrics=False, create=True,
     )
-    return ocp.CheckpointManager(Path(model_dir).absolute() / "best", options=options, item_names=("state",))
+    return ocp.CheckpointManager(storage.absolute(model_dir) / "best", options=options, item_names=("state",))
 
 
 def save_if_best(manager: ocp.CheckpointManager, state: TrainState, metrics: dict[str, float], metric: str) -> None:

@@ -16,7 +16,6 @@ cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its 
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import gin
 import jax
@@ -25,7 +24,7 @@ import seqio
 import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning, storage
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
@@ -34,7 +33,7 @@ from t5x_lite.models.base import BaseModel
 def read_input_file(path: str) -> list[dict[str, str]]:
     """Records `{"inputs": ..., "targets": ...}` from a .txt (one input per line) or .jsonl file."""
     lines = cli.read_lines(path, "INFER_INPUT_FILE", "input")
-    if Path(path).suffix != ".jsonl":
+    if storage.path(path).suffix != ".jsonl":
         return [{"inputs": line, "targets": ""} for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -129,7 +128,7 @@ def infer(
     else:
         provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
         tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    output = Path(output_file)
+    output = storage.path(output_file)  # a local path or gs://
     cli.prepare_output_dir(str(output.parent))
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
@@ -140,7 +139,7 @@ def infer(
     if jax.process_index() != 0:
         return sum(1 for _ in lines)
     written = 0
-    with open(output, "w", encoding="utf-8") as out:
+    with output.open("w", encoding="utf-8") as out:
         for line in lines:
             out.write(line)
             written += 1

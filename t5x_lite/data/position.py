@@ -21,6 +21,8 @@ import tensorflow as tf
 from clu.data.dataset_iterator import ArraySpec, TfDatasetIterator
 from etils import epath
 
+from t5x_lite import storage
+
 HOST_SHARDINGS = ("shard_info", "slice")
 LAYOUT_FILE = "layout.json"
 # The files of an earlier t5x_lite, which saved each process's iterator as `process_<i>-of-<n>` (per-host shards).
@@ -145,7 +147,8 @@ class DataIterator:
             record = {**dataclasses.asdict(self.layout), "process_count": self.num_processes}
             (directory / LAYOUT_FILE).write_text(json.dumps(record))
         for shard in self.layout.written_by(self.process, self.num_processes):
-            self.shards[shard].save(directory / self.layout.file_name(shard))
+            with storage.staged_prefix(str(directory / self.layout.file_name(shard)), upload=True) as local:
+                self.shards[shard].save(local)  # TF writes local files only: a gs:// folder gets them uploaded
 
     def restore(self, directory: epath.Path) -> None:
         """Continues from a checkpoint's data position: its layout, each shard where it was."""
@@ -156,7 +159,8 @@ class DataIterator:
         if saved.layout != self.layout:
             self.use(saved.layout)
         for shard, iterator in self.shards.items():
-            iterator.restore(saved.path(directory, shard))
+            with storage.staged_prefix(str(saved.path(directory, shard)), download=True) as local:
+                iterator.restore(local)  # TF reads local files only
         self.resume_note = resume_note(saved, self.fresh, self.num_processes)
 
 

@@ -90,7 +90,7 @@ def register_family_task(
     return _add(
         name,
         overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        source=sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern)),
         preprocessors=[text.lines_to_text_examples, *preprocessors()],
         output_features=output_features(vocabulary),
         metric_fns=[],
@@ -391,7 +391,7 @@ def register_classification_task(
     columns = ("label", "sentence1", "sentence2") if pair else ("label", "sentence")
     return add_classification_task(
         name,
-        seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
         [
             functools.partial(text.parse_tsv_lines, columns=columns),
             functools.partial(classification.label_names_to_ids, label_names=tuple(label_names)),
@@ -419,7 +419,7 @@ def register_tagging_task(
     return _add(
         name,
         overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        source=sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
         preprocessors=[
             functools.partial(text.parse_tsv_lines, columns=("tokens", "tags")),
             functools.partial(classification.to_tagging_inputs, tag_names=tuple(tag_names)),

@@ -220,7 +220,9 @@ class Checkpoint:
         for step in checkpoints.committed_steps(self.model_dir):
             if step > self.reported_step:
                 path = checkpoints.checkpoints_dir(self.model_dir) / str(step)
-                report(f"Checkpoint {step} committed: {checkpoints.folder_size(path) / 2**20:.1f} MiB in {path}")
+                size = checkpoints.folder_size(path)  # None in a bucket
+                mib = "" if size is None else f"{size / 2**20:.1f} MiB "
+                report(f"Checkpoint {step} committed: {mib}in {path}")
                 self.reported_step = step
 
     def close(self) -> None:

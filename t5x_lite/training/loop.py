@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -24,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease
+from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease, storage
 from t5x_lite.data import pipeline
 from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
@@ -109,7 +108,7 @@ def train(
                    f"--gin.TRAIN_STEPS to continue it.")
             return {}
         if jax.process_index() == 0:
-            (Path(model_dir) / "config.gin").write_text(
+            (storage.path(model_dir) / "config.gin").write_text(
                 gin.config_str() + f"\n# KERNELS={model.config.kernels!r} ran as {chosen.describe()!r} on the "
                 f"{jax.default_backend()} backend.\n"
             )
@@ -255,7 +254,7 @@ def report_replicated(
 def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: the bindings of every configurable the run has called so far (process 0)."""
     if jax.process_index() == 0:
-        (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+        (storage.path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
 
 
 def load_eval_batches(
