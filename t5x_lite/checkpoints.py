@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state together with the data-iterator position.
 
 Each step directory holds `state` (arrays, saved asynchronously by Orbax) and `dataset`
-(this process's tf.data iterator, written synchronously by a small handler, so the
-checkpoint is atomic: Orbax commits the step only when both are written).
+(the data position: the run's data layout and each data shard's tf.data iterator, written
+synchronously by a small handler, so the checkpoint is atomic: Orbax commits the step only
+when both are written). Both restore onto any mesh and process count.
 
 Crash safety is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp` and
 renamed to `<step>` only once every process has finished, so a run killed mid-write leaves
@@ -15,56 +16,46 @@ import dataclasses
 import datetime
 import os
 import re
-from pathlib import Path
 
 import gin
 import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
-from clu.data.dataset_iterator import TfDatasetIterator
 from etils import epath
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from t5x_lite import cli, partitioning
+from t5x_lite import cli, partitioning, storage
+from t5x_lite.data.position import DataIterator, DataLayoutMismatch
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import train_state
 from t5x_lite.training.train_state import TrainState
 
 
 class DatasetIteratorHandler(ocp.CheckpointHandler):
-    """Saves and restores a tf.data iterator, one file per process."""
-
-    def _path(self, directory: epath.Path) -> epath.Path:
-        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}"
+    """Saves and restores the train data position: its layout and the state of each data shard (`DataIterator`)."""
 
     def save(self, directory: epath.Path, args: DatasetIteratorArgs) -> None:
         try:
-            args.iterator.save(self._path(directory))
+            args.iterator.save(directory)
         except tf.errors.OpError as e:  # a full disk or read-only folder, in TF's own error types
             raise OSError(f"writing the data-iterator state failed: {e.message}") from e
 
-    def restore(self, directory: epath.Path, args: DatasetIteratorArgs) -> TfDatasetIterator:
-        path = self._path(directory)
-        if not epath.Path(f"{path}.index").exists():
-            raise FileNotFoundError(
-                f"No data-iterator state for {jax.process_count()} process(es) in {directory}; "
-                "it was written with a different process count."
-            )
-        args.iterator.restore(path)
+    def restore(self, directory: epath.Path, args: DatasetIteratorArgs) -> DataIterator:
+        args.iterator.restore(directory)
         return args.iterator
 
 
 @ocp.args.register_with_handler(DatasetIteratorHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class DatasetIteratorArgs(ocp.args.CheckpointArgs):
-    iterator: TfDatasetIterator
+    iterator: DataIterator
 
 
 def checkpoints_dir(model_dir: str) -> epath.Path:
     """`MODEL_DIR/checkpoints`, absolute (Orbax needs absolute local paths)."""
-    return epath.Path(model_dir if "://" in model_dir else os.path.abspath(model_dir)) / "checkpoints"
+    return storage.absolute(model_dir) / "checkpoints"
 
 
 def retention_policy(keep: int | None, keep_period: int | None) -> ocp.checkpoint_managers.PreservationPolicy:
@@ -128,11 +119,13 @@ class CheckpointInfo:
     path: epath.Path
     complete: bool  # committed by Orbax (False: a temporary folder left by an interrupted write)
     time: datetime.datetime  # commit time, or last modification of a partial folder
-    size_bytes: int
+    size_bytes: int | None  # None on an object store (gs://), whose listing here gives no sizes
 
 
-def folder_size(path: epath.Path) -> int:
-    """Bytes of all files under `path` (a local folder)."""
+def folder_size(path: epath.Path) -> int | None:
+    """Bytes of all files under `path`; None on an object store (gs://: TensorStore lists no sizes)."""
+    if storage.is_remote(path):
+        return None
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
@@ -143,7 +136,7 @@ def committed_steps(model_dir: str) -> list[int]:
 
 
 def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
-    """Every complete and partial checkpoint of a run, by step (a local MODEL_DIR)."""
+    """Every complete and partial checkpoint of a run, by step."""
     folder = checkpoints_dir(model_dir)
     infos = [CheckpointInfo(meta.step, meta.path, True, meta.commit_timestamp, folder_size(meta.path))
              for meta in ocp.path.step.standard_name_format().find_all(folder)]
@@ -154,7 +147,7 @@ def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda info: (info.step, info.complete))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, iterator: TfDatasetIterator) -> None:
+def save(manager: ocp.CheckpointManager, state: TrainState, iterator: DataIterator) -> None:
     """Starts saving the state at its step (arrays finish in the background).
 
     A failed write (full disk, read-only folder) raises an `OSError` that names the step, the
@@ -208,7 +201,7 @@ def _short(error: Exception) -> str:
 
 
 def _restore_step(
-    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: DataIterator
 ) -> TrainState:
     state_dir = manager.directory / str(step) / "state"
     saved = ocp.StandardCheckpointHandler().metadata(state_dir)
@@ -225,12 +218,14 @@ def _restore_step(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: DataIterator
 ) -> TrainState | None:
     """Restores the newest complete checkpoint onto the shardings in `abstract_state`; None if none.
 
     A checkpoint of another model shape or optimizer is a `CheckpointMismatch` naming the first
-    mismatching parameter (or the differing number of arrays).
+    mismatching parameter (or the differing number of arrays); one whose data position cannot
+    continue here (another BATCH_SIZE) a `DataLayoutMismatch`. Another process count is fine:
+    the data position continues exactly (`t5x_lite.data.position`).
     A committed checkpoint that cannot be read (truncated or corrupted files) is an error naming
     its folder and the newest older one that does restore: nothing is deleted or skipped
     silently, the user moves the bad folder aside to resume from the good one.
@@ -240,7 +235,7 @@ def restore_latest(
         return None
     try:
         return _restore_step(manager, steps[0], abstract_state, iterator)
-    except CheckpointMismatch:
+    except (CheckpointMismatch, DataLayoutMismatch):
         raise
     except Exception as e:  # Orbax, tensorstore and tf.data report damaged files with many error types.
         bad = manager.directory / str(steps[0])
@@ -255,7 +250,7 @@ def restore_latest(
 
 
 def _restores(
-    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: TfDatasetIterator
+    manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, iterator: DataIterator
 ) -> bool:
     try:
         _restore_step(manager, step, abstract_state, iterator)
@@ -269,7 +264,7 @@ def find_state_dir(path: str) -> epath.Path:
 
     A MODEL_DIR or `checkpoints` folder means its newest complete step.
     """
-    root = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute local paths
+    root = storage.absolute(path)  # Orbax needs absolute local paths
     if (root / "state").is_dir():
         return root / "state"
     for folder in (root / "checkpoints", root):
@@ -343,7 +338,7 @@ def best_checkpoint_manager(model_dir: str, metric: str, mode: str = "max") -> o
         max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode=mode,
         keep_checkpoints_without_metrics=False, create=True,
     )
-    return ocp.CheckpointManager(Path(model_dir).absolute() / "best", options=options, item_names=("state",))
+    return ocp.CheckpointManager(storage.absolute(model_dir) / "best", options=options, item_names=("state",))
 
 
 def save_if_best(manager: ocp.CheckpointManager, state: TrainState, metrics: dict[str, float], metric: str) -> None:

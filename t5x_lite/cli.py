@@ -19,6 +19,7 @@ import re
 import sys
 import tempfile
 import tokenize
+import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from typing import Any
 import gin
 import jax
 from absl import app, flags, logging
+from etils import epath
 from gin import config_parser
 
-from t5x_lite import host_memory
+from t5x_lite import host_memory, storage
 
 FLAGS = flags.FLAGS
 
@@ -611,6 +613,7 @@ def setup_runtime() -> None:
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     host_memory.keep_freed_host_memory()
     keep_tensorflow_off_gpus()
+    storage.configure()  # gs:// through one client, and to an emulator when STORAGE_EMULATOR_HOST names one
     if FLAGS.tfds_data_dir:
         import seqio
 
@@ -690,8 +693,9 @@ def load_task(name: str, module: str | None, task_feature_lengths: Mapping[str, 
 
 
 def read_lines(path: str, setting: str, what: str) -> list[str]:
-    """The non-blank lines of the file `setting` names, one `what` each; a missing or empty file is a `UserError`."""
-    file = Path(path)
+    """The non-blank lines of the file `setting` names (any `storage` path), one `what` each; a missing or empty
+    file is a `UserError`."""
+    file = storage.path(path)
     if not file.is_file():
         raise UserError(f"{setting} {path!r} does not exist.")
     lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -700,21 +704,23 @@ def read_lines(path: str, setting: str, what: str) -> list[str]:
     return lines
 
 
-def prepare_output_dir(path: str, setting: str | None = None) -> Path:
-    """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR) and checks it is writable, before any work.
+def prepare_output_dir(path: str, setting: str | None = None) -> epath.Path:
+    """Creates an output folder (MODEL_DIR, EVAL_OUTPUT_DIR; any `storage` path, gs:// too) and checks it is
+    writable, before any work; returns it as an `epath.Path`.
 
     The probe file's name is unique, so the processes of a multi-host run can check a shared folder at once.
     An unwritable folder is a `UserError` that names `setting` when given.
     """
-    folder = Path(path)
+    folder = storage.path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
-            pass
+        probe = folder / f".write_test{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         prefix = f"{setting} " if setting else ""
         raise UserError(
-            f"{prefix}{path!r} is not writable ({e.strerror}); pick a folder you can write to, "
+            f"{prefix}{path!r} is not writable ({e.strerror or e}); pick a folder you can write to, "
             "e.g. \"'runs/my_run'\"."
         ) from e
     return folder

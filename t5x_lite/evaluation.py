@@ -3,11 +3,18 @@
 The evaluator owns the data (unpacked, in order, with the task's postprocessors and metric
 functions); this module turns a model and its parameters into the `predict_fn`/`score_fn`
 it calls, and flattens the results into `eval/<task>/<metric>` scalars.
+
+Across processes the examples are shared out: every process reads the same batches, and each
+batch is split over the mesh's data axes, so a process decodes only the rows its own devices hold
+(on a data-parallel mesh, one contiguous block of each batch per process).
+The outputs are gathered back whole and in order; process 0 computes the metrics and shares them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,8 +23,10 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+from absl import logging
 from flax import nnx
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from t5x_lite import partitioning
@@ -29,7 +38,8 @@ from t5x_lite.models.base import BaseModel
 class ModelRunner:
     """Predicts tokens and scores targets for batches of converted features, jitted once per shape.
 
-    Every process runs the whole evaluation set (predictions are identical everywhere).
+    Each batch is split over the data axes (each process decodes its rows) and its outputs gathered whole
+    on every process. `batch_size` is rounded up to a multiple of the devices the batch is split over.
     """
 
     def __init__(
@@ -47,9 +57,12 @@ class ModelRunner:
         top_p: float = 1.0,
         eos_id: int = 1,
     ):
-        self.batch_size = batch_size
+        sharding = partitioning.batch_sharding(mesh, rules)
+        self.batch_size = rows_per_batch(batch_size, sharding)
+        if jax.process_count() > 1:
+            announce_split(self.batch_size, rows_on_this_process(self.batch_size, sharding))
         self.predict_features = model.predict_features
-        self._to_device = functools.partial(partitioning.whole_batch_to_mesh, mesh=mesh, rules=rules)
+        self._to_device = functools.partial(partitioning.split_batch_to_mesh, mesh=mesh, rules=rules)
         decode = DecodeConfig(method, beam_size, alpha, temperature, top_k, top_p, eos_id)
 
         def predict(params, batch, rng, max_decode_length):
@@ -59,8 +72,9 @@ class ModelRunner:
         def score(params, batch):
             return model.score_batch(nnx.merge(graphdef, params), batch)
 
-        self._predict = jax.jit(predict, static_argnums=3)
-        self._score = jax.jit(score)
+        # Decoding and scoring constrain their activations as the train step does (partitioning.constrain).
+        self._predict = jax.jit(partitioning.with_activation_sharding(predict, mesh, rules), static_argnums=3)
+        self._score = jax.jit(partitioning.with_activation_sharding(score, mesh, rules))
 
     def _batches(self, ds: tf.data.Dataset) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], int]]:
         """(indices, batch padded to `batch_size` rows, number of real rows) over an enumerated dataset."""
@@ -78,7 +92,7 @@ class ModelRunner:
         for i, (indices, batch, rows) in enumerate(self._batches(ds)):
             features = self.predict_features(batch)
             rng = jax.random.fold_in(jax.random.key(seed), i)
-            tokens = np.asarray(jax.device_get(self._predict(params, self._to_device(features), rng, max_decode_length)))
+            tokens = partitioning.gather_to_host(self._predict(params, self._to_device(features), rng, max_decode_length))
             outputs.extend((int(idx), row.tolist()) for idx, row in zip(indices[:rows], tokens[:rows]))
         return outputs
 
@@ -86,9 +100,34 @@ class ModelRunner:
         """(index, log-likelihood of the targets) for every example of an enumerated dataset."""
         outputs = []
         for indices, batch, rows in self._batches(ds):
-            scores = np.asarray(jax.device_get(self._score(params, self._to_device(batch))))
+            scores = partitioning.gather_to_host(self._score(params, self._to_device(batch)))
             outputs.extend((int(idx), float(s)) for idx, s in zip(indices[:rows], scores[:rows]))
         return outputs
+
+
+def rows_per_batch(batch_size: int, sharding: NamedSharding) -> int:
+    """`batch_size` rounded up to a multiple of the devices a batch's rows are split over (e.g. 32 -> 36 over 12),
+    so that every device holds whole rows (the extra rows are padding)."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = math.prod(sharding.mesh.shape[name] for name in names)
+    return -(-batch_size // shards) * shards
+
+
+def rows_on_this_process(batch_size: int, sharding: NamedSharding) -> int:
+    """How many rows of a batch this process's devices hold: its share (all rows where the data axes do not
+    span processes, e.g. tensor parallelism across hosts)."""
+    indices = sharding.addressable_devices_indices_map((batch_size, 1)).values()
+    return len({row for index in indices for row in range(batch_size)[index[0]]})
+
+
+def announce_split(batch_size: int, rows: int) -> None:
+    """Says how the processes share the decoding: in each process's log, and on process 0's console."""
+    message = (f"Decoding shares each batch of {batch_size} examples out over {jax.process_count()} processes: "
+               f"process {jax.process_index()} decodes {rows} rows of each.")
+    logging.info(message)
+    if jax.process_index() == 0 and logging.get_verbosity() < logging.INFO:
+        tqdm.write(message)
 
 
 def targets_eos_id(provider: seqio.Task | seqio.Mixture) -> int:
@@ -155,5 +194,16 @@ def evaluate(
         for name, value in task_metrics.items()
         if np.ndim(value) == 0
     }
-    return flat, outputs
+    return from_process_0(flat), outputs
+
+
+def from_process_0(metrics: dict[str, float]) -> dict[str, float]:
+    """Process 0's metrics (only it computes them) on every process, so that all processes log the same and
+    decide alike where a decision depends on them (keeping the best checkpoint is a collective save)."""
+    if jax.process_count() == 1:
+        return metrics
+    encoded = np.frombuffer(json.dumps(metrics).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(encoded.size)))
+    received = multihost_utils.broadcast_one_to_all(encoded if jax.process_index() == 0 else np.zeros(size, np.uint8))
+    return json.loads(received.tobytes())
 

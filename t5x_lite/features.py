@@ -20,7 +20,6 @@ if __name__ == "__main__":
 cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import gin
 import jax
@@ -30,7 +29,7 @@ import seqio
 from flax import nnx
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, partitioning
+from t5x_lite import checkpoints, partitioning, storage
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert
@@ -204,9 +203,10 @@ def save_features(
             outputs[i].append(np.asarray(features[i])[:rows])
     arrays = {f"layer_{i}": np.concatenate(outputs[i]) for i in indices}
     arrays.update(tokens=tokens, mask=tokens > 0)
-    output = Path(output_file)
+    output = storage.path(output_file if output_file.endswith(".npz") else f"{output_file}.npz")  # as np.savez names it
     cli.prepare_output_dir(str(output.parent))
-    np.savez(output, **arrays)
+    with output.open("wb") as f:  # a local path or gs://
+        np.savez(f, **arrays)
     print(f"Wrote layers {indices} of {len(tokens)} examples to {output}.")
     return arrays
 

@@ -15,16 +15,16 @@ if __name__ == "__main__":
 cli.keep_tensorflow_off_gpus()  # first: the imports below load TensorFlow (its C++ start-up logs held back)
 
 import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 
 import gin
+import jax
 import numpy as np
 import seqio
 import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, evaluation, partitioning
+from t5x_lite import checkpoints, evaluation, partitioning, storage
 from t5x_lite.data import special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
@@ -33,7 +33,7 @@ from t5x_lite.models.base import BaseModel
 def read_input_file(path: str) -> list[dict[str, str]]:
     """Records `{"inputs": ..., "targets": ...}` from a .txt (one input per line) or .jsonl file."""
     lines = cli.read_lines(path, "INFER_INPUT_FILE", "input")
-    if Path(path).suffix != ".jsonl":
+    if storage.path(path).suffix != ".jsonl":
         return [{"inputs": line, "targets": ""} for line in lines]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -112,7 +112,8 @@ def infer(
     split: str = "validation",
     mixture_or_task_module: str | None = None,
 ) -> int:
-    """Writes predictions and scores to `output_file`; returns the number of lines written."""
+    """Writes predictions and scores to `output_file` (process 0; every process decodes its share of the examples);
+    returns the number of lines."""
     cli.keep_tensorflow_off_gpus()
     if (mixture_or_task_name is None) == (input_file is None):
         raise cli.UserError("Set exactly one of MIXTURE_OR_TASK_NAME and INFER_INPUT_FILE.")
@@ -127,29 +128,41 @@ def infer(
     else:
         provider = cli.load_task(mixture_or_task_name, mixture_or_task_module, task_feature_lengths)
         tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    output = Path(output_file)
+    output = storage.path(output_file)  # a local path or gs://
     cli.prepare_output_dir(str(output.parent))
     mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     graphdef, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, rules)
     runner = evaluation.ModelRunner(model, graphdef, mesh, rules, eos_id=evaluation.targets_eos_id(tasks[0]))
-    converter = model.feature_converter_cls(pack=False)
+    # Every process decodes its share of each batch and builds every line; process 0 writes them.
+    lines = (line for task in tasks for line in task_lines(task, runner, params, model, task_feature_lengths, split))
+    if jax.process_index() != 0:
+        return sum(1 for _ in lines)
     written = 0
-    with open(output, "w", encoding="utf-8") as out:
-        for task in tasks:
-            raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
-            features = converter(raw, task_feature_lengths).enumerate()  # the same examples, in order
-            predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
-            scores = dict(runner.score(params, features))
-            for index, example in enumerate(raw.as_numpy_iterator()):
-                try:
-                    line = example_record(task, example, predictions[index], scores[index])
-                except ValueError as error:
-                    raise cli.UserError(f"Task {task.name!r}, example {index}: {error}") from None
-                out.write(json.dumps(line) + "\n")
-                written += 1
+    with output.open("w", encoding="utf-8") as out:
+        for line in lines:
+            out.write(line)
+            written += 1
     print(f"Wrote {written} predictions to {output}.")
     return written
+
+
+def task_lines(
+    task: seqio.Task, runner: evaluation.ModelRunner, params: dict, model: BaseModel,
+    task_feature_lengths: Mapping[str, int], split: str,
+) -> Iterator[str]:
+    """The output lines of a task's split, in order: its examples decoded and scored (each process decoding its
+    share; every process gets them all), then made readable."""
+    raw = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1)  # with the text
+    features = model.feature_converter_cls(pack=False)(raw, task_feature_lengths).enumerate()  # the same examples
+    predictions = dict(runner.predict(params, features, task_feature_lengths["targets"]))
+    scores = dict(runner.score(params, features))
+    for index, example in enumerate(raw.as_numpy_iterator()):
+        try:
+            line = example_record(task, example, predictions[index], scores[index])
+        except ValueError as error:
+            raise cli.UserError(f"Task {task.name!r}, example {index}: {error}") from None
+        yield json.dumps(line) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """An exclusive lease on a run folder: one training run writes into a MODEL_DIR at a time.
 
 The lease is the file `MODEL_DIR/.lease.json` (host, pid, start and refresh times, a token), created with an
-exclusive create (`create_exclusive`), refreshed by a daemon thread while the run lives and removed when it
-ends (normally, with an error, or on SIGTERM). A second run into a held folder is refused at once; a stale
-lease (on this host its process is gone; or not refreshed for `stale_after_s`) is taken over with one log
-line. In a multi-process run process 0 holds it for the job and the others follow its outcome.
+exclusive create (`storage.create_exclusive`: O_EXCL locally, a conditional write on GCS), refreshed by a daemon
+thread while the run lives and removed when it ends (normally, with an error, or on SIGTERM). A second run into
+a held folder is refused at once; a stale lease (on this host its process is gone; or not refreshed for
+`stale_after_s`) is taken over with one log line. In a multi-process run process 0 holds it for the job and the others follow its outcome.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from t5x_lite import cli
+from t5x_lite import cli, storage
 
 LEASE_FILE = ".lease.json"
 _READ_TRIES = 20  # a lease being created is empty for an instant: re-read it for up to ~1 s
@@ -77,7 +77,7 @@ class Lease:
 
     def __init__(self, model_dir: str, stale_after_s: float, refresh_s: float):
         self.model_dir, self.stale_after_s, self.refresh_s = model_dir, stale_after_s, refresh_s
-        self.path = epath.Path(model_dir) / LEASE_FILE
+        self.path = storage.path(model_dir) / LEASE_FILE
         now = time.time()
         self.holder = Holder(socket.gethostname(), os.getpid(), now, now, uuid.uuid4().hex)
         self._stop = threading.Event()
@@ -120,7 +120,7 @@ class Lease:
 
     def _create(self) -> bool:
         """Writes the lease file if none exists; False if one does."""
-        return create_exclusive(self.path, json.dumps(dataclasses.asdict(self.holder)))
+        return storage.create_exclusive(self.path, json.dumps(dataclasses.asdict(self.holder)))
 
     def _remove_stale(self, stale: Holder | None) -> None:
         """Removes the lease file judged stale, unless another run replaced it meanwhile."""
@@ -143,27 +143,6 @@ class Lease:
             fresh = self.path.parent / f"{LEASE_FILE}.{self.holder.token}"
             fresh.write_text(json.dumps(dataclasses.asdict(self.holder)))
             fresh.replace(self.path)
-
-
-def create_exclusive(path: epath.Path, text: str) -> bool:
-    """Creates the file `path` holding `text` unless it exists; False if it does.
-
-    Atomic on a local or shared POSIX file system (an `O_EXCL` create: of two runs exactly one succeeds).
-    `etils.epath` offers no exclusive create, so on object stores (gs://) this is a check, then a write, until a
-    conditional write (GCS: `if_generation_match=0`) takes its place.
-    """
-    if "://" in str(path):
-        if path.exists():
-            return False
-        path.write_text(text)
-        return True
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
-        f.write(text)
-    return True
 
 
 @gin.configurable
@@ -255,7 +234,7 @@ def holds_model_dir(run: Run) -> Run:
     @functools.wraps(run)
     def leased(*args: Any, **kwargs: Any) -> Any:
         model_dir = kwargs["model_dir"]
-        folder = epath.Path(model_dir)
+        folder = storage.path(model_dir)
         existed = folder.exists()
 
         def tidy() -> None:

@@ -22,6 +22,7 @@ from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite.data import pipeline
+from t5x_lite.data.position import DataIterator, DataLayout
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import loop, optimizers, steps, train_state
@@ -174,8 +175,10 @@ def at_step(state, step: int):
     return state.replace(step=jax.numpy.asarray(step, state.step.dtype))
 
 
-def iterator() -> TfDatasetIterator:
-    return TfDatasetIterator(tf.data.Dataset.range(100).map(lambda x: {"x": x}), checkpoint=True)
+def iterator() -> DataIterator:
+    """A data position over one shard of batches [0], [1], [2], ..."""
+    return DataIterator(lambda layout, shard: tf.data.Dataset.range(100).map(lambda x: {"x": [x]}),
+                        DataLayout("shard_info", 1, 1), 0, 1)
 
 
 def save_steps(model_dir: Path, state, steps: list[int]):
@@ -278,11 +281,11 @@ def test_read_only_model_dir(clean_gin, tmp_path):
         loop.train()
 
 
-class FullDiskIterator(TfDatasetIterator):
+class FullDiskIterator(DataIterator):
     """Writing its state fails as TF reports a full disk."""
 
-    def save(self, filename):
-        raise tf.errors.ResourceExhaustedError(None, None, f"{filename}.index; No space left on device")
+    def save(self, directory):
+        raise tf.errors.ResourceExhaustedError(None, None, f"{directory}/shard_0-of-1.index; No space left on device")
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -290,7 +293,8 @@ def test_full_disk_while_saving(tmp_path, tiny, async_save):
     state, _ = tiny
     manager = checkpoints.checkpoint_manager(str(tmp_path), async_save=async_save)
     checkpoints.save(manager, at_step(state, 5), iterator())
-    full = FullDiskIterator(tf.data.Dataset.range(3).map(lambda x: {"x": x}), checkpoint=True)
+    full = FullDiskIterator(lambda layout, shard: tf.data.Dataset.range(3).map(lambda x: {"x": [x]}),
+                            DataLayout("shard_info", 1, 1), 0, 1)
     with pytest.raises(OSError, match=rf"Could not write checkpoint step 6 to {tmp_path / 'checkpoints'} \(writing the "
                                       r"data-iterator state failed: .*No space left on device\)\. Free disk space or make "
                                       r"MODEL_DIR writable, then re-run the same command: the newest complete checkpoint "

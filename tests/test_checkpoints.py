@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 import tensorflow as tf
-from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints
+from t5x_lite.data.position import DataIterator, DataLayout
 from t5x_lite.training.train_state import TrainState
 
 
@@ -29,7 +29,8 @@ def state_at(step: int) -> TrainState:
 )
 def test_retention_keeps_exactly_what_it_promises(tmp_path, keep, keep_period, expected):
     """A checkpoint every step for 10 steps, saved asynchronously as the trainer saves them."""
-    iterator = TfDatasetIterator(tf.data.Dataset.range(100).map(lambda x: {"x": x}), checkpoint=True)
+    iterator = DataIterator(lambda layout, shard: tf.data.Dataset.range(100).map(lambda x: {"x": [x]}),
+                            DataLayout("shard_info", 1, 1), 0, 1)
     manager = checkpoints.checkpoint_manager(str(tmp_path), keep=keep, keep_period=keep_period)
     for step in range(1, 11):
         next(iterator)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import logging
-from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite.data.position import DataIterator, DataLayout
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import actions, loop, optimizers, train_state
@@ -164,7 +164,8 @@ def tiny_state() -> train_state.TrainState:
 def test_checkpoint_is_reported_at_the_first_step_boundary_after_its_commit(tmp_path, monkeypatch):
     reported: list[str] = []
     monkeypatch.setattr(actions, "report", reported.append)
-    iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
+    iterator = DataIterator(lambda layout, shard: tf.data.Dataset.range(10).map(lambda x: {"x": x}),
+                            DataLayout("shard_info", 1, 1), 0, 1)
     checkpoint = actions.Checkpoint(checkpoints.checkpoint_manager(str(tmp_path)), iterator, 2, str(tmp_path))
     checkpoint(actions.Tick(2, last=False, stopping=False), tiny_state())
     assert not reported or checkpoints.committed_steps(str(tmp_path)) == [2]  # never before the commit

@@ -1,6 +1,6 @@
 """Lists a run's checkpoints: step, time, size and whether Orbax committed it.
 
-    python tools/list_checkpoints.py runs/my_run
+    python tools/list_checkpoints.py runs/my_run      (or gs://bucket/my_run: sizes then show as ?)
 
 A `partial` row is a temporary folder left by a write that was interrupted (kill -9, a
 crash, a full disk); training never restores it, and the next run removes it. A `best` row
@@ -38,7 +38,8 @@ def format_table(rows: Sequence[Row]) -> str:
         )
     best = sum(1 for _, status, _ in rows if status == "best")
     count = f"{len(rows) - best} checkpoint(s)" + (f" and {best} best" if best else "")
-    lines.append(f"{count}, {human_size(sum(info.size_bytes for info, _, _ in rows))} in all")
+    sizes = [info.size_bytes for info, _, _ in rows]
+    lines.append(f"{count}, {human_size(None if None in sizes else sum(sizes))} in all")
     return "\n".join(lines)
 
 
@@ -84,8 +85,10 @@ def best_metric_name(model_dir: str) -> str | None:
     return match.group(1) if match else None
 
 
-def human_size(size: float) -> str:
-    """1536 -> '1.5 KiB'."""
+def human_size(size: float | None) -> str:
+    """1536 -> '1.5 KiB'; None (a size a bucket listing does not give) -> '?'."""
+    if size is None:
+        return "?"
     units = ["B", "KiB", "MiB", "GiB", "TiB"]
     power = 0
     while size >= 1024 and power < len(units) - 1:

@@ -2,16 +2,22 @@
 
     python tools/plot_metrics.py runs/quickstart [runs/other ...] --out curves.png \
         [--metrics train/loss eval/loss]
+
+Run folders and the PNG may be local paths or gs:// (`t5x_lite.storage`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import matplotlib
+from etils import epath
+
+from t5x_lite import storage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -19,9 +25,9 @@ import matplotlib.pyplot as plt
 DEFAULT_METRICS = ("train/loss", "eval/loss", "train/accuracy", "train/learning_rate")
 
 
-def read_metrics(model_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
+def read_metrics(model_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
     """Maps each metric name to its (steps, values) from a run's metrics.jsonl."""
-    path = Path(model_dir) / "metrics.jsonl"
+    path = storage.path(model_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a MODEL_DIR written by t5x_lite.train.")
     curves: dict[str, tuple[list[int], list[float]]] = {}
@@ -36,7 +42,7 @@ def read_metrics(model_dir: str | Path) -> dict[str, tuple[list[int], list[float
     return curves
 
 
-def plot(model_dirs: Sequence[str], out: str, metrics: Sequence[str] = DEFAULT_METRICS) -> Path:
+def plot(model_dirs: Sequence[str], out: str, metrics: Sequence[str] = DEFAULT_METRICS) -> epath.Path:
     """One panel per metric, one line per run; returns the PNG path."""
     runs = {d: read_metrics(d) for d in model_dirs}
     shown = [m for m in metrics if any(m in curves for curves in runs.values())]
@@ -46,15 +52,18 @@ def plot(model_dirs: Sequence[str], out: str, metrics: Sequence[str] = DEFAULT_M
     for ax, metric in zip(axes[0], shown):
         for run, curves in runs.items():
             if metric in curves:
-                ax.plot(*curves[metric], label=Path(run).name, marker="." if metric.startswith("eval") else None)
+                marker = "." if metric.startswith("eval") else None
+                ax.plot(*curves[metric], label=storage.path(run).name, marker=marker)
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format=os.path.splitext(out)[1][1:] or "png", dpi=100)  # the format the name says
     plt.close(fig)
-    return Path(out)
+    storage.path(out).write_bytes(image.getvalue())
+    return storage.path(out)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 seqio's own converters (`EncDecFeatureConverter`, `DecoderFeatureConverter`, ...) serve the T5, BART,
 GPT and prefix-LM tasks; `MaskedLMFeatureConverter`, `ClassificationFeatureConverter` and
-`TaggingFeatureConverter` serve BERT's.
+`TaggingFeatureConverter` serve BERT's; `PermutationLMFeatureConverter` serves XLNet's permutation LM.
 
 **MLM.** seqio's `EncoderFeatureConverter` puts loss weight only where `inputs == mask_id`, which drops
 BERT's 10% random-token and 10% unchanged positions from the loss (their inputs are not [MASK]).
@@ -183,3 +183,55 @@ class TaggingFeatureConverter(_AlignedTargetsFeatureConverter):
     (`encoder_segment_ids`, `encoder_positions`)."""
 
     ALIGNMENT = "Tagging targets hold one tag per input token"
+
+
+class PermutationLMFeatureConverter(seqio.FeatureConverter):
+    """XLNet's permutation LM (`preprocessors.permutation_lm`): the tokens are both the input and the
+    targets (no shift: each position predicts its own token from the tokens before it in the order),
+    with the order's ranks and loss weight 1 at the predicted positions; packs like seqio's converters.
+
+      task features  targets (+ factorization_rank, predicted, made alongside it)
+      model features decoder_input_tokens, decoder_target_tokens, decoder_loss_weights,
+                     decoder_factorization_rank [+ decoder_segment_ids, decoder_positions when packed]
+    """
+
+    TASK_FEATURES: ClassVar = {"targets": _INT}
+    MODEL_FEATURES: ClassVar = {
+        "decoder_input_tokens": _INT,
+        "decoder_target_tokens": _INT,
+        "decoder_loss_weights": _INT,
+        "decoder_factorization_rank": _INT,
+    }
+    PACKING_FEATURE_DTYPES: ClassVar = {"decoder_segment_ids": tf.int32, "decoder_positions": tf.int32}
+    _ORDER_FEATURES = ("factorization_rank", "predicted")
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        missing = [k for k in self._ORDER_FEATURES if k not in ds.element_spec]
+        if missing:
+            raise ValueError(
+                f"PermutationLMFeatureConverter needs the features {missing} of a permutation-LM task "
+                "(preprocessors.permutation_lm, e.g. bundled_permutation_lm)."
+            )
+        length = task_feature_lengths["targets"]
+
+        # Rank 0 and weight 0 are real values: they are packed shifted by one (padding stays 0), then shifted back.
+        def convert(features):
+            converted = {
+                "decoder_input_tokens": features["targets"],
+                "decoder_target_tokens": features["targets"],
+                "decoder_loss_weights": tf.maximum(features["predicted"] - 1, 0),
+                "decoder_factorization_rank": tf.maximum(features["factorization_rank"] - 1, 0),
+            }
+            if self.pack:
+                converted["decoder_segment_ids"] = features["targets_segment_ids"]
+                converted["decoder_positions"] = features["targets_positions"]
+            return converted
+
+        ds = ds.map(lambda ex: {"targets": ex["targets"], **{k: ex[k] + 1 for k in self._ORDER_FEATURES}})
+        ds = self._pack_or_pad(ds, {"targets": length, **{k: length for k in self._ORDER_FEATURES}})
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        length = task_feature_lengths["targets"]
+        names = list(self.MODEL_FEATURES) + (list(self.PACKING_FEATURE_DTYPES) if self.pack else [])
+        return {name: length for name in names}

@@ -6,15 +6,19 @@ bundled tasks register on first lookup, not when `t5x_lite` is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import gin
 import jax
 import seqio
 import tensorflow as tf
+
+from t5x_lite.data import position
 
 # What a too-long example's pipeline error says (`fit_to_length`'s "error" mode); the trainer matches it.
 from t5x_lite.data.preprocessors.text import LONG_SEQUENCE_ERROR  # noqa: F401
@@ -71,8 +75,59 @@ def check_feature_lengths(provider: seqio.Task | seqio.Mixture, task_feature_len
         )
 
 
-@gin.configurable(denylist=["split", "shuffle", "num_epochs"])
-def get_dataset(
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What a run reads (a task's split, converted, in global batches of `batch_size`) and how its processes
+    split it (`host_sharding`): `get_dataset`'s settings, from which a process builds its pipelines."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    batch_size: int
+    feature_converter_cls: type[seqio.FeatureConverter]
+    split: str
+    shuffle: bool
+    num_epochs: int | None
+    seed: int | None
+    pack: bool
+    host_sharding: str
+
+    def fresh_layout(self) -> position.DataLayout:
+        """The data shards a run starting on this process count reads."""
+        return position.DataLayout.fresh(self.host_sharding, self.batch_size, jax.process_count())
+
+    def shard(self, layout: position.DataLayout, index: int) -> tf.data.Dataset:
+        """Shard `index` of `layout`: its rows of every global batch (the same batches on any process)."""
+        by_shard = layout.host_sharding == "shard_info"
+        ds = seqio.get_dataset(
+            get_mixture_or_task(self.mixture_or_task_name),
+            task_feature_lengths=self.task_feature_lengths,
+            feature_converter=self.feature_converter_cls(pack=self.pack),
+            dataset_split=self.split,
+            shuffle=self.shuffle,
+            num_epochs=self.num_epochs,
+            shard_info=seqio.ShardInfo(index=index, num_shards=layout.num_shards) if by_shard else None,
+            seed=self.seed,
+            verbose=False,
+        )
+        return ds.batch(layout.shard_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def process_dataset(self) -> tf.data.Dataset:
+        """This process's batches of a fresh layout: its own shard, or its rows of the one pipeline's batches."""
+        layout = self.fresh_layout()
+        [(index, rows)] = layout.rows(jax.process_index(), jax.process_count())
+        ds = self.shard(layout, index)
+        if rows == slice(0, layout.shard_batch_size):
+            return ds
+        return ds.map(lambda batch: {k: v[rows] for k, v in batch.items()})
+
+    def iterator(self) -> position.DataIterator:
+        """This process's batches as a checkpointable iterator that resumes on any process count."""
+        return position.DataIterator(self.shard, self.fresh_layout(), jax.process_index(), jax.process_count())
+
+
+# gin names it `get_dataset` (the bindings `get_dataset.pack`, `get_dataset.host_sharding` configure every pipeline).
+@gin.configurable("get_dataset", denylist=["split", "shuffle", "num_epochs"])
+def data_spec(
     mixture_or_task_name: str,
     task_feature_lengths: Mapping[str, int],
     batch_size: int,
@@ -83,8 +138,8 @@ def get_dataset(
     seed: int | None = None,
     pack: bool = True,
     host_sharding: str = "shard_info",
-) -> tf.data.Dataset:
-    """This process's batches (global `batch_size` / process count) of converted features.
+) -> DataSpec:
+    """The checked settings of a run's data.
 
     With a seed the pipeline is deterministic (file order, preprocessor randomness, shuffle
     and mixture sampling), which with an iterator checkpoint makes resumes exact.
@@ -94,30 +149,28 @@ def get_dataset(
     """
     provider = get_mixture_or_task(mixture_or_task_name)
     check_feature_lengths(provider, task_feature_lengths)
-    num_processes = jax.process_count()
-    if batch_size % num_processes:
-        raise ValueError(f"BATCH_SIZE {batch_size} must be divisible by the process count {num_processes}.")
     if split not in provider.splits:
         raise ValueError(f"Task {provider.name!r} has no split {split!r}; its splits are {list(provider.splits)}.")
-    if host_sharding not in ("shard_info", "slice"):
-        raise ValueError(f"get_dataset.host_sharding must be 'shard_info' or 'slice', got {host_sharding!r}.")
-    by_shard = host_sharding == "shard_info"
-    ds = seqio.get_dataset(
-        provider,
-        task_feature_lengths=task_feature_lengths,
-        feature_converter=feature_converter_cls(pack=pack),
-        dataset_split=split,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=num_processes) if by_shard else None,
-        seed=seed,
-        verbose=False,
-    )
-    local_batch_size = batch_size // num_processes
-    if by_shard:
-        ds = ds.batch(local_batch_size, drop_remainder=True)
-    else:
-        start = jax.process_index() * local_batch_size
-        ds = ds.batch(batch_size, drop_remainder=True)
-        ds = ds.map(lambda batch: {k: v[start : start + local_batch_size] for k, v in batch.items()})
-    return ds.prefetch(tf.data.AUTOTUNE)
+    spec = DataSpec(mixture_or_task_name, task_feature_lengths, batch_size, feature_converter_cls, split, shuffle,
+                    num_epochs, seed, pack, host_sharding)
+    spec.fresh_layout()  # checks host_sharding and that the processes divide the batch
+    return spec
+
+
+def get_dataset(
+    mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+    feature_converter_cls: type[seqio.FeatureConverter], **options: Any,
+) -> tf.data.Dataset:
+    """This process's batches (global `batch_size` / process count) of converted features; `options` are
+    `data_spec`'s (split, shuffle, num_epochs, seed, pack, host_sharding), the unset ones from gin."""
+    spec = data_spec(mixture_or_task_name, task_feature_lengths, batch_size, feature_converter_cls, **options)
+    return spec.process_dataset()
+
+
+def train_iterator(
+    mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
+    feature_converter_cls: type[seqio.FeatureConverter], seed: int | None,
+) -> position.DataIterator:
+    """This process's train batches (shuffled, repeated), as an iterator whose position a checkpoint saves."""
+    return data_spec(mixture_or_task_name, task_feature_lengths, batch_size, feature_converter_cls, split="train",
+                     shuffle=True, num_epochs=None, seed=seed).iterator()

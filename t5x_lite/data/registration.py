@@ -28,6 +28,7 @@ from t5x_lite.data import pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
 from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, unifiedqa
+from t5x_lite.data.preprocessors.permutation_lm import permutation_lm_preprocessors
 
 SplitFiles = Mapping[str, str | Sequence[str]]
 QA_MIXING_MAXIMUM = 1000
@@ -66,6 +67,7 @@ OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | Non
     ),
     "lm": (lm.lm_preprocessors, lambda v: _features(["targets"], False, v)),
     "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
+    "permutation_lm": (permutation_lm_preprocessors, lambda v: _features(["targets"], False, v)),
     "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
 }
 
@@ -88,7 +90,7 @@ def register_family_task(
     return _add(
         name,
         overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern)),
+        source=sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern)),
         preprocessors=[text.lines_to_text_examples, *preprocessors()],
         output_features=output_features(vocabulary),
         metric_fns=[],
@@ -389,7 +391,7 @@ def register_classification_task(
     columns = ("label", "sentence1", "sentence2") if pair else ("label", "sentence")
     return add_classification_task(
         name,
-        seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
         [
             functools.partial(text.parse_tsv_lines, columns=columns),
             functools.partial(classification.label_names_to_ids, label_names=tuple(label_names)),
@@ -417,7 +419,7 @@ def register_tagging_task(
     return _add(
         name,
         overwrite,
-        source=seqio.TextLineDataSource(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
+        source=sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern), skip_header_lines=1),
         preprocessors=[
             functools.partial(text.parse_tsv_lines, columns=("tokens", "tags")),
             functools.partial(classification.to_tagging_inputs, tag_names=tuple(tag_names)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import glob
 import io
 import json
 import pathlib
@@ -27,8 +28,8 @@ from typing import Any
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from etils import epath
 
+from t5x_lite import storage
 from t5x_lite.data.preprocessors import unifiedqa
 
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "bundled"
@@ -53,8 +54,19 @@ def check_files(name: str, split_to_filepattern: Mapping[str, str | Sequence[str
     """Raises FileNotFoundError, naming task `name` and the split, when a split's pattern matches no file."""
     for split, pattern in split_to_filepattern.items():
         patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-        if not any(tf.io.gfile.glob(p) for p in patterns):
+        if not any(storage.glob(p) for p in patterns):
             raise FileNotFoundError(f"Task {name!r}: no file matches {pattern!r} for split {split!r}.")
+
+
+class TextLineFiles(seqio.TextLineDataSource):
+    """seqio's text-line source over local or gs:// files: tf.data reads local files only, so a file in a bucket
+    is read from a local copy made once per process (`storage.local_file`), in the order of the bucket's names."""
+
+    def list_shards(self, split: str) -> list[str]:
+        patterns = self._split_to_filepattern[split]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        files = [f for p in patterns for f in (storage.glob(p) if glob.has_magic(p) else [p])]  # as seqio lists them
+        return [storage.local_file(f) for f in files]
 
 
 class PreparedTfdsDataSource(seqio.TfdsDataSource):
@@ -94,8 +106,7 @@ def read_qa_file(path: str, format: str) -> list[dict[str, Any]]:
     suffix = pathlib.PurePath(path).suffix.lower()
     if suffix not in (".jsonl", ".tsv"):
         raise QaRecordError(f"{path}: unknown QA file type {suffix!r}; use .jsonl (JSON lines) or .tsv (with a header row).")
-    with tf.io.gfile.GFile(path, "r") as f:
-        text = f.read()
+    text = storage.path(path).read_text(encoding="utf-8")
     rows = _jsonl_rows(path, text) if suffix == ".jsonl" else _tsv_rows(path, text)
     records = [_check_record(path, line, row, format) for line, row in rows]
     if not records:
@@ -224,7 +235,7 @@ class RecordFileDataSource(seqio.DataSource):
         return True
 
     def list_shards(self, split: str) -> list[str]:
-        files = sorted({f for p in self._patterns[split] for f in tf.io.gfile.glob(p)})
+        files = sorted({f for p in self._patterns[split] for f in storage.glob(p)})
         if not files:
             raise FileNotFoundError(f"No file matches {self._patterns[split]} for split {split!r}.")
         return files
@@ -293,7 +304,7 @@ def read_text_to_text_file(path: str, format: str) -> list[dict[str, str]]:
     a file without examples is a `TextToTextFileError` naming the file and line.
     """
     check_text_to_text_format(format)
-    lines = epath.Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): a text may hold U+2028
+    lines = storage.path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): a text may hold U+2028
     numbered = [(number, line.removesuffix("\r")) for number, line in enumerate(lines, start=1) if line.strip()]
     pairs = _tsv_pairs(path, numbered) if format == "tsv" else [_jsonl_pair(path, n, line) for n, line in numbered]
     if not pairs:

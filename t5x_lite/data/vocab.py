@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import gin
 import seqio
-import tensorflow as tf
+
+from t5x_lite import storage
 
 BUNDLED_SPM_PATH: str = str(pathlib.Path(__file__).resolve().parent / "bundled" / "spiece.model")
 DEFAULT_EXTRA_IDS = 100
@@ -19,17 +20,17 @@ DEFAULT_EXTRA_IDS = 100
 
 @gin.configurable
 def get_vocabulary(spm_path: str | None = None, extra_ids: int = DEFAULT_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-    """The SentencePiece model at `spm_path` (any `tf.io.gfile` path; None: the bundled one) with `extra_ids`
+    """The SentencePiece model at `spm_path` (a local path or gs://; None: the bundled one) with `extra_ids`
     `<extra_id_N>` sentinels appended (T5 uses 100; `<extra_id_0>` gets the last id); a missing file is a
     FileNotFoundError."""
     path = BUNDLED_SPM_PATH if spm_path is None else spm_path
-    if not tf.io.gfile.exists(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(
             f"SentencePiece model {path!r} does not exist: pass spm_path= the path of an existing "
             f"'.model' file (gin: get_vocabulary.spm_path = '...'), or None for the bundled "
             f"vocabulary {BUNDLED_SPM_PATH!r}."
         )
-    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    return seqio.SentencePieceVocabulary(storage.local_file(path), extra_ids=extra_ids)  # seqio reads local files
 
 
 class LabelVocabulary(seqio.PassThroughVocabulary):

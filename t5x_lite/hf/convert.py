@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -26,7 +27,7 @@ class Checkpoint:
     """An opened HF directory: its family, raw `config.json`, lazy weights, our derived config and, for
     families with several heads (BERT), the checkpoint's head."""
 
-    path: Path
+    path: epath.Path
     family: registry.Family
     hf_config: dict
     weights: files.Weights
@@ -42,7 +43,7 @@ class Checkpoint:
         return self.family.params_from_hf(self.weights, self.hf_config, self.config)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads `config.json`, finds the family and derives our config (no tensors loaded but the head's)."""
     folder = files.model_dir(path)
     hf_config = files.read_config(folder)
@@ -104,7 +105,7 @@ def _place_sharded(array: np.ndarray, leaf: Any) -> jax.Array:
 
 
 def restore_params(
-    path: str | Path, abstract_params: dict, model: BaseModel | None = None, fresh: dict | None = None
+    path: str | os.PathLike, abstract_params: dict, model: BaseModel | None = None, fresh: dict | None = None
 ) -> dict:
     """Parameters of the HF directory at `path` laid out like `abstract_params` (and on its shardings).
 
@@ -140,7 +141,7 @@ def restore_params(
     return _fill(abstract_params, converted, source, _place_sharded, kept)
 
 
-def load_model(path: str | Path, **config_overrides: Any) -> BaseModel:
+def load_model(path: str | os.PathLike, **config_overrides: Any) -> BaseModel:
     """The trainer's model object (e.g. `EncoderDecoderModel`) configured like the HF checkpoint.
 
     `config_overrides` may set the fields `config.json` does not fix (e.g. `dtype="bfloat16"`,
@@ -160,7 +161,7 @@ def _override(checkpoint: Checkpoint, overrides: Mapping[str, Any]) -> Any:
     return dataclasses.replace(checkpoint.config, **overrides)
 
 
-def from_pretrained(path: str | Path, **config_overrides: Any) -> tuple[nnx.Module, seqio.Vocabulary | None]:
+def from_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[nnx.Module, seqio.Vocabulary | None]:
     """(network, vocabulary) from a Hugging Face model directory.
 
     The network is the family's NNX module (e.g. `T5`) with the weights loaded, on the default
@@ -180,7 +181,7 @@ def from_pretrained(path: str | Path, **config_overrides: Any) -> tuple[nnx.Modu
     return nnx.merge(graphdef, abstract_params), _vocabulary_or_none(checkpoint.path)
 
 
-def _vocabulary_or_none(folder: Path) -> seqio.Vocabulary | None:
+def _vocabulary_or_none(folder: epath.Path) -> seqio.Vocabulary | None:
     if (folder / vocabularies.SPIECE).is_file() or (folder / vocabularies.TOKENIZER_JSON).is_file():
         return vocabularies.load_vocabulary(str(folder))
     return None
@@ -194,8 +195,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def write_pretrained(
-    params: Mapping, config: Any, path: str | Path, vocabulary: seqio.Vocabulary | None = None
-) -> Path:
+    params: Mapping, config: Any, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None
+) -> epath.Path:
     """Writes a HF directory (`config.json`, `model.safetensors`, tokenizer files) from our params + config.
 
     Special token ids in `config.json` follow t5x_lite's conventions: padding 0, decoding starts from 0
@@ -215,7 +216,9 @@ def write_pretrained(
     return folder
 
 
-def save_pretrained(model: nnx.Module, path: str | Path, vocabulary: seqio.Vocabulary | None = None) -> Path:
+def save_pretrained(
+    model: nnx.Module, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None
+) -> epath.Path:
     """Writes `model` (an NNX network with a `.config`, e.g. from `from_pretrained`) as a HF directory
     that `transformers`' `from_pretrained` loads with the same logits; tokenizer files too if given."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

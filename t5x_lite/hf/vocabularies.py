@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import gin
 import numpy as np
 import seqio
 import tensorflow as tf
 import tokenizers
+from etils import epath
+
+from t5x_lite import storage
 
 SPIECE = "spiece.model"
 TOKENIZER_JSON = "tokenizer.json"
@@ -153,7 +156,7 @@ def _token_string(value) -> str | None:
     return value.get("content") if isinstance(value, Mapping) else value
 
 
-def _tokenizer_config(folder: Path) -> dict:
+def _tokenizer_config(folder: epath.Path) -> dict:
     config = {}
     for name in (SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG):  # tokenizer_config.json wins
         if (folder / name).is_file():
@@ -177,14 +180,14 @@ def load_vocabulary(path: str) -> seqio.Vocabulary:
     In gin, e.g. `get_vocabulary`'s place in a task: `@hf.load_vocabulary()` with
     `hf.load_vocabulary.path = '/models/flan-t5-small'`.
     """
-    folder = Path(path).expanduser()
+    folder = storage.path(path).expanduser()  # local or gs:// (the tokenizer libraries read local copies)
     config = _tokenizer_config(folder)
     if (folder / SPIECE).is_file():
-        return seqio.SentencePieceVocabulary(str(folder / SPIECE), extra_ids=_extra_ids(config))
+        return seqio.SentencePieceVocabulary(storage.local_file(str(folder / SPIECE)), extra_ids=_extra_ids(config))
     if (folder / TOKENIZER_JSON).is_file():
         eos = _token_string(config.get("eos_token")) or _token_string(config.get("sep_token"))
         return TokenizersVocabulary(
-            str(folder / TOKENIZER_JSON),
+            storage.local_file(str(folder / TOKENIZER_JSON)),
             eos_token=eos,
             unk_token=_token_string(config.get("unk_token")),
             pad_token=_token_string(config.get("pad_token")),
@@ -194,14 +197,14 @@ def load_vocabulary(path: str) -> seqio.Vocabulary:
     )
 
 
-def save_vocabulary(vocabulary: seqio.Vocabulary, path: str | Path) -> list[str]:
-    """Writes tokenizer files that `transformers.AutoTokenizer.from_pretrained(path)` loads; returns their names."""
-    folder = Path(path).expanduser()
+def save_vocabulary(vocabulary: seqio.Vocabulary, path: str | os.PathLike) -> list[str]:
+    """Writes tokenizer files that `transformers.AutoTokenizer.from_pretrained(path)` loads (into a local or gs://
+    folder); returns their names."""
+    folder = storage.path(path).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(vocabulary, seqio.SentencePieceVocabulary):
         # The original file: seqio's in-memory model has the sentinels added as pieces already.
-        with tf.io.gfile.GFile(vocabulary.sentencepiece_model_file, "rb") as f:
-            (folder / SPIECE).write_bytes(f.read())
+        (folder / SPIECE).write_bytes(storage.path(vocabulary.sentencepiece_model_file).read_bytes())
         piece = vocabulary.tokenizer.id_to_piece
         config = {
             "tokenizer_class": "T5Tokenizer",
@@ -212,7 +215,7 @@ def save_vocabulary(vocabulary: seqio.Vocabulary, path: str | Path) -> list[str]
         }
         files = [SPIECE, TOKENIZER_CONFIG]
     elif isinstance(vocabulary, TokenizersVocabulary):
-        vocabulary.tokenizer.save(str(folder / TOKENIZER_JSON))
+        (folder / TOKENIZER_JSON).write_text(vocabulary.tokenizer.to_str(pretty=True), encoding="utf-8")
         tokens = vocabulary.special_tokens
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         config.update({f"{kind}_token": token for kind, token in tokens.items() if token is not None})

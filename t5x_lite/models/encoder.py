@@ -132,15 +132,16 @@ class EncoderOnlyMLMModel(_EncoderModel):
         budget = min(positions, max(1, int(np.ceil(self.max_prediction_fraction * positions))))
         if budget == positions:
             return self.loss_sums(network.mlm_logits(hidden), targets, weights)
-        flat_hidden = hidden.reshape(1, positions, hidden.shape[-1])
-        flat_targets, flat_weights = targets.reshape(1, positions), weights.reshape(1, positions)
-        chosen = flat_weights[0] != 0
+        # The positions become the rows ([positions, 1, d]): the logits' batch axis stays the one the mesh splits.
+        flat_hidden = hidden.reshape(positions, 1, hidden.shape[-1])
+        flat_targets, flat_weights = targets.reshape(positions, 1), weights.reshape(positions, 1)
+        chosen = flat_weights[:, 0] != 0
 
         def gathered():
             # top_k of the 0/1 mask: every chosen position (the budget holds them all), then unchosen
             # ones of weight 0, which add nothing.
             index = jax.lax.top_k(chosen.astype(jnp.float32), budget)[1]
-            return self.loss_sums(network.mlm_logits(flat_hidden[:, index]), flat_targets[:, index], flat_weights[:, index])
+            return self.loss_sums(network.mlm_logits(flat_hidden[index]), flat_targets[index], flat_weights[index])
 
         def everywhere():
             return self.loss_sums(network.mlm_logits(flat_hidden), flat_targets, flat_weights)

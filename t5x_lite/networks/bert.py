@@ -27,10 +27,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_lite import partitioning
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.nn import attention, kernels, layers, stacks
 
 HEADS = ("mlm", "classification", "tagging", "none")
+# Logical axes of the heads' own activations (the shared layers name the rest, see `layers.EMBED_AXES` etc.).
+POOLED_AXES = ("batch", "mlp")  # the pooler's [b, d] output (its kernel is [embed, mlp])
+CLASS_LOGITS_AXES = ("batch", "classes")  # classification and NSP logits
+TAG_LOGITS_AXES = ("batch", "length", "classes")  # tagging logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,10 @@ class MlmHead(nnx.Module):
         self.activation = config.activation
 
     def __call__(self, hidden: jax.Array, word_embeddings: layers.Embed) -> jax.Array:
-        h = jax.nn.gelu(self.transform(hidden), approximate=self.activation == "gelu_tanh")
+        # Named as the residual stream (the layer norm reads whole rows): named `mlp` (split over `tensor`),
+        # XLA:CPU's partitioner took wrong gradients through the layer norm (jax 0.10.2; tests/test_partitioning.py).
+        h = partitioning.constrain(self.transform(hidden), "mlm/transform", layers.EMBED_AXES)
+        h = jax.nn.gelu(h, approximate=self.activation == "gelu_tanh")
         return word_embeddings.attend(self.layer_norm(h)) + self.bias[...]
 
 
@@ -216,7 +224,7 @@ class Bert(nnx.Module):
                 f"This BERT network ({self.head!r} head, next_sentence_prediction="
                 f"{self.config.next_sentence_prediction}) has no pooler."
             )
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+        return jnp.tanh(partitioning.constrain(self.pooler(hidden[:, 0]), "pooled", POOLED_AXES))
 
     def nsp_logits(self, hidden: jax.Array) -> jax.Array:
         """float32 [b, 2] next-sentence logits: column 0 "B follows A", column 1 "B is random" (BERT's order)."""
@@ -225,17 +233,19 @@ class Bert(nnx.Module):
                 "The batch has next_sentence_labels but the network has no NSP head; set "
                 "BertConfig.next_sentence_prediction = True (or drop NSP from the task)."
             )
-        return self.nsp(self.pooled(hidden), out_dtype=jnp.float32)
+        return partitioning.constrain(self.nsp(self.pooled(hidden), out_dtype=jnp.float32), "nsp/logits",
+                                      CLASS_LOGITS_AXES)
 
     def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier, as BERT)."""
         pooled = self.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
-        return self.classifier(pooled, out_dtype=jnp.float32)
+        logits = self.classifier(pooled, out_dtype=jnp.float32)
+        return partitioning.constrain(logits, "classification/logits", CLASS_LOGITS_AXES)
 
     def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         """float32 [b, s, num_labels] per-token logits."""
         hidden = self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
-        return self.tagger(hidden, out_dtype=jnp.float32)
+        return partitioning.constrain(self.tagger(hidden, out_dtype=jnp.float32), "tagging/logits", TAG_LOGITS_AXES)
 
     def __call__(
         self,

@@ -94,7 +94,7 @@ class GPTBlock(nnx.Module):
         """[b, s, e] -> (output [b, s, e], this layer's keys and values in the cache layout [b, h, s, d])."""
         h = self.pre_attention_layer_norm(x)
         att = self.attention
-        k, v = att.key(h), att.value(h)
+        k, v = att.project_key_value(h)
         h = att.attend(att.project_query(h), k, v, bias, dropout_rngs=dropout_rngs)
         x = x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs)
         h = self.mlp(self.pre_mlp_layer_norm(x))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_lite import partitioning
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
@@ -284,7 +285,7 @@ class T5(EncoderDecoderNetwork):
         """Decoder output [b, t, e] -> float32 logits [b, t, vocab] (tied or untied)."""
         if self.logits_dense is None:
             return self.token_embedder.attend(y * self.config.d_model**-0.5)
-        return self.logits_dense(y, out_dtype=jnp.float32)
+        return partitioning.constrain(self.logits_dense(y, out_dtype=jnp.float32), "logits", layers.VOCAB_AXES)
 
     def init_decode_state(self, encoded: jax.Array, encoder_mask: jax.Array, max_decode_length: int) -> DecodeState:
         """Empty self-attention caches for `max_decode_length` positions plus every decoder layer's

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from t5x_lite import partitioning
 from t5x_lite.nn import layers
 from t5x_lite.nn.kernels import Kernels
 
@@ -179,13 +180,24 @@ class MultiHeadAttention(nnx.Module):
     def __call__(
         self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        q, k, v = self.project_query(inputs_q), self.key(inputs_kv), self.value(inputs_kv)  # [b, s, h, d]
+        q, (k, v) = self.project_query(inputs_q), self.project_key_value(inputs_kv)  # [b, s, h, d]
         return self.attend(q, k, v, bias, dropout_rngs=dropout_rngs)
 
     def project_query(self, inputs_q: jax.Array) -> jax.Array:
         """Projected queries [b, q, h, d], scaled by 1/sqrt(head_dim) when `scale_logits`."""
         q = self.query(inputs_q)
-        return q if self.query_scale is None else q * jnp.asarray(self.query_scale, q.dtype)
+        q = q if self.query_scale is None else q * jnp.asarray(self.query_scale, q.dtype)
+        return partitioning.constrain(q, "attention/query", layers.HEADS_AXES)
+
+    def project_key_value(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Projected keys and values [b, k, h, d]."""
+        k = partitioning.constrain(self.key(inputs_kv), "attention/key", layers.HEADS_AXES)
+        return k, partitioning.constrain(self.value(inputs_kv), "attention/value", layers.HEADS_AXES)
+
+    def project_out(self, x: jax.Array) -> jax.Array:
+        """Attention per head [b, q, h, d] -> the output projection [b, q, embed]."""
+        x = partitioning.constrain(x, "attention/heads", layers.HEADS_AXES)
+        return partitioning.constrain(self.out(x), "attention/output", layers.EMBED_AXES)
 
     def attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
@@ -201,23 +213,25 @@ class MultiHeadAttention(nnx.Module):
             bias = jnp.maximum(bias, jnp.finfo(self.dtype).min / 2).astype(self.dtype)
             bias = jnp.broadcast_to(bias, (*bias.shape[:-2], q.shape[1], k.shape[1]))
             x = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=self.implementation)
-            return self.out(x)
+            return self.project_out(x)
         ops = self.kernels
         logits = ops.add(ops.einsum("bqhd,bkhd->bhqk", q, k, dtype=self.dtype, out_dtype=jnp.float32), bias)
+        logits = partitioning.constrain(logits, "attention/logits", layers.ATTENTION_LOGITS_AXES)
         probs = ops.dropout(ops.softmax(logits), self.dropout_rate, dropout_rngs)
-        return self.out(ops.einsum("bhqk,bkhd->bqhd", probs, v, dtype=self.dtype))
+        return self.project_out(ops.einsum("bhqk,bkhd->bqhd", probs, v, dtype=self.dtype))
 
     def project_kv(self, inputs_kv: jax.Array) -> KVCache:
         """Keys and values of `inputs_kv` [b, s, e] in the cache layout [b, h, s, d] (activation dtype)."""
-        k, v = self.key(inputs_kv), self.value(inputs_kv)
+        k, v = self.project_key_value(inputs_kv)
         return KVCache(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
 
     def attend_cached(self, inputs_q: jax.Array, cache: KVCache, bias: jax.Array) -> jax.Array:
         """Attention of `inputs_q` [b, q, e] over one layer's cached keys/values [b, h, k, d]."""
         q, ops = self.project_query(inputs_q), self.kernels
         logits = ops.einsum("bqhd,bhkd->bhqk", q, cache.key, dtype=self.dtype, out_dtype=jnp.float32) + bias
+        logits = partitioning.constrain(logits, "attention/logits", layers.ATTENTION_LOGITS_AXES)
         x = ops.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(logits, axis=-1), cache.value, dtype=self.dtype)
-        return self.out(x)
+        return self.project_out(x)
 
     def decode_step(
         self, inputs_q: jax.Array, caches: StackCache, layer: int | jax.Array, slot: jax.Array, bias: jax.Array

@@ -4,7 +4,9 @@ projections, embeddings, feed-forward blocks and T5's relative position bias.
 Conventions: parameters are float32 `nnx.Param`s carrying `logical_axes` metadata (one name per
 dimension, mapped to mesh axes by the partitioning rule table); activations and matmuls run in a
 configurable `dtype`; softmax, norms and logits run in float32. Matmuls and dropout go through the
-backend's `kernels.Kernels`.
+backend's `kernels.Kernels`. The layers name their activations' axes too (`*_AXES` below) in
+`partitioning.constrain` calls, which the same rule table maps to mesh axes while a step is traced
+(no-ops without a mesh).
 """
 
 import functools
@@ -16,11 +18,19 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from t5x_lite import partitioning
 from t5x_lite.nn.kernels import Kernels
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 NEG_INF = -1e10  # additive bias for masked attention logits (finite, so fully masked rows stay NaN-free)
+
+# Logical axes of the activations, mapped to mesh axes by the parameters' rule table (`partitioning.constrain`).
+EMBED_AXES = ("batch", "length", "embed")  # the residual stream and every [b, s, embed] output
+HEADS_AXES = ("batch", "length", "heads", "kv")  # queries, keys, values and attention outputs per head
+ATTENTION_LOGITS_AXES = ("batch", "heads", "length", None)  # [b, h, q, k]: every query needs all keys
+MLP_AXES = ("batch", "length", "mlp")  # the feed-forward hidden layer
+VOCAB_AXES = ("batch", "length", "vocab")  # output logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,11 +193,14 @@ class Embed(nnx.Module):
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        """Embeddings [b, s, embed] of token ids [b, s]."""
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return partitioning.constrain(x, "embeddings", EMBED_AXES)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Float32 logits x @ embedding.T."""
-        return self.kernels.einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
+        """Float32 logits x @ embedding.T, [b, t, vocab]."""
+        logits = self.kernels.einsum("bte,ve->btv", x, self.embedding[...], dtype=self.dtype, out_dtype=jnp.float32)
+        return partitioning.constrain(logits, "logits", VOCAB_AXES)
 
 
 class PositionEmbed(nnx.Module):
@@ -252,10 +265,16 @@ class MlpBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
         if self.activation == "gated-gelu":
-            h = jax.nn.gelu(self.wi_0(x), approximate=True) * self.wi_1(x)
+            h = jax.nn.gelu(self._up(self.wi_0, x), approximate=True) * self._up(self.wi_1, x)
         else:
-            h = _ACTIVATIONS[self.activation](self.wi(x))
-        return self.wo(self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
+            h = _ACTIVATIONS[self.activation](self._up(self.wi, x))
+        y = self.wo(self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
+        return partitioning.constrain(y, "mlp/output", EMBED_AXES)
+
+    @staticmethod
+    def _up(dense: Dense, x: jax.Array) -> jax.Array:
+        """An up-projection [b, s, mlp], constrained where the matmul produces it."""
+        return partitioning.constrain(dense(x), "mlp/hidden", MLP_AXES)
 
 
 def relative_position_bucket(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from t5x_lite import partitioning
 from t5x_lite.nn import layers
 
 # Per-layer rematerialisation: name -> what `jax.checkpoint` may keep from the forward pass.
@@ -89,15 +90,16 @@ def apply_layers(
     layer draws the same keys, hence the same masks, as the plain loop: remat and scan change
     neither the masks (each layer's differ, the counter advances) nor the numbers.
     """
+    x = _residual(x)
     if not scan and remat_policy == "none":
         for layer in stack:
-            x = layer(x, *args, dropout_rngs)
+            x = _residual(layer(x, *args, dropout_rngs))
         return x
     rngs_graphdef, rngs_state = (None, None) if dropout_rngs is None else nnx.split(dropout_rngs)
 
     def apply(graphdef, layer_state, x, rngs_state, args):
         rngs = None if dropout_rngs is None else nnx.merge(rngs_graphdef, rngs_state)
-        x = nnx.merge(graphdef, layer_state)(x, *args, rngs)
+        x = _residual(nnx.merge(graphdef, layer_state)(x, *args, rngs))
         return x, (None if rngs is None else nnx.state(rngs))
 
     def pure(graphdef):
@@ -120,6 +122,11 @@ def apply_layers(
     if dropout_rngs is not None:
         nnx.update(dropout_rngs, rngs_state)
     return x
+
+
+def _residual(x: jax.Array) -> jax.Array:
+    """The residual stream [b, s, embed] between layers, named for the activation sharding rules."""
+    return partitioning.constrain(x, "residual", layers.EMBED_AXES)
 
 
 def each_layer(

@@ -17,11 +17,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
-from clu.data.dataset_iterator import TfDatasetIterator
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from t5x_lite import checkpoints, cli, evaluation, partitioning
+from t5x_lite.data.position import DataIterator
 from t5x_lite.training.train_state import TrainState
 
 
@@ -204,7 +204,7 @@ class Checkpoint:
     (asynchronously) and reports each checkpoint once it is committed, with its size: `poll` after every
     step notices a finished save, so the report comes at the first step boundary after the commit."""
 
-    def __init__(self, manager: ocp.CheckpointManager, iterator: TfDatasetIterator, period: int, model_dir: str):
+    def __init__(self, manager: ocp.CheckpointManager, iterator: DataIterator, period: int, model_dir: str):
         self.manager, self.iterator, self.period, self.model_dir = manager, iterator, period, model_dir
         self.reported_step = max(checkpoints.committed_steps(model_dir), default=0)
         self.unreported = False  # a save was started and its commit not reported yet
@@ -229,7 +229,9 @@ class Checkpoint:
         for step in checkpoints.committed_steps(self.model_dir):
             if step > self.reported_step:
                 path = checkpoints.checkpoints_dir(self.model_dir) / str(step)
-                report(f"Checkpoint {step} committed: {checkpoints.folder_size(path) / 2**20:.1f} MiB in {path}")
+                size = checkpoints.folder_size(path)  # None in a bucket
+                mib = "" if size is None else f"{size / 2**20:.1f} MiB "
+                report(f"Checkpoint {step} committed: {mib}in {path}")
                 self.reported_step = step
 
     def close(self) -> None:

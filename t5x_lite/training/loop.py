@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import gin
@@ -20,12 +19,13 @@ import optax
 import orbax.checkpoint as ocp
 import seqio
 import tensorflow as tf
-from clu.data.dataset_iterator import TfDatasetIterator
-from jax.sharding import Mesh
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease
+from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease, storage
 from t5x_lite.data import pipeline
+from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import kernels
 from t5x_lite.training import actions, metric_writers, optimizers, preemption, steps, train_state
@@ -88,11 +88,9 @@ def train(
         tx = steps.skip_nonfinite_updates(tx)
     state, shardings, graphdef = train_state.create_train_state(model, tx, random_seed, mesh, rules)
     with cli.user_errors(ValueError, FileNotFoundError):
-        train_ds = pipeline.get_dataset(
-            mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls,
-            split="train", shuffle=True, num_epochs=None, seed=random_seed,
+        iterator = pipeline.train_iterator(
+            mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls, random_seed,
         )
-    iterator = TfDatasetIterator(train_ds, checkpoint=True)
 
     with contextlib.ExitStack() as opened:  # whatever the run opens is closed on every way out
         # Resume from MODEL_DIR, or start (from INITIAL_CHECKPOINT_PATH's parameters when given).
@@ -102,19 +100,22 @@ def train(
         start_step = int(jax.device_get(state.step))
         report(run_summary(model, state, mixture_or_task_name, task_feature_lengths, batch_size, train_steps, mesh,
                            model_dir, origin))
+        if iterator.resume_note:  # a checkpoint of another process count or data layout: how the data continues
+            report(iterator.resume_note)
         report(f"KERNELS={model.config.kernels!r} on the {jax.default_backend()} backend: {chosen.describe()}.")
         if start_step >= train_steps:
             report(f"The run is complete at step {start_step} (TRAIN_STEPS={train_steps}); raise "
                    f"--gin.TRAIN_STEPS to continue it.")
             return {}
         if jax.process_index() == 0:
-            (Path(model_dir) / "config.gin").write_text(
+            (storage.path(model_dir) / "config.gin").write_text(
                 gin.config_str() + f"\n# KERNELS={model.config.kernels!r} ran as {chosen.describe()!r} on the "
                 f"{jax.default_backend()} backend.\n"
             )
         if batch_size % num_microbatches:
             raise cli.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
         train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
+        report_replicated(train_step, state, graphdef, iterator, batch_size, batch_sharding, rules)
 
         # The periodic actions: log first, then evaluate, keep the best, checkpoint.
         writer = metric_writers.create_writer(model_dir)
@@ -180,7 +181,7 @@ def open_checkpoints(model_dir: str) -> ocp.CheckpointManager:
 
 
 def resume_or_start(
-    manager: ocp.CheckpointManager, state: TrainState, shardings: TrainState, iterator: TfDatasetIterator,
+    manager: ocp.CheckpointManager, state: TrainState, shardings: TrainState, iterator: DataIterator,
     model: BaseModel, initial_checkpoint_path: str | None,
 ) -> tuple[TrainState, str]:
     """The newest checkpoint in MODEL_DIR with the data position it had; else the fresh state, with the
@@ -233,10 +234,27 @@ def run_summary(
     )
 
 
+def report_replicated(
+    train_step: steps.StepFn, state: TrainState, graphdef: nnx.GraphDef, iterator: DataIterator,
+    batch_size: int,
+    batch_sharding: NamedSharding, rules: partitioning.Rules,
+) -> None:
+    """Reports (process 0, once per run, before the first step) every parameter and activation dimension that a
+    mesh axis does not divide, so it is replicated, with what that costs per device."""
+    if jax.process_index() != 0:
+        return
+    batch = {
+        key: jax.ShapeDtypeStruct((batch_size, *spec.shape[1:]), spec.dtype, sharding=batch_sharding)
+        for key, spec in iterator.element_spec.items()
+    }
+    for line in partitioning.replication_report(steps.replicated_dimensions(train_step, state, graphdef, batch, rules)):
+        report(line)
+
+
 def write_operative_config(model_dir: str) -> None:
     """MODEL_DIR/operative_config.gin: the bindings of every configurable the run has called so far (process 0)."""
     if jax.process_index() == 0:
-        (Path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+        (storage.path(model_dir) / "operative_config.gin").write_text(gin.operative_config_str())
 
 
 def load_eval_batches(

@@ -1,4 +1,8 @@
-"""Pure, jitted train and eval steps over the `TrainState` pytree."""
+"""Pure, jitted train and eval steps over the `TrainState` pytree.
+
+The steps trace their networks inside `partitioning.activation_sharding`, so the activations carry the
+sharding constraints of the same rule table as the parameters (on the batch sharding's mesh).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from t5x_lite import partitioning
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training.train_state import TrainState
 
@@ -48,8 +53,13 @@ def make_train_step(
     state_shardings: TrainState,
     batch_sharding: NamedSharding,
     num_microbatches: int = 1,
+    *,
+    rules: partitioning.Rules | None = None,
 ) -> StepFn:
     """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donated state.
+
+    Activations are constrained by `rules` (default: the gin-bound table, `partitioning.logical_axis_rules()`,
+    which the parameters follow) on `batch_sharding`'s mesh.
 
     Gradients are those of the summed token loss divided by the batch's target-token count, so
     with `num_microbatches > 1` (accumulated in a scan, memory of one microbatch) the update
@@ -110,7 +120,7 @@ def make_train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(
-        train_step,
+        partitioning.with_activation_sharding(train_step, batch_sharding.mesh, rules),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
@@ -118,12 +128,32 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: BaseModel, graphdef: nnx.GraphDef, state_shardings: TrainState, batch_sharding: NamedSharding
+    model: BaseModel, graphdef: nnx.GraphDef, state_shardings: TrainState, batch_sharding: NamedSharding,
+    *, rules: partitioning.Rules | None = None,
 ) -> Callable[[dict, Batch], dict[str, jax.Array]]:
-    """Builds `eval_step(params, batch) -> summed loss terms` (no dropout), jitted."""
+    """Builds `eval_step(params, batch) -> summed loss terms` (no dropout), jitted; activations are constrained
+    as in `make_train_step`."""
 
     def eval_step(params: dict, batch: Batch) -> dict[str, jax.Array]:
         _, sums = model.loss_fn(nnx.merge(graphdef, params), batch, None)
         return sums
 
-    return jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding))
+    return jax.jit(
+        partitioning.with_activation_sharding(eval_step, batch_sharding.mesh, rules),
+        in_shardings=(state_shardings.params, batch_sharding),
+    )
+
+
+def replicated_dimensions(
+    train_step: StepFn, state: TrainState, graphdef: nnx.GraphDef, batch: Mapping[str, jax.ShapeDtypeStruct],
+    rules: partitioning.Rules,
+) -> list[partitioning.Replicated]:
+    """Every parameter and activation dimension of `train_step` that its mesh axes do not divide, so that it is
+    replicated. Traces the step on `batch`'s shapes (with their sharding): jit reuses that trace at the first call
+    with arrays of those shapes, so asking before the first step costs no extra trace."""
+    mesh = next(iter(batch.values())).sharding.mesh
+    params = nnx.state(nnx.merge(graphdef, state.params), nnx.Param)
+    found = partitioning.replicated_parameters(params, mesh, rules)
+    with partitioning.record_replicated() as activations:
+        train_step.trace(state, batch)
+    return found + activations

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import jax
 import tensorflow as tf
-from clu.data.dataset_iterator import TfDatasetIterator
 
 from t5x_lite import checkpoints, partitioning
+from t5x_lite.data.position import DataIterator, DataLayout
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import optimizers, train_state
@@ -41,7 +41,8 @@ def state_at(step: int) -> train_state.TrainState:
 
 def make_run(model_dir: Path) -> None:
     """Steps 1 and 2 committed, and step 3 as Orbax leaves a write that was killed."""
-    iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
+    iterator = DataIterator(lambda layout, shard: tf.data.Dataset.range(10).map(lambda x: {"x": x}),
+                            DataLayout("shard_info", 1, 1), 0, 1)
     with checkpoints.checkpoint_manager(str(model_dir), async_save=False) as manager:
         for step in (1, 2):
             checkpoints.save(manager, state_at(step), iterator)

@@ -107,11 +107,27 @@ def test_operative_config_is_written_once_the_first_step_has_run(tmp_path, monke
         assert binding in operative, (binding, operative)
 
 
+@pytest.mark.slow
+def test_dimensions_the_mesh_cannot_split_are_reported_once(tmp_path, monkeypatch):
+    """The tiny T5's 4 heads on `tensor: 8`: one line per replicated parameter (the 2 encoder layers folded) and
+    per activation, reported once before the first step, with the memory they cost."""
+    lines = []
+    monkeypatch.setattr(loop, "report", lines.append)
+    run_training(tmp_path, 2, "MESH_SHAPE = {'data': 1, 'fsdp': 1, 'tensor': 8}", "train.eval_period = 0",
+                 "train.checkpoint_period = 100")
+    parameter = ("Parameter encoder/layers/*/attention/query/kernel [128, 4, 32] float32: dimension 1 (4) is not "
+                 "divisible by tensor=8, so it is replicated: 112.0 KiB more per device (2 parameters).")
+    activation = ("Activation attention/logits [8, 4, 64, 64] float32: dimension 1 (4) is not divisible by tensor=8, "
+                  "so it is replicated: 448.0 KiB more per device per array.")
+    assert lines.count(parameter) == 1 and lines.count(activation) == 1, lines
+    assert not any("mlp" in line or "vocab" in line for line in lines if "is replicated" in line), lines
+
+
 def test_checkpoint_restores_identical_params(tmp_path):
     import tensorflow as tf
-    from clu.data.dataset_iterator import TfDatasetIterator
 
     from t5x_lite import checkpoints, partitioning
+    from t5x_lite.data.position import DataIterator, DataLayout
     from t5x_lite.models.seq2seq import EncoderDecoderModel
     from t5x_lite.networks.t5 import T5Config
     from t5x_lite.training import optimizers, train_state
@@ -122,15 +138,18 @@ def test_checkpoint_restores_identical_params(tmp_path):
     rules = partitioning.logical_axis_rules()
     tx = optimizers.adafactor(optimizers.rsqrt_schedule())
     state, shardings, _ = train_state.create_train_state(model, tx, 0, mesh, rules)
-    iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
+    def counting(layout, shard):
+        return tf.data.Dataset.range(10).map(lambda x: {"x": [x]})
+
+    iterator = DataIterator(counting, DataLayout("shard_info", 1, 1), 0, 1)
     next(iterator)
     manager = checkpoints.checkpoint_manager(str(tmp_path), async_save=False)
     checkpoints.save(manager, state, iterator)
-    other_iterator = TfDatasetIterator(tf.data.Dataset.range(10).map(lambda x: {"x": x}), checkpoint=True)
+    other_iterator = DataIterator(counting, DataLayout("shard_info", 1, 1), 0, 1)
     fresh, _, _ = train_state.create_train_state(model, tx, 1, mesh, rules)
     restored = checkpoints.restore_latest(
         manager, train_state.abstract_train_state(fresh, shardings), other_iterator
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
-    assert int(next(other_iterator)["x"]) == 1  # the data position came back too
+    assert next(other_iterator)["x"].tolist() == [1]  # the data position came back too
     manager.close()
