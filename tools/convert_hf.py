@@ -1,7 +1,8 @@
 """Converts between Hugging Face model directories and t5x_lite checkpoints.
 
 Families: T5 / mT5, BERT (its head from the checkpoint: masked LM, sequence or token classification),
-GPT-2 and BART (`t5x_lite.hf.registry.supported_model_types()`).
+GPT-2, BART and ELECTRA (its head likewise: discriminator, generator, sequence or token classification;
+`t5x_lite.hf.registry.supported_model_types()`).
 
 HF -> t5x_lite (an Orbax checkpoint plus a model gin file, for repeated use without `hf:` paths):
 

@@ -5,8 +5,8 @@
     t5x_lite.hf.save_pretrained(network, "/tmp/exported", vocabulary=vocabulary)
 
 One converter module per family (`registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5 and mT5, BERT
-(the head, and with it the trainer's model, comes from the checkpoint), GPT-2 and BART. `INITIAL_CHECKPOINT_PATH`
-and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`); `tools/convert_hf.py` converts both ways.
+(the head, and with it the trainer's model, comes from the checkpoint), GPT-2, BART and ELECTRA (its head
+likewise). `INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`); `tools/convert_hf.py` converts both ways.
 """
 
 from t5x_lite.hf.convert import (

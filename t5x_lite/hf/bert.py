@@ -155,6 +155,11 @@ def _entries(config: BertConfig, head: str, pooler: bool) -> list[tensor_map.Ent
     return entries
 
 
+def encoder_entries(num_layers: int) -> list[tensor_map.Entry]:
+    """The tensor map of BERT's embeddings and `num_layers` layers (what ELECTRA's encoders share with it)."""
+    return _entries(BertConfig(num_layers=num_layers), "none", pooler=False)
+
+
 def params_head(params: Mapping) -> str:
     """The head (`encoder_only.HEADS`) whose parameters `params` hold."""
     for key, head in (("classifier", "classification"), ("tagger", "tagging"), ("mlm", "mlm")):

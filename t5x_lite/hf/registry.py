@@ -18,7 +18,7 @@ import numpy as np
 from t5x_lite.models.base import BaseModel
 
 # Modules that register a family when imported (imported lazily, on the first lookup).
-FAMILY_MODULES = ("t5x_lite.hf.t5", "t5x_lite.hf.bert", "t5x_lite.hf.gpt2", "t5x_lite.hf.bart")
+FAMILY_MODULES = ("t5x_lite.hf.t5", "t5x_lite.hf.bert", "t5x_lite.hf.gpt2", "t5x_lite.hf.bart", "t5x_lite.hf.electra")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +99,9 @@ def for_model_type(model_type: str | None, source: str = "config.json") -> Famil
 
 
 def for_config(config: Any) -> Family:
-    """The family whose t5x_lite config class `config` is an instance of."""
-    for family in _families():
+    """The family whose t5x_lite config class `config` is an instance of (its exact class first: an
+    `ElectraConfig` is a `BertConfig` too)."""
+    for family in sorted(_families(), key=lambda family: type(config) is not family.config_class):
         if isinstance(config, family.config_class):
             return family
     raise ValueError(

@@ -29,6 +29,9 @@ class BaseModel(abc.ABC):
     text_to_text = True
     targets_key = "decoder_target_tokens"
     weights_key = "decoder_loss_weights"
+    # Whether the loss draws random numbers in training even without dropout (ELECTRA samples its
+    # generator): the train step then passes `dropout_rngs` whatever the dropout rate.
+    trains_with_rng = False
 
     def __init__(self, config: Any, label_smoothing: float = 0.0, z_loss: float = 0.0):
         self.config = config
@@ -79,6 +82,11 @@ class BaseModel(abc.ABC):
     def loss_sums(self, logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
         """The summed cross-entropy terms (`losses.cross_entropy`) with this model's smoothing and z-loss."""
         return losses.cross_entropy(logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+
+    def sum_metrics(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Metrics beyond loss and accuracy, from the summed terms of `loss_fn` (summed over microbatches
+        and evaluation batches first, so they are exact ratios); none by default."""
+        return {}
 
     def score_batch(self, network: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
         """[b] float32 log-likelihood of each row's targets (teacher-forced, one pass): the targets'

@@ -99,6 +99,10 @@ def summarise_period(
         f"train/{k}": float(np.mean([m[k] for m in applied])) if applied else float("nan")
         for k in ("loss", "accuracy", "z_loss", "grad_norm")
     }
+    summary.update({
+        f"train/{k}": float(np.mean([m["model"][k] for m in applied])) if applied else float("nan")
+        for k in fetched[-1].get("model", {})
+    })
     summary.update({f"train/{k}": float(fetched[-1][k]) for k in ("param_norm", "learning_rate")})
     if "skipped_steps" in fetched[-1]:
         summary["train/skipped_steps"] = float(fetched[-1]["skipped_steps"])
@@ -139,16 +143,18 @@ class Evaluate:
     def __init__(
         self, period: int, writer: metric_writers.MetricWriter, eval_step: Callable, batches: list[dict[str, np.ndarray]],
         batch_sharding: NamedSharding, task_eval: evaluation.TaskEval | None, max_decode_length: int,
+        sum_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     ):
         self.period, self.writer, self.eval_step, self.batches = period, writer, eval_step, batches
         self.batch_sharding, self.task_eval, self.max_decode_length = batch_sharding, task_eval, max_decode_length
+        self.sum_metrics = sum_metrics
         self.latest: dict[str, float] = {}
 
     def due(self, tick: Tick) -> bool:
         return tick.step % self.period == 0 or tick.last
 
     def __call__(self, tick: Tick, state: TrainState) -> dict[str, float]:
-        metrics = validation_loss(self.eval_step, state.params, self.batches, self.batch_sharding)
+        metrics = validation_loss(self.eval_step, state.params, self.batches, self.batch_sharding, self.sum_metrics)
         if self.task_eval is not None:
             metrics.update(evaluation.evaluate(*self.task_eval, state.params, self.max_decode_length, tick.step)[0])
         self.writer.write_scalars(tick.step, metrics)
@@ -158,16 +164,19 @@ class Evaluate:
 
 
 def validation_loss(
-    eval_step: Callable, params: dict, batches: Iterable[dict[str, np.ndarray]], batch_sharding: NamedSharding
+    eval_step: Callable, params: dict, batches: Iterable[dict[str, np.ndarray]], batch_sharding: NamedSharding,
+    sum_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted loss and accuracy over the evaluation batches."""
+    """Token-weighted loss and accuracy over the evaluation batches, plus `sum_metrics` of the summed
+    terms (a model's own metrics, `BaseModel.sum_metrics`), each as `eval/<name>`."""
     totals = {"loss_sum": 0.0, "z_loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
     for batch in batches:
         sums = jax.device_get(eval_step(params, partitioning.host_batch_to_global(batch, batch_sharding)))
-        for k in totals:
-            totals[k] += float(sums[k])
+        for k in sums:
+            totals[k] = totals.get(k, 0.0) + float(sums[k])
     tokens = max(totals["weight_sum"], 1.0)
-    return {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["correct_sum"] / tokens}
+    extra = {f"eval/{k}": float(v) for k, v in (sum_metrics(totals) if sum_metrics else {}).items()}
+    return {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["correct_sum"] / tokens, **extra}
 
 
 class KeepBest:

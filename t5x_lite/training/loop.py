@@ -128,7 +128,7 @@ def train(
                                   eval_steps, random_seed),
                 batch_sharding,
                 evaluation.task_evaluation(provider, model, graphdef, mesh, rules, task_feature_lengths, eval_split),
-                task_feature_lengths["targets"],
+                task_feature_lengths["targets"], model.sum_metrics,
             )
             periodic.append(evaluate)
             if best_metric:

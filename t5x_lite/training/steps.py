@@ -70,7 +70,7 @@ def make_train_step(
     def grads_and_sums(params: dict, batch: Batch, dropout_key: jax.Array):
         def loss_sum_of(params: dict):
             # Rngs are stateful: made inside the differentiated function, at its trace level.
-            dropout_rngs = nnx.Rngs(dropout=dropout_key) if model.dropout_rate > 0 else None
+            dropout_rngs = nnx.Rngs(dropout=dropout_key) if model.dropout_rate > 0 or model.trains_with_rng else None
             _, sums = model.loss_fn(nnx.merge(graphdef, params), batch, dropout_rngs)
             return sums["loss_sum"], sums
 
@@ -87,7 +87,9 @@ def make_train_step(
             grads, sums = grads_and_sums(params, microbatch, jax.random.fold_in(dropout_key, index))
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum", "correct_sum")}
+        # The model's summed terms: the four every loss has, and whatever else its loss_fn sums.
+        first = jax.tree.map(lambda x: x[0], split_microbatches(batch, num_microbatches))
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grads_and_sums, params, first, dropout_key)[1])
         init = (jax.tree.map(jnp.zeros_like, params), zero_sums)
         microbatches = (split_microbatches(batch, num_microbatches), jnp.arange(num_microbatches))
         return jax.lax.scan(body, init, microbatches)[0]
@@ -109,6 +111,7 @@ def make_train_step(
             "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(params),
+            "model": model.sum_metrics(sums),  # the model's own metrics (ELECTRA's discriminator accuracy, ...)
         }
         if isinstance(opt_state, optax.ApplyIfFiniteState):
             metrics["skipped"] = jnp.logical_not(opt_state.last_finite).astype(jnp.float32)
