@@ -118,7 +118,7 @@ def register_token_limited_task(task: str, limit_tokens: int) -> str:
         raise ValueError(f"token_limited_task.limit_tokens must be a whole number of tokens >= 1, got {limit_tokens!r}.")
     name = limited_task_name(task, limit_tokens)
     base = pipeline.get_mixture_or_task(task)
-    if not isinstance(base, seqio.Task):
+    if isinstance(base, seqio.Mixture):
         raise ValueError(f"token_limited_task.task {task!r} is a mixture; name one of its tasks.")
     if LIMITED_SPLIT not in base.splits:
         raise ValueError(f"Task {task!r} has no {LIMITED_SPLIT!r} split to limit; its splits are {list(base.splits)}.")

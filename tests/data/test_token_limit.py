@@ -79,7 +79,7 @@ def test_the_limited_tokens_repeat_for_as_many_epochs_as_asked():
     endless = pipeline.get_dataset(name, {"targets": 64}, 8, seqio.DecoderFeatureConverter, seed=0)
     rows = [row for _, batch in zip(range(20), endless.as_numpy_iterator()) for row in batch["decoder_target_tokens"]]
     assert len(rows) == 160 and len(rows) * 64 > 20 * len(epoch)  # 20+ epochs of the 300 tokens, and it goes on
-    assert set(t for row in rows for t in row) <= set(epoch) | {0}
+    assert {t for row in rows for t in row} <= set(epoch) | {0}
 
 
 def test_first_tokens_are_the_same_whatever_the_seed_and_file_order(tmp_path):
