@@ -128,3 +128,23 @@ def test_gin_names_the_task_and_it_registers_at_its_first_lookup():
 def test_bad_arguments(task, limit, match):
     with pytest.raises(ValueError, match=match):
         token_limit.register_token_limited_task(task, limit)
+
+
+@pytest.mark.parametrize(
+    "bindings,message",
+    [
+        (["--gin.token_limited_task.limit_tokens=0"],
+         "token_limited_task.limit_tokens must be a whole number of tokens >= 1, got 0."),
+        (["--gin.token_limited_task.task='bundled_qa_mixture'", "--gin.token_limited_task.limit_tokens=4096"],
+         "token_limited_task.task 'bundled_qa_mixture' is a mixture; name one of its tasks."),
+    ],
+)
+def test_cli_reports_a_bad_token_limit_in_one_line(tmp_path, bindings, message):
+    from tests.test_cli import run_cli
+    from tests.test_safety import assert_one_error
+
+    task = [] if any(".task=" in b for b in bindings) else ["--gin.token_limited_task.task='bundled_span_corruption'"]
+    result = run_cli("--gin_file=gin_configs/quickstart.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                     "--gin.MIXTURE_OR_TASK_NAME=@token_limited_task()", *task, *bindings)
+    assert_one_error(result, message)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -244,3 +244,26 @@ def test_data_iterator_is_checkpointable(tmp_path):
     iterator = iter(ds)
     next(iterator)
     tf.train.Checkpoint(iterator=iterator).save(str(tmp_path / "iterator"))
+
+
+# ---------------------------------------------------------------- errors through the CLI
+
+
+@pytest.mark.parametrize(
+    "bindings,message",
+    [
+        (["--gin.TASK_FEATURE_LENGTHS={'inputs': 2, 'targets': 2}"],
+         "TASK_FEATURE_LENGTHS {'inputs': 2, 'targets': 2} are too short for UL2's denoisers: no chunk of 2 or more "
+         "tokens fits every one of them; use longer inputs and targets."),
+        (["--gin.ul2_mixture.rates=[1, 2]"],
+         "ul2_mixture.rates [1.0, 2.0] must be 7 non-negative numbers, not all 0 (one per denoiser)."),
+    ],
+)
+def test_cli_reports_a_bad_ul2_setting_in_one_line(tmp_path, bindings, message):
+    from tests.test_cli import run_cli
+    from tests.test_safety import assert_one_error
+
+    result = run_cli("--gin_file=gin_configs/examples/ul2_tiny_pretrain.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                     *bindings)
+    assert_one_error(result, message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
