@@ -253,8 +253,8 @@ def test_data_iterator_is_checkpointable(tmp_path):
     "bindings,message",
     [
         (["--gin.TASK_FEATURE_LENGTHS={'inputs': 2, 'targets': 2}"],
-         "TASK_FEATURE_LENGTHS {'inputs': 2, 'targets': 2} are too short for UL2's denoisers: no chunk of 2 or more "
-         "tokens fits every one of them; use longer inputs and targets."),
+         ("TASK_FEATURE_LENGTHS {'inputs': 2, 'targets': 2} are too short for UL2's denoisers: no chunk of 2 or more "
+          "tokens fits every one of them; use longer inputs and targets.")),
         (["--gin.ul2_mixture.rates=[1, 2]"],
          "ul2_mixture.rates [1.0, 2.0] must be 7 non-negative numbers, not all 0 (one per denoiser)."),
     ],
