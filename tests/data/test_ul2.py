@@ -184,6 +184,8 @@ def test_chunk_length_is_the_longest_that_fits_every_denoiser(lengths, inputs_eo
 def test_too_short_lengths_fail_clearly():
     with pytest.raises(ValueError, match="too short for UL2"):
         ul2.ul2_chunk_length({"inputs": 2, "targets": 2}, ENC_DEC, ul2.UL2_DENOISERS)
+    with pytest.raises(ValueError, match="too short for UL2"):  # no room for S's prefix beside [S2S] and EOS
+        ul2.ul2_chunk_length({"inputs": 2, "targets": 64}, ENC_DEC, [ul2.Denoiser("S")])
     with pytest.raises(ValueError, match=r"sequence_length\['inputs'\] and \['targets'\]"):
         ul2.ul2_chunk_length({"targets": 64}, ENC_DEC, ul2.UL2_DENOISERS)
 

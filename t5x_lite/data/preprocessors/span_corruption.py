@@ -27,6 +27,7 @@ MEAN_NOISE_SPAN_LENGTH = 3.0
 
 
 def check_noise_args(noise_density: float, mean_noise_span_length: float) -> None:
+    """A ValueError for a noise density outside (0, 1) or a mean span length under 1."""
     if not 0.0 < noise_density < 1.0:
         raise ValueError(f"noise_density={noise_density!r} must lie strictly between 0 and 1 (T5 uses 0.15).")
     if not mean_noise_span_length >= 1.0:

@@ -99,8 +99,8 @@ def _budgets(sequence_length: Mapping[str, int] | None, output_features: Mapping
 
 
 def _fits(length: int, denoiser: Denoiser, inputs_budget: int, targets_budget: int, num_sentinels: int) -> bool:
-    if denoiser.mode == "S":
-        return length <= inputs_budget + targets_budget
+    if denoiser.mode == "S":  # a split leaving a non-empty prefix within the inputs and the rest within the targets
+        return inputs_budget >= 1 and length <= inputs_budget + targets_budget
     num_noise, num_spans = span_corruption.noise_counts(length, denoiser.noise_density, denoiser.mean_noise_span_length)
     return (length - num_noise + num_spans <= inputs_budget and num_noise + num_spans <= targets_budget
             and num_spans <= num_sentinels)
