@@ -163,6 +163,42 @@ def test_finetune_bundled_qa_gin_parses():
     gin.clear_config()
 
 
+# ------------------------------------------------------------------ UL2
+
+
+def test_ul2_gin_parses_and_pretraining_helps_names_it():
+    parse(["examples/ul2_tiny_pretrain.gin"], "MODEL_DIR = '/tmp/unused'")
+    cli.require_macros()
+    assert gin.query_parameter("MIXTURE_OR_TASK_NAME/macro.value") == "bundled_ul2"
+    assert gin.query_parameter("TRAIN_STEPS/macro.value") == 600
+    gin.clear_config()
+    assert pretraining_helps.PRETRAIN_GIN["ul2"] == "examples/ul2_tiny_pretrain.gin"
+    assert pretraining_helps.parse_args(["--pretrain_objective", "ul2"]).pretrain_objective == "ul2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "files,bindings",
+    [
+        (["examples/ul2_tiny_pretrain.gin"], []),  # encoder-decoder
+        (["examples/prefix_lm_tiny_pretrain.gin"], ["MIXTURE_OR_TASK_NAME = 'bundled_ul2_prefix_lm'"]),  # decoder-only
+    ],
+)
+def test_ul2_loss_falls_on_the_bundled_corpus(tmp_path, files, bindings):
+    parse(files, f"MODEL_DIR = '{tmp_path / 'run'}'", "TRAIN_STEPS = 30", "BATCH_SIZE = 8",
+          "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}", "train.log_period = 10", "train.eval_period = 0",
+          "train.checkpoint_period = 1000", "train.progress_bar = False", *bindings)
+    cli.require_macros()
+    try:
+        train_lib.train()
+    finally:
+        gin.clear_config()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    print(files[0], [f"{x:.3f}" for x in losses])
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5
+
+
 # ------------------------------------------------------------------ tools/pretraining_helps.py
 
 

@@ -10,7 +10,8 @@ Steps, each a run driven through gin exactly as `python -m t5x_lite.train` drive
 1. pre-train the tiny T5 v1.1 on the bundled corpus, unless `--pretrained_checkpoint` names a
    checkpoint: by default with BART-style denoising (`gin_configs/examples/t5_denoising_pretrain.gin`,
    600 steps; the decoder reconstructs the whole input, which teaches the copying extractive QA
-   needs), or with span corruption as the quickstart does (`--pretrain_objective span_corruption`);
+   needs), with span corruption as the quickstart does (`--pretrain_objective span_corruption`), or with
+   UL2's mixture of denoisers (`--pretrain_objective ul2`, `gin_configs/examples/ul2_tiny_pretrain.gin`, 600 steps);
 2. fine-tune it on a bundled QA task (`gin_configs/examples/finetune_bundled_qa.gin` +
    `models/t5_1_1/tiny.gin`; default: the extractive "Who says ...?" task) -> run `pretrained`;
 3. fine-tune a randomly initialised twin with the same recipe (steps, batch, learning rate,
@@ -52,7 +53,8 @@ PRIMARY_METRIC = {"extractive": "f1", "abstractive": "f1", "multiple_choice": "a
 RUNS = ("pretrained", "scratch", "pretrained_small", "scratch_small")
 FINETUNE_GIN = ["examples/finetune_bundled_qa.gin", "models/t5_1_1/tiny.gin"]
 # --pretrain_objective -> the gin file of the pre-training run (both: the tiny T5 v1.1 on the bundled corpus).
-PRETRAIN_GIN = {"bart_denoising": "examples/t5_denoising_pretrain.gin", "span_corruption": "quickstart.gin"}
+PRETRAIN_GIN = {"bart_denoising": "examples/t5_denoising_pretrain.gin", "span_corruption": "quickstart.gin",
+                "ul2": "examples/ul2_tiny_pretrain.gin"}
 # Settings of the fine-tuning recipe reported in the results (as the gin files and flags set them).
 REPORTED = ("constant_schedule.learning_rate", "DROPOUT_RATE/macro.value", "train.optimizer")
 
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrain_objective", default="bart_denoising", choices=sorted(PRETRAIN_GIN),
                         help="objective of the pre-training run (span_corruption: the quickstart's)")
     parser.add_argument("--pretrain_steps", type=int, default=None,
-                        help="pre-training steps (default: the objective's gin file, 600 denoising / 300 span corruption)")
+                        help="pre-training steps (default: the objective's gin file, 600 denoising and UL2 / 300 span corruption)")
     parser.add_argument("--pretrain_batch_size", type=int, default=32)
     parser.add_argument("--task", default="extractive", choices=[*FORMATS, "mixture"],
                         help="bundled QA task to fine-tune on (mixture: bundled_qa_mixture, scored by the mean of "

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gin
@@ -48,9 +48,21 @@ def import_task_module(module: str | None) -> None:
         ) from e
 
 
+# Tasks a gin factory named (e.g. `@token_limited_task()`), registered at their first lookup by name: there a
+# problem with one (a ValueError) is reported as the CLI reports an unknown task, in one line.
+_REGISTER_ON_LOOKUP: dict[str, Callable[[], object]] = {}
+
+
+def register_on_lookup(name: str, register: Callable[[], object]) -> None:
+    """`register()` registers the task `name`; it runs at the first `get_mixture_or_task(name)`."""
+    _REGISTER_ON_LOOKUP[name] = register
+
+
 def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
     """Looks up a registered task or mixture; an unknown name gets close-name suggestions."""
     import_default_tasks()
+    if name in _REGISTER_ON_LOOKUP:
+        _REGISTER_ON_LOOKUP.pop(name)()
     try:
         return seqio.get_mixture_or_task(name)
     except ValueError:

@@ -2,7 +2,7 @@
 
 | helper | task | files |
 | --- | --- | --- |
-| `register_family_task` | one of `OBJECTIVES` (span corruption, MLM (+NSP), LM, prefix LM, BART) | text, one document per line |
+| `register_family_task` | one of `OBJECTIVES` (span corruption, MLM (+NSP), LM, prefix LM, BART, UL2) | text, one document per line |
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
 | `register_text_to_text_task` | your own `inputs` -> `targets` pairs, metrics by name | `.tsv` (header row) / `.jsonl` |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
@@ -27,7 +27,7 @@ import seqio
 from t5x_lite.data import pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
-from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, unifiedqa
+from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, ul2, unifiedqa
 from t5x_lite.data.preprocessors.permutation_lm import permutation_lm_preprocessors
 
 SplitFiles = Mapping[str, str | Sequence[str]]
@@ -69,6 +69,12 @@ OBJECTIVES: dict[str, tuple[Callable[[], list], Callable[[seqio.Vocabulary | Non
     "prefix_lm": (lm.prefix_lm_preprocessors, lambda v: _features(["inputs", "targets"], False, v)),
     "permutation_lm": (permutation_lm_preprocessors, lambda v: _features(["targets"], False, v)),
     "bart_denoising": (bart_noise.bart_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
+    "ul2": (ul2.ul2_preprocessors, lambda v: _features(["inputs", "targets"], True, v)),
+    # Decoder-only (PrefixLMModel): the targets follow the inputs directly, then EOS.
+    "ul2_prefix_lm": (
+        ul2.ul2_preprocessors,
+        lambda v: {**_features(["inputs"], False, v), **_features(["targets"], True, v)},
+    ),
 }
 
 

@@ -9,6 +9,13 @@ from the vocabulary's extra ids counted down from the top (T5's sentinel order):
   [SEP]  = <extra_id_2> = vocab_size - 3
 
 With the bundled vocabulary (8000 pieces + 100 extra ids) that is 8099, 8098 and 8097.
+
+UL2's mode tokens (`ul2_mode_ids`) are the LOWEST three extra ids, so that span-corruption sentinels,
+which count down from the top, reach them only after all the others:
+
+  [NLU] = <extra_id_{E-1}>,  [NLG] = <extra_id_{E-2}>,  [S2S] = <extra_id_{E-3}>   (E extra ids)
+
+With the bundled vocabulary: 8000, 8001 and 8002 (`<extra_id_99>`, `<extra_id_98>`, `<extra_id_97>`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,22 @@ def bert_special_ids(vocabulary: seqio.Vocabulary) -> BertSpecialIds:
         )
     top = vocabulary.vocab_size - 1
     return BertSpecialIds(mask=top, cls=top - 1, sep=top - 2)
+
+
+UL2_MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
+
+
+def ul2_mode_ids(vocabulary: seqio.Vocabulary) -> dict[str, int]:
+    """{"[NLU]": id, "[NLG]": id, "[S2S]": id}: the vocabulary's three lowest extra ids (see the module docstring)."""
+    extra_ids = getattr(vocabulary, "extra_ids", 0) or 0
+    if extra_ids < len(UL2_MODE_TOKENS):
+        raise ValueError(
+            f"UL2 takes its mode tokens {', '.join(UL2_MODE_TOKENS)} from the vocabulary's extra ids, but "
+            f"{type(vocabulary).__name__} has {extra_ids}; use a vocabulary with extra ids (e.g. "
+            "t5x_lite.data.vocab.get_vocabulary(), 100 extra ids)."
+        )
+    lowest = vocabulary.vocab_size - extra_ids
+    return {token: lowest + i for i, token in enumerate(UL2_MODE_TOKENS)}
 
 
 def ordinary_id_range(vocabulary: seqio.Vocabulary) -> tuple[int, int]:

@@ -119,7 +119,7 @@ def test_mask_counts_match_length_arithmetic(noise_density, mean_noise_span_leng
         mask = span_corruption.random_noise_mask(
             length, tf.constant([length, 1]), noise_density, mean_noise_span_length
         ).numpy()
-        num_noise, num_spans = span_corruption._noise_counts(length, noise_density, mean_noise_span_length)
+        num_noise, num_spans = span_corruption.noise_counts(length, noise_density, mean_noise_span_length)
         assert mask.shape == (length,)
         assert mask.sum() == num_noise
         assert len(_segment_lengths(mask)[1::2]) == num_spans
@@ -149,7 +149,7 @@ def test_noise_statistics_over_many_sequences():
     assert len({mask.tobytes() for mask in masks}) == num_masks
     # Span lengths follow the uniform-composition law, e.g. P(noise span == 1)
     # = C(83, 26) / C(84, 27) ~ 0.32 for 85 noise tokens in 28 spans.
-    num_noise, num_spans = span_corruption._noise_counts(length, 0.15, 3.0)
+    num_noise, num_spans = span_corruption.noise_counts(length, 0.15, 3.0)
     for spans, total in [(noise_spans, num_noise), (nonnoise_spans, length - num_noise)]:
         for size in range(1, 8):
             expected = _composition_part_pmf(total, num_spans, size)

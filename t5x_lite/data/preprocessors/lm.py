@@ -87,14 +87,22 @@ def split_prefix_lm(
     lengths: max(1, n - targets_length) <= s <= min(inputs_length, n - 1).
     """
     tokens = features["targets"]
-    n = tf.size(tokens)
-    low = tf.maximum(1, n - _feature_length(sequence_length, "targets", "prefix LM"))
-    high = tf.minimum(_feature_length(sequence_length, "inputs", "prefix LM"), n - 1)
+    split = random_split_point(
+        tf.size(tokens), _feature_length(sequence_length, "inputs", "prefix LM"),
+        _feature_length(sequence_length, "targets", "prefix LM"), seed,
+    )
+    return {"inputs": tokens[:split], "targets": tokens[split:]}
+
+
+def random_split_point(length: tf.Tensor, max_prefix: int, max_suffix: int, seed: tf.Tensor) -> tf.Tensor:
+    """A split point s of `length` (>= 2) tokens, uniform over max(1, length - max_suffix) <= s <= min(max_prefix,
+    length - 1): both parts non-empty, the prefix at most `max_prefix` and the suffix at most `max_suffix` tokens."""
+    low = tf.maximum(1, length - max_suffix)
+    high = tf.minimum(max_prefix, length - 1)
     with tf.control_dependencies(
         [tf.debugging.assert_less_equal(low, high, message="prefix LM: no split point fits the feature lengths")]
     ):
-        split = tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
-    return {"inputs": tokens[:split], "targets": tokens[split:]}
+        return tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
 
 
 def lm_preprocessors() -> list[Callable[..., tf.data.Dataset]]:

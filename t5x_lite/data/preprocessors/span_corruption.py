@@ -26,7 +26,8 @@ NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 
 
-def _check_noise_args(noise_density: float, mean_noise_span_length: float) -> None:
+def check_noise_args(noise_density: float, mean_noise_span_length: float) -> None:
+    """A ValueError for a noise density outside (0, 1) or a mean span length under 1."""
     if not 0.0 < noise_density < 1.0:
         raise ValueError(f"noise_density={noise_density!r} must lie strictly between 0 and 1 (T5 uses 0.15).")
     if not mean_noise_span_length >= 1.0:
@@ -34,8 +35,8 @@ def _check_noise_args(noise_density: float, mean_noise_span_length: float) -> No
                          "token (T5 uses 3.0).")
 
 
-def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(num_noise_tokens, num_noise_spans) for `length` raw tokens (`_noise_counts_tf`: the same in TF ops).
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(num_noise_tokens, num_noise_spans) for `length` raw tokens (`noise_counts_tf`: the same in TF ops).
 
     A sequence of 2+ tokens gets at least one noise and one non-noise token, so every example has something to
     predict and something to condition on; a 0- or 1-token sequence is left uncorrupted. Python's `round` and
@@ -48,10 +49,10 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
     return num_noise, num_spans
 
 
-def _noise_counts_tf(
+def noise_counts_tf(
     length: tf.Tensor, noise_density: float, mean_noise_span_length: float
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """`_noise_counts` for a scalar int32 tensor `length`."""
+    """`noise_counts` for a scalar int32 tensor `length`."""
     num_noise = tf.cast(tf.round(tf.cast(length, tf.float64) * noise_density), tf.int32)
     num_noise = tf.minimum(tf.maximum(num_noise, 1), length - 1)
     num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float64) / mean_noise_span_length), tf.int32)
@@ -69,13 +70,13 @@ def random_spans_lengths(
     one sentinel per span + EOS) fit in `inputs_length`, and the length of its targets (noise tokens + one sentinel
     per span + EOS). Chunks of `tokens_length` tokens fill the inputs without truncation. T5: 512 -> (568, 114).
     """
-    _check_noise_args(noise_density, mean_noise_span_length)
+    check_noise_args(noise_density, mean_noise_span_length)
     if inputs_length < 3:
         raise ValueError(f"inputs_length={inputs_length!r} is too short for span corruption: it needs room for a "
                          "token, a sentinel and EOS (use at least 3).")
 
     def lengths(tokens_length: int) -> tuple[int, int]:
-        num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+        num_noise, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
         return (tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1)
 
     # The inputs length never decreases as tokens_length grows (an extra token adds at most one noise token, a new
@@ -113,12 +114,12 @@ def random_noise_mask(
     """A random bool [length] mask (length: a scalar, maybe dynamic, int32 tensor), True at noise tokens.
 
     Exactly `round(length * noise_density)` noise tokens in `round(num_noise / mean_noise_span_length)` spans
-    (clamped as in `_noise_counts`). Segments alternate non-noise, noise, ..., non-noise, noise (the first token is
+    (clamped as in `noise_counts`). Segments alternate non-noise, noise, ..., non-noise, noise (the first token is
     never noise and the last always is, as in T5); the non-noise and the noise tokens are each split into that many
     positive-length segments uniformly at random. `seed`: a [2] tensor for TF's stateless random ops.
     """
     length = tf.convert_to_tensor(length, tf.int32)
-    num_noise, num_spans = _noise_counts_tf(length, noise_density, mean_noise_span_length)
+    num_noise, num_spans = noise_counts_tf(length, noise_density, mean_noise_span_length)
     # With no noise, one (non-noise, empty-noise) pair covers the sequence.
     num_pairs = tf.maximum(num_spans, 1)
     nonnoise_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
@@ -192,21 +193,26 @@ def span_corruption(
     declares extra ids, an example needing more sentinels than it has fails loudly. No EOS is added (use
     `seqio.preprocessors.append_eos_after_trim` next).
     """
-    _check_noise_args(noise_density, mean_noise_span_length)
+    check_noise_args(noise_density, mean_noise_span_length)
     vocabulary = output_features["targets"].vocabulary
     tokens = features["targets"]
     is_noise = random_noise_mask(tf.size(tokens), seed, noise_density, mean_noise_span_length)
     inputs, targets = corrupt_spans(tokens, is_noise, vocabulary.vocab_size)
     if vocabulary.extra_ids:
-        _, num_spans = _noise_counts_tf(tf.size(tokens), noise_density, mean_noise_span_length)
-        check = tf.debugging.assert_less_equal(
-            num_spans, vocabulary.extra_ids,
-            message=f"span corruption needs more sentinels than the vocabulary's {vocabulary.extra_ids} extra ids; "
-            "use a shorter inputs length, a lower noise_density or a longer mean_noise_span_length",
-        )
-        with tf.control_dependencies([check]):
-            inputs = tf.identity(inputs)
+        _, num_spans = noise_counts_tf(tf.size(tokens), noise_density, mean_noise_span_length)
+        inputs = check_sentinel_count(inputs, num_spans, vocabulary.extra_ids, "the vocabulary's")
     return {**features, "inputs": inputs, "targets": targets}
+
+
+def check_sentinel_count(inputs: tf.Tensor, num_spans: tf.Tensor, num_sentinels: int, whose: str) -> tf.Tensor:
+    """`inputs`, once the pipeline has asserted that its `num_spans` spans have sentinels (a loud error if not)."""
+    check = tf.debugging.assert_less_equal(
+        num_spans, num_sentinels,
+        message=f"span corruption needs more sentinels than {whose} {num_sentinels} extra ids; "
+        "use a shorter inputs length, a lower noise_density or a longer mean_noise_span_length",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(inputs)
 
 
 def span_corruption_preprocessors(
