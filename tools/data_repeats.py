@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,27 +66,12 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir).resolve()
     names = ["full", *(f"2^{k}" for k in args.log2_tokens)]
     run_dirs = {name: out_dir / name.replace("^", "_") for name in names}
-    existing = [str(p) for p in run_dirs.values() if p.exists()]
-    if existing and not args.overwrite:
-        sys.exit(f"error: {', '.join(existing)} exist (training would resume them); pass --overwrite or another --out_dir.")
-    for path in run_dirs.values():
-        shutil.rmtree(path, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from pretraining_helps import claim_out_dir, run_training, set_up_runtime
 
-    from absl import logging
-    from pretraining_helps import run_training
-
-    from t5x_lite import cli, host_memory
-
-    cli.keep_tensorflow_off_gpus()
-    cli.filter_unactionable_warnings()
-    import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
+    claim_out_dir(out_dir, list(run_dirs.values()), args.overwrite)
+    set_up_runtime()
     from t5x_lite.data import token_limit
     from t5x_lite.data.preprocessors import span_corruption
-
-    host_memory.keep_freed_host_memory()
-    logging.use_absl_handler()
-    logging.set_verbosity(logging.WARNING)
 
     tokens_per_example = span_corruption.random_spans_lengths(INPUTS_LENGTH)[0]
     tokens_read = args.steps * args.batch_size * tokens_per_example

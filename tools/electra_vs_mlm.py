@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -136,25 +135,10 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir).resolve()
     owned = [out_dir / f"{kind}_seed{seed}" for seed in args.seeds for kind in
              ("mlm_pretrain", "electra_pretrain", "mlm_finetune", "electra_finetune")]
-    existing = [str(p) for p in owned if p.exists()]
-    if existing and not args.overwrite:
-        sys.exit(f"error: {', '.join(existing)} exist (training would resume them); pass --overwrite or another --out_dir.")
-    for path in owned:
-        shutil.rmtree(path, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from pretraining_helps import claim_out_dir, run_training, set_up_runtime
 
-    from absl import logging
-    from pretraining_helps import run_training
-
-    from t5x_lite import cli, host_memory
-
-    cli.keep_tensorflow_off_gpus()
-    cli.filter_unactionable_warnings()
-    import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-
-    host_memory.keep_freed_host_memory()
-    logging.use_absl_handler()
-    logging.set_verbosity(logging.WARNING)
+    claim_out_dir(out_dir, owned, args.overwrite)
+    set_up_runtime()
     progress = ["train.progress_bar = False"] if args.no_progress_bar else []
     shape = [f"BATCH_SIZE = {args.batch_size}", f"TASK_FEATURE_LENGTHS = {{'inputs': {args.length}, 'targets': {args.length}}}",
              *args.gin]

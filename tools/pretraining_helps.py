@@ -163,6 +163,33 @@ def read_curves(model_dir: Path, names: list[str], task: str) -> dict[str, list[
 # ------------------------------------------------------------------ runs
 
 
+def claim_out_dir(out_dir: Path, owned: list[Path], overwrite: bool) -> None:
+    """Empties the folders this tool writes in `out_dir`; refuses (exit) when one exists and not `overwrite`."""
+    existing = [str(p) for p in owned if p.exists()]
+    if existing and not overwrite:
+        sys.exit(f"error: {', '.join(existing)} exist (training would resume them); pass --overwrite or another --out_dir.")
+    for path in owned:
+        shutil.rmtree(path, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def set_up_runtime() -> None:
+    """The process set-up `python -m t5x_lite.train` does before its runs: TensorFlow without its C++ start-up logs
+    and off GPUs, seqio's unactionable warnings off, the gin configurables declared, host memory kept, library logs
+    through absl with INFO chatter off."""
+    from absl import logging
+
+    from t5x_lite import cli, host_memory
+
+    cli.keep_tensorflow_off_gpus()
+    cli.filter_unactionable_warnings()
+    import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
+
+    host_memory.keep_freed_host_memory()
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.WARNING)
+
+
 def run_training(gin_files: list[str], bindings: list[str], report: tuple[str, ...] = ()) -> dict:
     """One run, as the CLI does it: parse the gin files and bindings, check the macros, train.
 
@@ -191,27 +218,11 @@ def main(argv=None) -> dict:
     run_dirs = {name: out_dir / name for name in RUNS}
     # What this tool writes in OUT_DIR (a given --pretrained_checkpoint is never touched).
     owned = [*run_dirs.values(), out_dir / "data", *([] if args.pretrained_checkpoint else [out_dir / "pretrain"])]
-    existing = [str(p) for p in owned if p.exists()]
-    if existing and not args.overwrite:
-        sys.exit(f"error: {', '.join(existing)} exist (training would resume them); pass --overwrite or another --out_dir.")
-    for path in owned:
-        shutil.rmtree(path, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out_dir, owned, args.overwrite)
 
-    from absl import logging
     from plot_metrics import plot
 
-    from t5x_lite import cli, host_memory
-
-    cli.keep_tensorflow_off_gpus()  # TensorFlow imported without its C++ start-up logs, as the CLI does
-    cli.filter_unactionable_warnings()
-    import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-
-    host_memory.keep_freed_host_memory()  # as `python -m t5x_lite.train` does
-
-    # As the CLI (absl.app) does: library logs through absl, INFO chatter off.
-    logging.use_absl_handler()
-    logging.set_verbosity(logging.WARNING)
+    set_up_runtime()
     timings = {}
     progress = [] if not args.no_progress_bar else ["train.progress_bar = False"]
     if args.pretrained_checkpoint:

@@ -76,25 +76,28 @@ def head_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> str:
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> BertConfig:
     """Our `BertConfig` for a HF BERT `config.json`; the next-sentence head if the weights have it."""
     registry.check_supported(hf_config, SUPPORTED, "BERT")
-    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    activation = registry.translate(hf_config, "hidden_act", "gelu", ACTIVATIONS, "BERT")
     nsp = head_from_hf(hf_config, weights) == "mlm" and "cls.seq_relationship.weight" in _names(weights)
-    return BertConfig(
-        vocab_size=hf_config["vocab_size"],
-        d_model=d_model,
-        num_heads=num_heads,
-        head_dim=registry.head_dim(d_model, num_heads, "hidden_size"),
-        d_ff=hf_config["intermediate_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        max_position_embeddings=hf_config["max_position_embeddings"],
-        type_vocab_size=hf_config["type_vocab_size"],
-        dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.0)),
-        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
-        activation=activation,
-        initializer_range=hf_config.get("initializer_range", 0.02),
-        num_labels=len(hf_config.get("id2label") or {0: 0, 1: 1}),
-        next_sentence_prediction=nsp,
-    )
+    return BertConfig(**encoder_config_fields(hf_config, "BERT"), next_sentence_prediction=nsp)
+
+
+def encoder_config_fields(hf_config: Mapping, family: str) -> dict:
+    """The `BertConfig` fields of a HF BERT-style encoder's `config.json` (BERT's and ELECTRA's alike)."""
+    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    return {
+        "vocab_size": hf_config["vocab_size"],
+        "d_model": d_model,
+        "num_heads": num_heads,
+        "head_dim": registry.head_dim(d_model, num_heads, "hidden_size"),
+        "d_ff": hf_config["intermediate_size"],
+        "num_layers": hf_config["num_hidden_layers"],
+        "max_position_embeddings": hf_config["max_position_embeddings"],
+        "type_vocab_size": hf_config["type_vocab_size"],
+        "dropout_rate": float(hf_config.get("hidden_dropout_prob", 0.0)),
+        "layer_norm_eps": hf_config.get("layer_norm_eps", 1e-12),
+        "activation": registry.translate(hf_config, "hidden_act", "gelu", ACTIVATIONS, family),
+        "initializer_range": hf_config.get("initializer_range", 0.02),
+        "num_labels": len(hf_config.get("id2label") or {0: 0, 1: 1}),
+    }
 
 
 def config_to_hf(config: BertConfig, head: str = "mlm") -> dict:

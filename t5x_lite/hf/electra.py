@@ -71,22 +71,10 @@ def head_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> str:
 def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> ElectraConfig:
     """Our `ElectraConfig` for a HF ELECTRA `config.json` (a generator's: its own sizes, fraction 1)."""
     registry.check_supported(hf_config, SUPPORTED, "ELECTRA")
-    d_model, num_heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    d_model = hf_config["hidden_size"]
     embedding_size = hf_config.get("embedding_size", d_model)
     return ElectraConfig(
-        vocab_size=hf_config["vocab_size"],
-        d_model=d_model,
-        num_heads=num_heads,
-        head_dim=registry.head_dim(d_model, num_heads, "hidden_size"),
-        d_ff=hf_config["intermediate_size"],
-        num_layers=hf_config["num_hidden_layers"],
-        max_position_embeddings=hf_config["max_position_embeddings"],
-        type_vocab_size=hf_config["type_vocab_size"],
-        dropout_rate=float(hf_config.get("hidden_dropout_prob", 0.0)),
-        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
-        activation=registry.translate(hf_config, "hidden_act", "gelu", hf_bert.ACTIVATIONS, "ELECTRA"),
-        initializer_range=hf_config.get("initializer_range", 0.02),
-        num_labels=len(hf_config.get("id2label") or {0: 0, 1: 1}),
+        **hf_bert.encoder_config_fields(hf_config, "ELECTRA"),
         embedding_size=0 if embedding_size == d_model else embedding_size,
         generator_fraction=1.0 if head_from_hf(hf_config, weights) == "generator" else ElectraConfig.generator_fraction,
     )
