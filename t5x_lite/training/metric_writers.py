@@ -25,7 +25,17 @@ from t5x_lite import storage
 MAX_REMOTE_EVENT_FILE_BYTES = 4 * 2**20
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class ScalarWriter(metric_writers.MetricWriter):
+    """A writer of scalars only: t5x_lite logs no other summary kind, so the others are accepted and dropped."""
+
+    def _ignore(self, *args, **kwargs) -> None:
+        """Not a scalar: dropped."""
+
+    write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = _ignore
+    write_hparams = _ignore
+
+
+class JsonlWriter(ScalarWriter):
     """Appends one JSON object per `write_scalars` call: `{"step": ..., "time": ..., name: value}`."""
 
     def __init__(self, path: str | os.PathLike):
@@ -37,12 +47,6 @@ class JsonlWriter(metric_writers.MetricWriter):
         record.update({k: float(v) for k, v in scalars.items()})
         self._file.write((json.dumps(record) + "\n").encode())
         self._file.flush()  # a killed run loses no record
-
-    def _ignore(self, *args, **kwargs) -> None:
-        """Only scalars go to the JSONL file."""
-
-    write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = _ignore
-    write_hparams = _ignore
 
     def flush(self) -> None:
         self._file.flush()
@@ -59,7 +63,7 @@ def _drop_torn_last_line(path: Any) -> None:
             path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-class TensorBoardWriter(metric_writers.MetricWriter):
+class TensorBoardWriter(ScalarWriter):
     """Scalars as TensorBoard event files in `logdir` (the records `tf.summary.scalar` writes), flushed at each
     `write_scalars`; other summary kinds are not logged by t5x_lite and are ignored."""
 
@@ -86,12 +90,6 @@ class TensorBoardWriter(metric_writers.MetricWriter):
             event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_v2.scalar_pb(name, value))
             self._file.write(event.SerializeToString())
         self._file.flush()
-
-    def _ignore(self, *args, **kwargs) -> None:
-        """Only scalars are logged."""
-
-    write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = _ignore
-    write_hparams = _ignore
 
     def flush(self) -> None:
         self._file.flush()
