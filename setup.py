@@ -47,6 +47,7 @@ setuptools.setup(
             "pytest-xdist==3.8.0",  # pytest.ini runs the suite on parallel workers (compilation is single-threaded)
             "ruff==0.17.6",  # .ci/run lints with it (settings in ruff.toml)
             "gcp-storage-emulator==2026.7.19",  # a local GCS for the gs:// tests (tests/gcs_emulator.py)
+            "peft==0.21.2",  # LoRA adapters are compared with PEFT's (tests/test_peft_interop.py)
             "torch==2.13.0",
             "transformers==5.23.0",
             *HF,
