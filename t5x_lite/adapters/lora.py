@@ -150,3 +150,32 @@ def apply_lora(network: nnx.Module, config: LoRAConfig, rngs: nnx.Rngs) -> list[
     for path in paths:
         projections[path].adapter = _make_lora(projections[path], config, rngs)
     return paths
+
+
+def _kernel_delta(lora_a: jax.Array, lora_b: jax.Array, kernel_shape: Sequence[int], scale: float) -> jax.Array:
+    """A B * scale laid out as the kernel [layers?, in..., out...] (A [layers?, in..., r], B [layers?, r, out...])."""
+    lead = lora_a.ndim + lora_b.ndim - 2 - len(kernel_shape)  # 1 in a scanned stack, else 0
+    rank = lora_a.shape[-1]
+    a = jnp.reshape(lora_a, (*lora_a.shape[:lead], -1, rank))
+    b = jnp.reshape(lora_b, (*lora_b.shape[:lead], rank, -1))
+    return jnp.reshape(jnp.matmul(a, b) * scale, tuple(kernel_shape))
+
+
+def merged_params(params: dict, scale: float) -> dict:
+    """The params of the base network with every LoRA folded into its kernel (W + A B * alpha / rank) and the
+    adapters removed: a plain checkpoint of the same function (pure dicts, scanned or unrolled layout)."""
+    merged = {}
+    for key, value in params.items():
+        if not isinstance(value, dict):
+            merged[key] = value
+            continue
+        sub = merged_params(value, scale)
+        lora = sub.pop("adapter", None)
+        if isinstance(lora, dict) and set(lora) == {"lora_a", "lora_b"}:
+            kernel = sub["kernel"]
+            delta = _kernel_delta(jnp.asarray(lora["lora_a"]), jnp.asarray(lora["lora_b"]), kernel.shape, scale)
+            sub["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+        elif lora is not None:
+            sub["adapter"] = lora
+        merged[key] = sub
+    return merged
