@@ -22,6 +22,7 @@ every attention.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import gin
@@ -82,7 +83,7 @@ class LoRA(nnx.Module):
         rngs: nnx.Rngs,
     ):
         n_in, rank = len(in_shape), config.rank
-        fan_in = int(jnp.prod(jnp.asarray(in_shape)))
+        fan_in = math.prod(in_shape)
         self.lora_a = LoRAParam(
             lora_a_init(fan_in)(rngs.params(), (*in_shape, rank)), logical_axes=(*axes[:n_in], None)
         )
