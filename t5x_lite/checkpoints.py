@@ -396,7 +396,7 @@ def adapter_base_path(state_dir: epath.Path) -> str:
     """The base checkpoint of the adapter run whose checkpoint `state_dir` is (MODEL_DIR/checkpoints/N/state or
     MODEL_DIR/best/N/state): `train.initial_checkpoint_path` in MODEL_DIR/config.gin (a value or a macro)."""
     config = state_dir.parent.parent.parent / "config.gin"
-    text = config.read_text() if config.exists() else ""
+    text = re.sub(r"\\\n\s*", "", config.read_text()) if config.exists() else ""  # gin's line continuations
     value = _gin_value(text, r"train\.initial_checkpoint_path")
     if value is not None and value.startswith("%"):
         value = _gin_value(text, re.escape(value[1:]))
