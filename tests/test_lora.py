@@ -202,13 +202,13 @@ def test_the_tools_say_what_a_lora_config_needs(tmp_path):
     import convert_hf
     import merge_lora
 
-    quickstart = str(cli.GIN_CONFIGS_DIR / "quickstart.gin")
+    model_gin = str(cli.GIN_CONFIGS_DIR / "models" / "t5_1_1" / "tiny.gin")
     with pytest.raises(SystemExit, match=r"^error: The gin files attach no LoRA \(add_adapters.lora = @LoRAConfig\(\)\); "
                                          "pass the run's gin files.$"):
-        merge_lora.main(["--gin_file", quickstart, "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "m")])
+        merge_lora.main(["--gin_file", model_gin, "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "m")])
     with pytest.raises(SystemExit, match=r"^error: The gin files attach adapters \(LoRA\), which a HF model has no place "
                                          r"for; merge them first: tools/merge_lora.py --hf_dir writes the merged model.$"):
-        convert_hf.main(["--to_hf", "--gin_file", quickstart, "--gin_binding", "add_adapters.lora = @LoRAConfig()",
+        convert_hf.main(["--to_hf", "--gin_file", model_gin, "--gin_binding", "add_adapters.lora = @LoRAConfig()",
                          "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
     gin.clear_config()
     assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
