@@ -40,7 +40,7 @@ def merged_model(model: BaseModel = gin.REQUIRED) -> BaseModel:
 
 def load_run(gin_files: Sequence[str], checkpoint_path: str, bindings: Sequence[str] = ()):
     """(model, LoRAConfig, params with adapters) of the LoRA run's checkpoint, on the host."""
-    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", *bindings,
+    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
                               "merged_model.model = %MODEL"])
     model = merged_model()
     config = lora.LoRAConfig()
