@@ -212,3 +212,15 @@ def test_the_tools_say_what_a_lora_config_needs(tmp_path):
                          "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
     gin.clear_config()
     assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
+
+
+def test_an_adapter_checkpoint_without_its_base_is_one_clear_error(lora_bound, tmp_path):
+    (tmp_path / "checkpoints" / "4" / "state").mkdir(parents=True)  # a run dir whose config.gin is gone
+    mesh, rules = partitioning.make_mesh({"data": -1}), partitioning.logical_axis_rules()
+    with pytest.raises(cli.UserError) as raised:
+        checkpoints.load_checkpoint_params(EncoderDecoderModel(T5_CONFIG), str(tmp_path), mesh, rules)
+    assert cli.one_line_error(raised.value) == (
+        f"CHECKPOINT_PATH: {tmp_path}/checkpoints/4/state holds adapter parameters only, and {tmp_path}/config.gin "
+        "names no INITIAL_CHECKPOINT_PATH (the base model they adapt); point CHECKPOINT_PATH at the checkpoint of an "
+        "adapter run with its config.gin."
+    )
