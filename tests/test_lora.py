@@ -163,7 +163,7 @@ def test_a_target_that_matches_nothing_is_one_error_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_resumes_from_adapter_only_checkpoints_and_merges(tmp_path):
-    """Quickstart-sized: a base run, a LoRA run on it stopped and resumed, then tools/merge_lora.py."""
+    """Quickstart-sized: a LoRA run on a base checkpoint, stopped and resumed, then tools/merge_lora.py."""
     import sys
 
     from tests.training.test_train import restore_params, run_training
@@ -172,15 +172,19 @@ def test_a_lora_run_resumes_from_adapter_only_checkpoints_and_merges(tmp_path):
     import merge_lora
 
     base, run, merged = tmp_path / "base", tmp_path / "lora", tmp_path / "merged"
+    gin_file = str(cli.GIN_CONFIGS_DIR / "quickstart.gin")
+    cli.parse_gin([gin_file], ["merged_model.model = %MODEL"])
+    network = merge_lora.merged_model().build_network(nnx.Rngs(7))  # a base checkpoint, as convert_hf writes them
+    merge_lora.write_checkpoint(nnx.to_pure_dict(nnx.state(network, nnx.Param)), str(base))
+    gin.clear_config()
     common = ("train.eval_period = 0", "train.checkpoint_period = 2", "train.log_period = 1")
-    run_training(base, 2, *common)
     settings = (*common, "add_adapters.lora = @LoRAConfig()", "LoRAConfig.rank = 4", "constant_schedule.learning_rate = 1e-2",
                 f"train.initial_checkpoint_path = '{base}'")
     run_training(run, 2, *settings)
     run_training(run, 4, *settings)  # resumes: the adapters of step 2 go onto the base again
     saved = restore_params(run)  # the newest checkpoint, step 4
     assert saved and all(p.endswith(("/adapter/lora_a", "/adapter/lora_b")) for p in freezing.param_paths(saved))
-    gin_file, bindings = str(cli.GIN_CONFIGS_DIR / "quickstart.gin"), [b for b in settings if "LoRA" in b]
+    bindings = [b for b in settings if "LoRA" in b]
     merge_lora.main(["--gin_file", gin_file, *[f"--gin_binding={b}" for b in bindings], "--checkpoint", str(run),
                      "--out_dir", str(merged)])
     model = merge_lora.merged_model()
