@@ -5,6 +5,10 @@ Each step directory holds `state` (arrays, saved asynchronously by Orbax) and `d
 synchronously by a small handler, so the checkpoint is atomic: Orbax commits the step only
 when both are written). Both restore onto any mesh and process count.
 
+In an adapter run (`t5x_lite.adapters`) a checkpoint holds only the adapter parameters (with their optimizer
+state, the step, RNG and data position); restoring loads the base named in the run's config.gin
+(INITIAL_CHECKPOINT_PATH) and overlays them (`checkpointed`, `load_checkpoint_params`).
+
 Crash safety is Orbax's: a step is written into `<step>.orbax-checkpoint-tmp` and
 renamed to `<step>` only once every process has finished, so a run killed mid-write leaves
 a temporary folder that is never restored (the next run reports and removes it).
@@ -12,10 +16,12 @@ a temporary folder that is never restored (the next run reports and removes it).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import os
 import re
+from collections.abc import Collection
 
 import gin
 import jax
@@ -26,7 +32,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from t5x_lite import cli, partitioning, storage
+from t5x_lite import adapters, cli, partitioning, storage
 from t5x_lite.data.position import DataIterator, DataLayoutMismatch
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import train_state
@@ -147,13 +153,25 @@ def list_checkpoints(model_dir: str) -> list[CheckpointInfo]:
     return sorted(infos, key=lambda info: (info.step, info.complete))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, iterator: DataIterator) -> None:
-    """Starts saving the state at its step (arrays finish in the background).
+def checkpointed(state: TrainState, adapter_paths: Collection[str] = ()) -> TrainState:
+    """The part of the state a checkpoint holds: all of it, or in an adapter run (the adapter parameters'
+    `adapter_paths`) only the adapter parameters beside the optimizer state, step and RNG."""
+    if not adapter_paths:
+        return state
+    return state.replace(params=adapters.split_params(state.params, adapter_paths)[0])
+
+
+def save(
+    manager: ocp.CheckpointManager, state: TrainState, iterator: DataIterator, adapter_paths: Collection[str] = ()
+) -> None:
+    """Starts saving the state (`checkpointed`: adapters only in an adapter run) at its step (arrays finish in
+    the background).
 
     A failed write (full disk, read-only folder) raises an `OSError` that names the step, the
     folder and the newest complete checkpoint.
     """
     step = int(jax.device_get(state.step))
+    state = checkpointed(state, adapter_paths)
     try:
         manager.save(
             step,
@@ -341,11 +359,15 @@ def best_checkpoint_manager(model_dir: str, metric: str, mode: str = "max") -> o
     return ocp.CheckpointManager(storage.absolute(model_dir) / "best", options=options, item_names=("state",))
 
 
-def save_if_best(manager: ocp.CheckpointManager, state: TrainState, metrics: dict[str, float], metric: str) -> None:
-    """Offers the state with its eval metrics; Orbax keeps it only while it is the best."""
+def save_if_best(
+    manager: ocp.CheckpointManager, state: TrainState, metrics: dict[str, float], metric: str,
+    adapter_paths: Collection[str] = (),
+) -> None:
+    """Offers the state (`checkpointed`) with its eval metrics; Orbax keeps it only while it is the best."""
     if metric not in metrics:
         raise ValueError(f"best_metric {metric!r} is not among the eval metrics {sorted(metrics)}.")
     step = int(jax.device_get(state.step))
+    state = checkpointed(state, adapter_paths)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=dict(metrics))
 
 
@@ -354,8 +376,50 @@ def load_checkpoint_params(
 ) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, params) of `model` with the parameters of the checkpoint at `path` (CHECKPOINT_PATH), sharded
     by the rules; a missing checkpoint or one of another model is a `UserError`."""
-    graphdef, abstract = train_state.network_graphdef(model)
+    with cli.user_errors(ValueError):  # e.g. LoRA targets that match nothing
+        graphdef, abstract = train_state.network_graphdef(model)
     shardings = partitioning.param_shardings(abstract, mesh, rules)
     abstract_params = train_state.abstract_train_state(nnx.to_pure_dict(abstract), shardings)
+    adapter_paths = adapters.adapter_paths(abstract)
     with cli.user_errors(FileNotFoundError, ValueError, setting="CHECKPOINT_PATH"):
-        return graphdef, restore_params(path, abstract_params, model)
+        if not adapter_paths:
+            return graphdef, restore_params(path, abstract_params, model)
+        adapter_params, base = adapters.split_params(abstract_params, adapter_paths)
+        base_path = adapter_base_path(find_state_dir(path))
+    with cli.user_errors(FileNotFoundError, ValueError, setting="INITIAL_CHECKPOINT_PATH of the adapter run"):
+        base = restore_params(base_path, base, model)
+    with cli.user_errors(FileNotFoundError, ValueError, setting="CHECKPOINT_PATH"):
+        return graphdef, adapters.merge_params(base, restore_params(path, adapter_params, model))
+
+
+def adapter_base_path(state_dir: epath.Path) -> str:
+    """The base checkpoint of the adapter run whose checkpoint `state_dir` is (MODEL_DIR/checkpoints/N/state or
+    MODEL_DIR/best/N/state): `train.initial_checkpoint_path` in MODEL_DIR/config.gin (a value or a macro)."""
+    config = state_dir.parent.parent.parent / "config.gin"
+    text = re.sub(r"\\\n\s*", "", config.read_text()) if config.exists() else ""  # gin's line continuations
+    value = _gin_value(text, r"train\.initial_checkpoint_path")
+    if value is not None and value.startswith("%"):
+        value = _gin_value(text, re.escape(value[1:]))
+    base = ast.literal_eval(value) if value is not None else None
+    if not base:
+        raise ValueError(
+            f"{state_dir} holds adapter parameters only, and {config} names no INITIAL_CHECKPOINT_PATH (the base "
+            "model they adapt); point CHECKPOINT_PATH at the checkpoint of an adapter run with its config.gin."
+        )
+    return base
+
+
+def _gin_value(text: str, name: str) -> str | None:
+    """The right-hand side of the binding `name = ...` in gin text (None if unbound)."""
+    match = re.search(rf"^{name} = (.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
+def restore_base_params(
+    path: str, abstract_params: dict, model: BaseModel, fresh: dict, adapter_paths: Collection[str]
+) -> dict:
+    """`restore_params` for the start of an adapter run: the base from `path`, the adapters (which the base
+    checkpoint predates) keep their `fresh` values."""
+    base = adapters.split_params(abstract_params, adapter_paths)[1]
+    fresh_adapters, fresh_base = adapters.split_params(fresh, adapter_paths)
+    return adapters.merge_params(restore_params(path, base, model, fresh=fresh_base), fresh_adapters)

@@ -75,6 +75,10 @@ RULES = {
            "t5x_lite.hf", "t5x_lite.cli", "t5x_lite.checkpoints", "t5x_lite.evaluation"),
     "networks": ("t5x_lite.models", "t5x_lite.training", "t5x_lite.data", "t5x_lite.tasks", "t5x_lite.hf",
                  "t5x_lite.cli", "t5x_lite.checkpoints", "t5x_lite.evaluation"),
+    # Adapters sit beside networks: they attach to any network's layers and reuse freezing's path matcher.
+    "adapters": ("t5x_lite.models", "t5x_lite.data", "t5x_lite.tasks", "t5x_lite.hf", "t5x_lite.cli",
+                 "t5x_lite.checkpoints", "t5x_lite.evaluation", "t5x_lite.training.loop", "t5x_lite.training.steps",
+                 "t5x_lite.training.actions", "t5x_lite.training.train_state"),
     "data": ("t5x_lite.models", "t5x_lite.networks", "t5x_lite.nn", "t5x_lite.training", "t5x_lite.cli"),
     "tasks": ("t5x_lite.models", "t5x_lite.networks", "t5x_lite.nn", "t5x_lite.training", "t5x_lite.cli"),
 }
@@ -104,7 +108,7 @@ def test_nothing_in_the_package_imports_an_entry_point():
 MODEL_SIDE = r"""
 import sys
 import t5x_lite.decoding, t5x_lite.models, t5x_lite.networks.t5, t5x_lite.nn.attention, t5x_lite.partitioning
-import t5x_lite.training.steps
+import t5x_lite.training.steps, t5x_lite.adapters.lora
 from jax._src import xla_bridge
 t5x_lite.networks.t5.T5Config(kernels="auto")
 print("BACKENDS", sorted(xla_bridge._backends))

@@ -134,7 +134,9 @@ DENSE_OUTPUT = "dense_output"  # `checkpoint_name` of every Dense output (see De
 class Dense(nnx.Module):
     """Projection: contracts the trailing `in_shape` axes of x with a kernel of shape
     `in_shape + out_shape` (e.g. embed -> (heads, kv)); `axes` names the kernel's dimensions.
-    T5 uses no bias; `use_bias` adds a zero-initialised float32 bias of shape `out_shape`."""
+    T5 uses no bias; `use_bias` adds a zero-initialised float32 bias of shape `out_shape`.
+    `adapter` (None unless an adapter such as LoRA is attached, see `t5x_lite.adapters`) is a module whose
+    output on the same input is added to the projection's."""
 
     def __init__(
         self,
@@ -159,6 +161,7 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
         self.kernels = kernels
         self.dtype = jnp.dtype(dtype)
+        self.adapter: nnx.Module | None = nnx.data(None)
 
     def __call__(self, x: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         n_out = self.kernel.ndim - self.n_in
@@ -167,6 +170,8 @@ class Dense(nnx.Module):
         y = self.kernels.einsum(spec, x, self.kernel[...], dtype=self.dtype, out_dtype=out_dtype)
         if self.bias is not None:
             y = (y + self.bias[...]).astype(y.dtype)
+        if self.adapter is not None:
+            y = (y + self.adapter(x)).astype(y.dtype)
         # Named for remat policies: with KERNELS='cpu_tuned' the matmul is a custom-VJP call, which
         # dot-based policies (`dots_with_no_batch_dims_saveable`) do not see; a name works with any kernels.
         return checkpoint_name(y, DENSE_OUTPUT)

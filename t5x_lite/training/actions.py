@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import jax
@@ -182,14 +182,17 @@ def validation_loss(
 class KeepBest:
     """After each evaluation, offers the state to a manager over MODEL_DIR/best that keeps the best `metric`."""
 
-    def __init__(self, manager: ocp.CheckpointManager, metric: str, evaluate: Evaluate):
+    def __init__(
+        self, manager: ocp.CheckpointManager, metric: str, evaluate: Evaluate, adapter_paths: Collection[str] = ()
+    ):
         self.manager, self.metric, self.evaluate = manager, metric, evaluate
+        self.adapter_paths = adapter_paths  # an adapter run's checkpoints hold only these params
 
     def due(self, tick: Tick) -> bool:
         return self.evaluate.due(tick)
 
     def __call__(self, tick: Tick, state: TrainState) -> dict[str, float]:
-        checkpoints.save_if_best(self.manager, state, self.evaluate.latest, self.metric)
+        checkpoints.save_if_best(self.manager, state, self.evaluate.latest, self.metric, self.adapter_paths)
         return {}
 
     def close(self) -> None:
@@ -204,8 +207,12 @@ class Checkpoint:
     (asynchronously) and reports each checkpoint once it is committed, with its size: `poll` after every
     step notices a finished save, so the report comes at the first step boundary after the commit."""
 
-    def __init__(self, manager: ocp.CheckpointManager, iterator: DataIterator, period: int, model_dir: str):
+    def __init__(
+        self, manager: ocp.CheckpointManager, iterator: DataIterator, period: int, model_dir: str,
+        adapter_paths: Collection[str] = (),
+    ):
         self.manager, self.iterator, self.period, self.model_dir = manager, iterator, period, model_dir
+        self.adapter_paths = adapter_paths  # an adapter run's checkpoints hold only these params
         self.reported_step = max(checkpoints.committed_steps(model_dir), default=0)
         self.unreported = False  # a save was started and its commit not reported yet
 
@@ -214,7 +221,7 @@ class Checkpoint:
 
     def __call__(self, tick: Tick, state: TrainState) -> dict[str, float]:
         with cli.user_errors(OSError):  # a full disk or read-only MODEL_DIR
-            checkpoints.save(self.manager, state, self.iterator)
+            checkpoints.save(self.manager, state, self.iterator, self.adapter_paths)
         self.unreported = True
         self.poll()
         return {}

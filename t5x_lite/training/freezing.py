@@ -27,7 +27,7 @@ global inside the optimizer, such as AdamW's gradient-norm clipping, sees each s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import gin
 import jax
@@ -36,6 +36,7 @@ import optax
 from t5x_lite import partitioning
 
 FROZEN = "frozen"
+TRAINABLE = "trainable"
 Selection = str | Sequence[str]
 
 # Norm parameters: any module whose name contains "norm" (T5: pre_*_layer_norm, encoder_norm, ...).
@@ -169,3 +170,15 @@ def selective(
             later = optimizer(learning_rate)
         transforms[f"stage_{i}"] = optax.conditionally_mask(later, lambda count, start=start: count >= start)
     return optax.multi_transform(transforms, lambda params: stage_labels(params, stages))
+
+
+def train_only(optimizer: optax.GradientTransformation, trainable: Collection[str]) -> optax.GradientTransformation:
+    """`optimizer` on the parameters at the `trainable` paths only (an adapter run's adapters); the rest frozen
+    as `selective` freezes: optax's `set_to_zero()`, no optimizer state, bit-identical after training."""
+    trainable = frozenset(trainable)
+
+    def labels(params):
+        names = [TRAINABLE if path in trainable else FROZEN for path in param_paths(params)]
+        return jax.tree.unflatten(jax.tree.structure(params), names)
+
+    return optax.multi_transform({FROZEN: optax.set_to_zero(), TRAINABLE: optimizer}, labels)

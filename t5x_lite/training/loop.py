@@ -23,12 +23,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, cli, evaluation, partitioning, run_lease, storage
+from t5x_lite import adapters, checkpoints, cli, evaluation, partitioning, run_lease, storage
 from t5x_lite.data import pipeline
 from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import kernels
-from t5x_lite.training import actions, metric_writers, optimizers, preemption, steps, train_state
+from t5x_lite.training import actions, freezing, metric_writers, optimizers, preemption, steps, train_state
 from t5x_lite.training.actions import report
 from t5x_lite.training.train_state import TrainState
 
@@ -83,7 +83,10 @@ def train(
         mesh = partitioning.make_mesh()
     rules = partitioning.logical_axis_rules()
     batch_sharding = partitioning.batch_sharding(mesh, rules)
+    adapter_paths = adapter_run_paths(model)
     tx = optimizer(learning_rate)
+    if adapter_paths:  # an adapter run: only the adapters train, and only they have optimizer state
+        tx = freezing.train_only(tx, adapter_paths)
     if skip_nonfinite_updates:
         tx = steps.skip_nonfinite_updates(tx)
     state, shardings, graphdef = train_state.create_train_state(model, tx, random_seed, mesh, rules)
@@ -94,9 +97,11 @@ def train(
 
     with contextlib.ExitStack() as opened:  # whatever the run opens is closed on every way out
         # Resume from MODEL_DIR, or start (from INITIAL_CHECKPOINT_PATH's parameters when given).
-        checkpoint = actions.Checkpoint(open_checkpoints(model_dir), iterator, checkpoint_period, model_dir)
+        checkpoint = actions.Checkpoint(open_checkpoints(model_dir), iterator, checkpoint_period, model_dir,
+                                        adapter_paths)
         opened.callback(checkpoint.close)
-        state, origin = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path)
+        state, origin = resume_or_start(checkpoint.manager, state, shardings, iterator, model, initial_checkpoint_path,
+                                        adapter_paths)
         start_step = int(jax.device_get(state.step))
         report(run_summary(model, state, mixture_or_task_name, task_feature_lengths, batch_size, train_steps, mesh,
                            model_dir, origin))
@@ -133,7 +138,7 @@ def train(
             periodic.append(evaluate)
             if best_metric:
                 keep_best = actions.KeepBest(checkpoints.best_checkpoint_manager(model_dir, best_metric, best_mode),
-                                             best_metric, evaluate)
+                                             best_metric, evaluate, adapter_paths)
                 opened.callback(keep_best.close)
                 periodic.append(keep_best)
         periodic.append(checkpoint)
@@ -180,22 +185,43 @@ def open_checkpoints(model_dir: str) -> ocp.CheckpointManager:
         return checkpoints.checkpoint_manager(model_dir)
 
 
+def adapter_run_paths(model: BaseModel) -> set[str]:
+    """The paths of the adapter parameters (`t5x_lite.adapters`) the gin config attaches; empty if none."""
+    with cli.user_errors(ValueError):  # e.g. LoRA targets that match no parameter
+        return adapters.adapter_paths(train_state.network_graphdef(model)[1])
+
+
 def resume_or_start(
     manager: ocp.CheckpointManager, state: TrainState, shardings: TrainState, iterator: DataIterator,
-    model: BaseModel, initial_checkpoint_path: str | None,
+    model: BaseModel, initial_checkpoint_path: str | None, adapter_paths: set[str] | None = None,
 ) -> tuple[TrainState, str]:
     """The newest checkpoint in MODEL_DIR with the data position it had; else the fresh state, with the
-    parameters of `initial_checkpoint_path` when given. Also the sentence that says which, for the summary."""
+    parameters of `initial_checkpoint_path` when given. Also the sentence that says which, for the summary.
+    In an adapter run (`adapter_paths`) the checkpoint holds the adapters only: they go onto the base params of
+    `initial_checkpoint_path` (or the fresh ones)."""
+    abstract = checkpoints.checkpointed(train_state.abstract_train_state(state, shardings), adapter_paths or ())
     with cli.user_errors(ValueError, setting="MODEL_DIR"):
-        restored = checkpoints.restore_latest(manager, train_state.abstract_train_state(state, shardings), iterator)
-    if restored is not None:
+        restored = checkpoints.restore_latest(manager, abstract, iterator)
+    if restored is not None and not adapter_paths:
         return restored, f"Resumed from {manager.directory} at step {int(restored.step)}."
-    if not initial_checkpoint_path:
-        return state, "Fresh start."
-    abstract_params = train_state.abstract_train_state(state.params, shardings.params)
-    with cli.user_errors(FileNotFoundError, ValueError, setting="INITIAL_CHECKPOINT_PATH"):
-        params = checkpoints.restore_params(initial_checkpoint_path, abstract_params, model, fresh=state.params)
-    return state.replace(params=params), f"Initialised parameters from {initial_checkpoint_path}."
+    start, origin = state, "Fresh start."
+    if initial_checkpoint_path:
+        abstract_params = train_state.abstract_train_state(state.params, shardings.params)
+        with cli.user_errors(FileNotFoundError, ValueError, setting="INITIAL_CHECKPOINT_PATH"):
+            params = (
+                checkpoints.restore_base_params(initial_checkpoint_path, abstract_params, model, state.params,
+                                                adapter_paths)
+                if adapter_paths else
+                checkpoints.restore_params(initial_checkpoint_path, abstract_params, model, fresh=state.params)
+            )
+        start, origin = state.replace(params=params), f"Initialised parameters from {initial_checkpoint_path}."
+    if restored is None:
+        return start, origin
+    params = adapters.merge_params(start.params, restored.params)
+    return restored.replace(params=params), (
+        f"Resumed the adapters from {manager.directory} at step {int(restored.step)} on the base "
+        f"{'of ' + initial_checkpoint_path if initial_checkpoint_path else 'initialised afresh'}."
+    )
 
 
 # The config fields that say how large a network is, in the order the summary names them.

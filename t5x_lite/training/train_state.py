@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from t5x_lite import partitioning
+from t5x_lite import adapters, partitioning
 from t5x_lite.models.base import BaseModel
 
 
@@ -29,9 +29,15 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
+def build_network(model: BaseModel, rngs: nnx.Rngs) -> nnx.Module:
+    """The model's network with the gin-configured adapters attached (`adapters.add_adapters`); the base
+    parameters draw first, so they are the same with or without adapters."""
+    return adapters.add_adapters(model.build_network(rngs), rngs)
+
+
 def network_graphdef(model: BaseModel) -> tuple[nnx.GraphDef, nnx.State]:
     """The network's static structure and its abstract parameters (no memory allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0))), nnx.Param)
+    return nnx.split(nnx.eval_shape(lambda: build_network(model, nnx.Rngs(0))), nnx.Param)
 
 
 def state_shardings(
@@ -63,7 +69,7 @@ def create_train_state(
 
     def init(seed: jax.Array) -> TrainState:
         params_key, dropout_key = jax.random.split(jax.random.key(seed))
-        network = model.build_network(nnx.Rngs(params=params_key))
+        network = build_network(model, nnx.Rngs(params=params_key))
         params = nnx.to_pure_dict(nnx.state(network, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
