@@ -7,4 +7,4 @@ The CLI imports this package on the first lookup of a task name (`pipeline.get_m
 Python users `import t5x_lite.tasks`. Tasks over your own files: `t5x_lite.data.registration`.
 """
 
-from t5x_lite.tasks import bundled, c4, classification, qa  # noqa: F401
+from t5x_lite.tasks import aang, bundled, c4, classification, qa  # noqa: F401
