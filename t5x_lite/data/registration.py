@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import gin
 import seqio
 
-from t5x_lite.data import pipeline, sources, vocab
+from t5x_lite.data import objective_stages, pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
 from t5x_lite.data.preprocessors import (
@@ -200,13 +200,13 @@ def end_task_strings(task_name: str) -> TextData:
 def register_objective_space(
     prefix: str,
     end_task: str,
-    combinations: Sequence[objective_space.Combination],
+    combinations: Sequence[objective_stages.Combination],
     domain: TextData | None = None,
     general: TextData | None = None,
     vocabulary: seqio.Vocabulary | None = None,
     overwrite: bool = False,
 ) -> dict[str, str]:
-    """Registers one task `<prefix>_<combination>` per combination (`objective_space.combinations()`); returns
+    """Registers one task `<prefix>_<combination>` per combination (`objective_stages.combinations()`); returns
     {combination name: task name}. D=task reads `end_task`'s inputs (O=task: its inputs and targets), D=domain
     `domain` (required if a combination uses it), D=general `general` (default: the bundled corpus)."""
     general = general or text_lines({s: str(sources.BUNDLED_DIR / f"{s}.txt") for s in ("train", "validation")})
@@ -216,7 +216,7 @@ def register_objective_space(
             "general": general}
     names = {}
     for combination in combinations:
-        reason = objective_space.exclusion_reason(combination)
+        reason = objective_stages.exclusion_reason(combination)
         if reason is not None:
             raise ValueError(f"objective {combination.name} is excluded: {reason}.")
         if data[combination.data] is None:

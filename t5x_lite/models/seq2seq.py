@@ -49,6 +49,7 @@ class EncoderDecoderModel(BaseModel):
             encoder_positions=batch.get("encoder_positions"),
             decoder_positions=batch.get("decoder_positions"),
             dropout_rngs=dropout_rngs,
+            encoder_attention_rank=batch.get("encoder_attention_rank"),
         )
 
     def predict_batch(

@@ -1,0 +1,115 @@
+"""AANG's factored objective weights (Dery et al. 2022): one logit per stage option plus one per combination.
+
+The objectives are the end task (and any objective that is not a combination: one logit of its own) and
+combinations of the objective space (`preprocessors.objective_space`, names `<D>_<T>_<R>_<O>`, possibly behind a
+task prefix such as `aang_`). The score of objective i is its own logit plus the logits of the stage options it
+uses; the weights are the softmax of the scores:
+
+  w_i = softmax_i(logit_i + sum_{options o of i} stage_logit_o)
+
+Each step trains only K combinations, sampled without replacement in proportion to their weights (Gumbel top-k,
+keyed by the seed and the step, so a resumed run draws the same ones), plus every non-combination objective; the
+weights are renormalised over that set and the others get 0. The meta-gradient signal (cosine_i of objective i's
+body gradient with the dev head's) moves logit_i and, spread by the chain rule (a stage logit enters the score of
+every combination that uses it), each stage-option logit by the sum over the sampled combinations that use it:
+
+  logit_i += lr * cosine_i,   stage_logit_o += lr * sum_{sampled i using o} cosine_i
+
+State (checkpointed with the train state): `logits` [n], `stage_logits` [options], `step` (the draws' counter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_lite.data import objective_stages
+
+META_LR = 5e-2
+
+
+def stage_options() -> list[tuple[str, str]]:
+    """Every (stage, option) of the space, in `objective_stages.STAGES` order: the stage logits' order."""
+    return [(stage, option) for stage, options in objective_stages.STAGES.items() for option in options]
+
+
+def parse_combination(name: str) -> objective_stages.Combination | None:
+    """The combination an objective name ends in (after any `prefix_`), or None (e.g. the end task)."""
+    parts = name.split("_")
+    if len(parts) < len(objective_stages.STAGES):
+        return None
+    combination = objective_stages.Combination(*parts[-len(objective_stages.STAGES):])
+    known = all(o in objective_stages.STAGES[s] for s, o in zip(objective_stages.STAGES, combination))
+    return combination if known and objective_stages.exclusion_reason(combination) is None else None
+
+
+def membership(names: Sequence[str]) -> np.ndarray:
+    """[n, options] float32: 1 where objective i uses stage option o (a row of zeros for a non-combination)."""
+    index = {option: j for j, option in enumerate(stage_options())}
+    matrix = np.zeros((len(names), len(index)), np.float32)
+    for i, name in enumerate(names):
+        combination = parse_combination(name)
+        for stage, option in zip(objective_stages.STAGES, combination or ()):
+            matrix[i, index[(stage, option)]] = 1.0
+    return matrix
+
+
+class FactoredWeights:
+    """The factored weighting method: `init(n)`, `weights(state)`, `update(state, cosines)` (see the module
+    docstring). `names`: the objectives in the order of the weights; `k`: combinations per step (None: all);
+    `seed`: the draws' seed; `meta_lr`: the logits' step size."""
+
+    def __init__(self, names: Sequence[str], k: int | None = None, seed: int = 0, meta_lr: float = META_LR):
+        self.names = tuple(names)
+        self.membership = membership(self.names)
+        self.is_combination = self.membership.any(axis=1)
+        num_combinations = int(self.is_combination.sum())
+        if not num_combinations:
+            raise ValueError(f"Factored weights need combinations of the objective space among {list(self.names)} "
+                             "(names ending in <data>_<transform>_<representation>_<output>).")
+        if k is not None and not 1 <= k <= num_combinations:
+            raise ValueError(f"Factored weights: k={k} combinations per step must lie between 1 and the "
+                             f"{num_combinations} combinations given.")
+        self.k = num_combinations if k is None else k
+        self.seed = seed
+        self.meta_lr = meta_lr
+
+    def init(self, n: int) -> dict[str, jax.Array]:
+        """Zero logits (equal weights) and the draws' counter at 0."""
+        if n != len(self.names):
+            raise ValueError(f"Factored weights were given {len(self.names)} objective names for {n} objectives.")
+        return {"logits": jnp.zeros((n,), jnp.float32),
+                "stage_logits": jnp.zeros((self.membership.shape[1],), jnp.float32),
+                "step": jnp.zeros((), jnp.int32)}
+
+    def scores(self, state: dict[str, jax.Array]) -> jax.Array:
+        """[n]: each objective's logit plus those of the stage options it uses."""
+        return state["logits"] + jnp.asarray(self.membership) @ state["stage_logits"]
+
+    def full_weights(self, state: dict[str, jax.Array]) -> jax.Array:
+        """[n]: the softmax of the scores over every objective (before sampling)."""
+        return jax.nn.softmax(self.scores(state))
+
+    def sampled(self, state: dict[str, jax.Array]) -> jax.Array:
+        """[n] bool: the objectives trained at `state["step"]`: every non-combination and K combinations drawn
+        without replacement in proportion to their weights (Gumbel top-k keyed by seed and step)."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
+        is_combination = jnp.asarray(self.is_combination)
+        keys = jnp.where(is_combination, self.scores(state) + jax.random.gumbel(key, (len(self.names),)), -jnp.inf)
+        threshold = jnp.sort(keys)[-self.k]
+        return jnp.logical_or(~is_combination, keys >= threshold)
+
+    def weights(self, state: dict[str, jax.Array]) -> jax.Array:
+        """[n]: the full weights renormalised over this step's sampled objectives, 0 elsewhere."""
+        kept = jnp.where(self.sampled(state), self.full_weights(state), 0.0)
+        return kept / jnp.sum(kept)
+
+    def update(self, state: dict[str, jax.Array], cosines: jax.Array, *_, **__) -> dict[str, jax.Array]:
+        """Moves the sampled objectives' logits and their stage options' by the cosines; advances the draws."""
+        signal = jnp.where(self.sampled(state), cosines, 0.0) * self.meta_lr
+        return {"logits": state["logits"] + signal,
+                "stage_logits": state["stage_logits"] + jnp.asarray(self.membership).T @ signal,
+                "step": state["step"] + 1}
