@@ -17,7 +17,7 @@ from t5x_lite.data.preprocessors import objective_space
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5, T5Config
 from t5x_lite.nn import layers
-from t5x_lite.training.factored_weights import FactoredWeights, stage_options
+from t5x_lite.training.factored_weights import FactoredWeighting, stage_options
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
                 num_decoder_layers=1)
@@ -200,8 +200,8 @@ def _option(stage, option):
 
 
 def test_combination_weight_is_the_hand_formula():
-    method = FactoredWeights(NAMES)
-    state = method.init(len(NAMES))
+    method = FactoredWeighting()
+    state = method.init(NAMES)
     state["logits"] = jnp.array([0.5, 0.1, -0.2, 0.3, 0.0])
     state["stage_logits"] = state["stage_logits"].at[_option("data", "task")].set(0.7).at[
         _option("transform", "mask")].set(-0.4).at[_option("output", "denoise")].set(0.2)
@@ -211,10 +211,10 @@ def test_combination_weight_is_the_hand_formula():
 
 
 def test_a_stage_option_shared_by_aligned_combinations_rises():
-    method = FactoredWeights(NAMES, meta_lr=0.5)
-    state = method.init(len(NAMES))
+    method = FactoredWeighting(meta_lr=0.5)
+    state = method.init(NAMES)
     before = method.full_weights(state)
-    state = method.update(state, jnp.array([0.0, 1.0, 1.0, -1.0, 0.0]))
+    state = method.update(state, jnp.array([0.0, 1.0, 1.0, -1.0, 0.0]), jnp.zeros(5))
     after = method.full_weights(state)
     assert state["stage_logits"][_option("data", "task")] == pytest.approx(1.0)  # 0.5 x (1 + 1 + 0)
     assert state["stage_logits"][_option("data", "general")] == pytest.approx(-0.5)
@@ -224,19 +224,21 @@ def test_a_stage_option_shared_by_aligned_combinations_rises():
 
 
 def test_sampling_is_deterministic_per_seed_and_step():
-    method = FactoredWeights(NAMES, k=2, seed=3)
-    state = method.init(len(NAMES))
+    method, again = FactoredWeighting(k=2, seed=3), FactoredWeighting(k=2, seed=3)
+    state = method.init(NAMES)
+    again.init(NAMES)
     masks = []
     for _ in range(8):
         weights = method.weights(state)
-        np.testing.assert_array_equal(weights, FactoredWeights(NAMES, k=2, seed=3).weights(state))
+        np.testing.assert_array_equal(weights, again.weights(state))
         mask = np.asarray(method.sampled(state))
         assert mask[0] and mask[1:].sum() == 2  # the end task always, K combinations
         assert float(weights.sum()) == pytest.approx(1.0) and np.all(np.asarray(weights)[~mask] == 0)
         masks.append(tuple(mask))
-        state = method.update(state, jnp.zeros(len(NAMES)))
+        state = method.update(state, jnp.zeros(len(NAMES)), jnp.zeros(len(NAMES)))
     assert len(set(masks)) > 1
-    other_seed = FactoredWeights(NAMES, k=2, seed=4)
+    other_seed = FactoredWeighting(k=2, seed=4)
+    other_seed.init(NAMES)
     assert [tuple(np.asarray(other_seed.sampled({**state, "step": jnp.array(s)}))) for s in range(8)] != masks
     with pytest.raises(ValueError, match="k=5"):
-        FactoredWeights(NAMES, k=5)
+        FactoredWeighting(k=5).init(NAMES)

@@ -235,6 +235,25 @@ def register_objective_space(
     return names
 
 
+@gin.configurable
+def objective_space_auxiliaries(
+    prefix: str = "aang",
+    data: Sequence[str] = objective_stages.DATA,
+    transforms: Sequence[str] = objective_stages.TRANSFORMS,
+    representations: Sequence[str] = objective_stages.REPRESENTATIONS,
+    outputs: Sequence[str] = objective_stages.OUTPUTS,
+) -> dict[str, str]:
+    """{combination name: task name `<prefix>_<name>`} for the valid combinations of the given stage options: the
+    auxiliaries of an AANG run (`EndTaskAware.auxiliaries = @objective_space_auxiliaries()`; the tasks must be
+    registered, as `t5x_lite.tasks.aang` registers `aang_*`)."""
+    found = objective_stages.combinations(data, transforms, representations, outputs)
+    if not found:
+        raise ValueError("objective_space_auxiliaries: no valid combination of the options "
+                         f"{[list(data), list(transforms), list(representations), list(outputs)]} (see the rules in "
+                         "docs/end_task_aware.md).")
+    return {c.name: f"{prefix}_{c.name}" for c in found}
+
+
 # ------------------------------------------------------------------ text-to-text pairs
 
 # Metrics `register_text_to_text_task` takes by name (seqio's `fn(targets, predictions) -> {name: percent}`).

@@ -16,12 +16,15 @@ every combination that uses it), each stage-option logit by the sum over the sam
   logit_i += lr * cosine_i,   stage_logit_o += lr * sum_{sampled i using o} cosine_i
 
 State (checkpointed with the train state): `logits` [n], `stage_logits` [options], `step` (the draws' counter).
+Bound in gin as `EndTaskAware.weighting = @FactoredWeighting()` (gin_configs/examples/tartan_aang.gin). The
+step still computes every objective's loss and gradient (one vmapped program); the unsampled ones get weight 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,31 +60,37 @@ def membership(names: Sequence[str]) -> np.ndarray:
     return matrix
 
 
-class FactoredWeights:
-    """The factored weighting method: `init(n)`, `weights(state)`, `update(state, cosines)` (see the module
-    docstring). `names`: the objectives in the order of the weights; `k`: combinations per step (None: all);
-    `seed`: the draws' seed; `meta_lr`: the logits' step size."""
+@gin.configurable(module="t5x_lite")
+class FactoredWeighting:
+    """AANG's weighting method in `training.weighting`'s protocol (see the module docstring): `k` combinations per
+    step (None: all of them), drawn with `seed`; `meta_lr` moves the logits. `init(names)` reads which stage
+    options each objective uses from its name."""
 
-    def __init__(self, names: Sequence[str], k: int | None = None, seed: int = 0, meta_lr: float = META_LR):
-        self.names = tuple(names)
-        self.membership = membership(self.names)
-        self.is_combination = self.membership.any(axis=1)
-        num_combinations = int(self.is_combination.sum())
-        if not num_combinations:
-            raise ValueError(f"Factored weights need combinations of the objective space among {list(self.names)} "
-                             "(names ending in <data>_<transform>_<representation>_<output>).")
-        if k is not None and not 1 <= k <= num_combinations:
-            raise ValueError(f"Factored weights: k={k} combinations per step must lie between 1 and the "
-                             f"{num_combinations} combinations given.")
-        self.k = num_combinations if k is None else k
+    needs_dev = True
+
+    def __init__(self, k: int | None = None, seed: int = 0, meta_lr: float = META_LR):
+        self.k = k
         self.seed = seed
         self.meta_lr = meta_lr
+        self.membership = np.zeros((0, len(stage_options())), np.float32)
 
-    def init(self, n: int) -> dict[str, jax.Array]:
-        """Zero logits (equal weights) and the draws' counter at 0."""
-        if n != len(self.names):
-            raise ValueError(f"Factored weights were given {len(self.names)} objective names for {n} objectives.")
-        return {"logits": jnp.zeros((n,), jnp.float32),
+    @property
+    def is_combination(self) -> np.ndarray:
+        """[n] bool: which objectives are combinations of the space (the others are always trained)."""
+        return self.membership.any(axis=1)
+
+    def init(self, names: Sequence[str]) -> dict[str, jax.Array]:
+        """Zero logits (equal weights) and the draws' counter at 0; a ValueError unless `names` hold 1 to K
+        combinations of the space."""
+        self.membership = membership(names)
+        count = int(self.is_combination.sum())
+        if not count:
+            raise ValueError(f"FactoredWeighting needs combinations of the objective space among the objectives "
+                             f"{list(names)} (names ending in <data>_<transform>_<representation>_<output>).")
+        if self.k is not None and not 1 <= self.k <= count:
+            raise ValueError(f"FactoredWeighting.k={self.k} combinations per step must lie between 1 and the {count} "
+                             "combinations among the objectives.")
+        return {"logits": jnp.zeros((len(names),), jnp.float32),
                 "stage_logits": jnp.zeros((self.membership.shape[1],), jnp.float32),
                 "step": jnp.zeros((), jnp.int32)}
 
@@ -96,18 +105,18 @@ class FactoredWeights:
     def sampled(self, state: dict[str, jax.Array]) -> jax.Array:
         """[n] bool: the objectives trained at `state["step"]`: every non-combination and K combinations drawn
         without replacement in proportion to their weights (Gumbel top-k keyed by seed and step)."""
-        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
         is_combination = jnp.asarray(self.is_combination)
-        keys = jnp.where(is_combination, self.scores(state) + jax.random.gumbel(key, (len(self.names),)), -jnp.inf)
-        threshold = jnp.sort(keys)[-self.k]
-        return jnp.logical_or(~is_combination, keys >= threshold)
+        k = int(self.is_combination.sum()) if self.k is None else self.k
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), state["step"])
+        keys = jnp.where(is_combination, self.scores(state) + jax.random.gumbel(key, is_combination.shape), -jnp.inf)
+        return jnp.logical_or(~is_combination, keys >= jnp.sort(keys)[-k])
 
     def weights(self, state: dict[str, jax.Array]) -> jax.Array:
         """[n]: the full weights renormalised over this step's sampled objectives, 0 elsewhere."""
         kept = jnp.where(self.sampled(state), self.full_weights(state), 0.0)
         return kept / jnp.sum(kept)
 
-    def update(self, state: dict[str, jax.Array], cosines: jax.Array, *_, **__) -> dict[str, jax.Array]:
+    def update(self, state: dict[str, jax.Array], cosines: jax.Array, losses: jax.Array) -> dict[str, jax.Array]:
         """Moves the sampled objectives' logits and their stage options' by the cosines; advances the draws."""
         signal = jnp.where(self.sampled(state), cosines, 0.0) * self.meta_lr
         return {"logits": state["logits"] + signal,
