@@ -2,7 +2,9 @@
 T5's encoder, the feature converter, and the factored weights."""
 
 import dataclasses
+import json
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +13,14 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+from t5x_lite import cli
 from t5x_lite.data import feature_converters, objective_stages, special_tokens, vocab
 from t5x_lite.data.objective_stages import Combination
 from t5x_lite.data.preprocessors import objective_space
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5, T5Config
 from t5x_lite.nn import layers
+from t5x_lite.training import loop
 from t5x_lite.training.factored_weights import FactoredWeighting, stage_options
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
@@ -242,3 +246,33 @@ def test_sampling_is_deterministic_per_seed_and_step():
     assert [tuple(np.asarray(other_seed.sampled({**state, "step": jnp.array(s)}))) for s in range(8)] != masks
     with pytest.raises(ValueError, match="k=5"):
         FactoredWeighting(k=5).init(NAMES)
+
+
+# ------------------------------------------------------------------ the example
+
+
+@pytest.mark.slow
+def test_the_aang_example_trains_the_sampled_combinations(tmp_path):
+    """examples/tartan_aang.gin, made tiny (two combinations, K = 1): every step weights the end task and one
+    combination, the O=task combination reads the end task's train part only, and the weights are logged."""
+    run = ["TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "BATCH_SIZE = 8", "TRAIN_STEPS = 2",
+           "train.log_period = 1", "train.eval_period = 0", "train.checkpoint_period = 2",
+           "train.progress_bar = False", f"MODEL_DIR = '{tmp_path}'", "FactoredWeighting.k = 1",
+           "objective_space_auxiliaries.data = ['task']", "objective_space_auxiliaries.transforms = ['none', 'mask']",
+           "objective_space_auxiliaries.representations = ['l2r']",
+           "objective_space_auxiliaries.outputs = ['denoise', 'task']",
+           *(f"T5Config.{k} = {v}" for k, v in {"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32,
+                                                 "num_encoder_layers": 1, "num_decoder_layers": 1}.items())]
+    gin.clear_config()
+    cli.parse_gin([str(cli.GIN_CONFIGS_DIR / "examples/tartan_aang.gin")], run)
+    try:
+        mode = gin.query_parameter("train.training_mode").scoped_configurable_fn()
+        assert mode.auxiliaries == {"task_mask_l2r_denoise": "aang_task_mask_l2r_denoise",
+                                    "task_none_l2r_task": "aang_task_none_l2r_task_minus_dev20"}
+        loop.train()
+    finally:
+        gin.clear_config()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for record in (r for r in records if "train/loss" in r):
+        weights = [record[f"train/aux_weight/{n}"] for n in ("end_task", *mode.auxiliaries)]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5) and sum(w > 0 for w in weights) == 2
