@@ -22,6 +22,7 @@ from t5x_lite.networks.t5 import T5, T5Config
 from t5x_lite.nn import layers
 from t5x_lite.training import loop
 from t5x_lite.training.factored_weights import FactoredWeighting, stage_options
+from tests.test_cli import run_cli
 
 TINY = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=2,
                 num_decoder_layers=1)
@@ -276,3 +277,16 @@ def test_the_aang_example_trains_the_sampled_combinations(tmp_path):
     for record in (r for r in records if "train/loss" in r):
         weights = [record[f"train/aux_weight/{n}"] for n in ("end_task", *mode.auxiliaries)]
         assert sum(weights) == pytest.approx(1.0, abs=1e-5) and sum(w > 0 for w in weights) == 2
+
+
+@pytest.mark.slow
+def test_a_misspelt_stage_option_is_one_clear_error(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_cli("--gin_file=examples/tartan_aang.gin", f"--gin.MODEL_DIR='{model_dir}'",
+                     "--gin.objective_space_auxiliaries.transforms=['mask', 'shufle']")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: objective space: the transform options ['mask', 'shufle'] must be distinct values from "
+        "['none', 'mask', 'replace', 'span'], at least one.")
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists() or not any(model_dir.rglob("*"))

@@ -16,7 +16,7 @@ REPRESENTATIONS = ("bi", "l2r", "r2l", "rand")
 OUTPUTS = ("denoise", "next", "task")
 STAGES = {"data": DATA, "transform": TRANSFORMS, "representation": REPRESENTATIONS, "output": OUTPUTS}
 
-# The rules, in the order `exclusion_reason` applies them (docs/end_task_aware.md lists them).
+# The rules, in the order `exclusion_reason` applies them (the docs' AANG section lists them).
 RULES = (
     "the task's output exists only for the task's own inputs, uncorrupted (O=task needs D=task and T=none)",
     "the task's output read bidirectionally is the end task itself, the primary objective (O=task needs R!=bi)",

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import gin
 import seqio
 
-from t5x_lite.data import multi_objective, objective_stages, pipeline, sources, vocab
+from t5x_lite.data import objective_stages, pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
 from t5x_lite.data.preprocessors import (
@@ -233,32 +233,6 @@ def register_objective_space(
              metric_fns=[])
         names[combination.name] = name
     return names
-
-
-@gin.configurable
-def objective_space_auxiliaries(
-    prefix: str = "aang",
-    data: Sequence[str] = objective_stages.DATA,
-    transforms: Sequence[str] = objective_stages.TRANSFORMS,
-    representations: Sequence[str] = objective_stages.REPRESENTATIONS,
-    outputs: Sequence[str] = objective_stages.OUTPUTS,
-    dev_fraction: float | None = None,
-) -> dict[str, str]:
-    """{combination name: task name `<prefix>_<name>`} for the valid combinations of the given stage options: the
-    auxiliaries of an AANG run (`EndTaskAware.auxiliaries = @objective_space_auxiliaries()`; the tasks must be
-    registered, as `t5x_lite.tasks.aang` registers `aang_*`). With the run's `dev_fraction`, the combinations that
-    train on the end task's answers (O=task) read only the part of its train split the end task trains on, never
-    the dev head's examples (`multi_objective.slice_task`)."""
-    found = objective_stages.combinations(data, transforms, representations, outputs)
-    if not found:
-        raise ValueError("objective_space_auxiliaries: no valid combination of the options "
-                         f"{[list(data), list(transforms), list(representations), list(outputs)]} (see the rules in "
-                         "docs/end_task_aware.md).")
-    tasks = {c.name: f"{prefix}_{c.name}" for c in found}
-    if dev_fraction is not None:
-        tasks.update({c.name: multi_objective.slice_task(tasks[c.name], "train", dev_fraction)
-                      for c in found if c.output == "task"})
-    return tasks
 
 
 # ------------------------------------------------------------------ text-to-text pairs

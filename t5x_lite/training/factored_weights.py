@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_lite import cli
 from t5x_lite.data import objective_stages
 
 META_LR = 5e-2
@@ -122,3 +123,32 @@ class FactoredWeighting:
         return {"logits": state["logits"] + signal,
                 "stage_logits": state["stage_logits"] + jnp.asarray(self.membership).T @ signal,
                 "step": state["step"] + 1}
+
+
+@gin.configurable(module="t5x_lite")
+def objective_space_auxiliaries(
+    prefix: str = "aang",
+    data: Sequence[str] = objective_stages.DATA,
+    transforms: Sequence[str] = objective_stages.TRANSFORMS,
+    representations: Sequence[str] = objective_stages.REPRESENTATIONS,
+    outputs: Sequence[str] = objective_stages.OUTPUTS,
+    dev_fraction: float | None = None,
+) -> dict[str, str]:
+    """{combination name: task name `<prefix>_<name>`} for the valid combinations of the given stage options: the
+    auxiliaries of an AANG run (`EndTaskAware.auxiliaries = @objective_space_auxiliaries()`; the tasks must be
+    registered, as `t5x_lite.tasks.aang` registers `aang_*`). With the run's `dev_fraction`, the combinations that
+    train on the end task's answers (O=task) read only the part of its train split the end task trains on, never
+    the dev head's examples (`multi_objective.slice_task`). A misspelt option is a `cli.UserError`."""
+    from t5x_lite.data import multi_objective  # reads data (TensorFlow): only when a run names its auxiliaries
+
+    with cli.user_errors(ValueError):
+        found = objective_stages.combinations(data, transforms, representations, outputs)
+    if not found:
+        raise cli.UserError("objective_space_auxiliaries: no valid combination of the options "
+                            f"{[list(data), list(transforms), list(representations), list(outputs)]} (see the rules "
+                            "in t5x_lite/data/objective_stages.py).")
+    tasks = {c.name: f"{prefix}_{c.name}" for c in found}
+    if dev_fraction is not None:
+        tasks.update({c.name: multi_objective.slice_task(tasks[c.name], "train", dev_fraction)
+                      for c in found if c.output == "task"})
+    return tasks
