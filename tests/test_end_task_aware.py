@@ -223,7 +223,8 @@ def test_a_typod_auxiliary_task_is_one_clear_error(tmp_path):
 
 def test_static_weights_of_an_unknown_objective_are_an_error():
     mode = EndTaskAware({"tapt": "bundled_qa_extractive_inputs_span_corruption"}, StaticWeighting({"tpat": 0.5}))
-    with pytest.raises(cli.UserError, match=r"StaticWeighting.weights names \['tpat'\], which are not objectives"):
+    with pytest.raises(cli.UserError, match=r"StaticWeighting.weights names \['tpat'\], which are not objectives. "
+                                            r"Did you mean 'tapt'\? The objectives are \['end_task', 'tapt'\]."):
         mode.check_objectives()
 
 
