@@ -255,7 +255,10 @@ class T5Gemma(EncoderDecoderNetwork):
         ops = kernels.resolve(config.kernels)
 
         def embed(d_model: int) -> layers.Embed:
-            return layers.Embed(config.vocab_size, d_model, kernels=ops, dtype=config.dtype, rngs=rngs)
+            """Init std d_model**-0.5: unit-scale inputs after the sqrt(d_model) factor, unit-scale tied logits."""
+            return layers.Embed(
+                config.vocab_size, d_model, kernels=ops, stddev=d_model**-0.5, dtype=config.dtype, rngs=rngs
+            )
 
         self.encoder_embedder = embed(config.encoder_d_model)
         self.decoder_embedder = embed(config.decoder_d_model)
