@@ -13,6 +13,7 @@ from flax import nnx
 
 from t5x_lite import hf
 from t5x_lite.networks.t5gemma import T5Gemma, T5GemmaConfig
+from t5x_lite.nn import attention, kernels, layers
 from tests.hf.conftest import random_inputs
 
 torch = pytest.importorskip("torch")
@@ -165,3 +166,21 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"T5GemmaConfig.encoder_d_ff=0 must be a positive integer"):
         T5GemmaConfig(encoder_d_ff=0)
     assert dataclasses.replace(T5GemmaConfig(), sliding_window=None).windows(3) == (2**30,) * 3
+
+
+def test_fused_attention_path_equals_einsum():
+    """Without a soft cap the fused `jax.nn.dot_product_attention` runs (on GPU under "auto"; "xla" forces it
+    here): the same outputs as the einsum form, grouped-query heads and a window mask included."""
+    ops = kernels.resolve("xla")
+
+    def gqa(implementation: str) -> attention.GroupedQueryAttention:
+        return attention.GroupedQueryAttention(32, 4, 2, 8, kernels=ops, query_scale=0.25, rope_theta=10000.0,
+                                               implementation=implementation, rngs=nnx.Rngs(0))
+
+    x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+    positions = jnp.arange(6)[None]
+    mask = layers.causal_mask(6) & layers.sliding_window_mask(positions, positions, 3, causal=True)
+    fused, einsum = gqa("xla"), gqa("einsum")
+    assert fused.implementation == "xla"
+    expected = einsum(x, x, mask, q_positions=positions, kv_positions=positions)
+    np.testing.assert_allclose(fused(x, x, mask, q_positions=positions, kv_positions=positions), expected, atol=1e-5)
