@@ -181,7 +181,6 @@ def test_ul2_gin_parses_and_pretraining_helps_names_it():
     "files,bindings",
     [
         (["examples/ul2_tiny_pretrain.gin"], []),  # encoder-decoder
-        (["examples/t5gemma_tiny_pretrain.gin"], []),  # T5Gemma
         (["examples/prefix_lm_tiny_pretrain.gin"], ["MIXTURE_OR_TASK_NAME = 'bundled_ul2_prefix_lm'"]),  # decoder-only
     ],
 )
