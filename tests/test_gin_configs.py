@@ -58,6 +58,27 @@ def bart(d_model: int, d_ff: int, heads: int, layers: int, ours_vocab: int, posi
     return transformers.BartForConditionalGeneration, config, (ours_vocab - vocab) * d_model + ours_vocab - 4 * d_model
 
 
+def t5gemma(encoder: tuple, decoder: tuple, vocab: int = 256000) -> tuple:
+    """HF T5GemmaForConditionalGeneration with stacks of (d_model, d_ff, heads, kv heads, head_dim, layers);
+    the output layer tied to the decoder embedding, as ours."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "num_hidden_layers")
+    config = transformers.T5GemmaConfig(encoder=dict(zip(keys, encoder), vocab_size=vocab),
+                                        decoder=dict(zip(keys, decoder), vocab_size=vocab), vocab_size=vocab)
+    return transformers.T5GemmaForConditionalGeneration, config, 0
+
+
+GEMMA_2B, GEMMA_9B = (2304, 9216, 8, 4, 256, 26), (3584, 14336, 16, 8, 256, 42)
+# The T5-sized stacks: d_model, d_ff, depth and heads x head_dim give the published checkpoints' totals
+# (T5GEMMA_PUBLISHED); how the attention width splits into heads the totals cannot tell (see docs/models.md).
+T5GEMMA_SIZES = {"s": (512, 1024, 8, 8, 64, 8), "b": (768, 2048, 12, 12, 64, 12), "l": (1024, 2816, 16, 16, 64, 24),
+                 "ml": (1152, 6912, 4, 4, 256, 26), "xl": (2048, 5120, 32, 32, 64, 24), "2b": GEMMA_2B, "9b": GEMMA_9B}
+# gin file -> the parameter total of the published google/t5gemma-* checkpoints (their safetensors).
+T5GEMMA_PUBLISHED = {"t5gemma/s_s.gin": 312_517_632, "t5gemma/b_b.gin": 591_490_560,
+                     "t5gemma/ml_ml.gin": 2_200_345_344, "t5gemma/xl_xl.gin": 3_766_980_608,
+                     "t5gemma/9b_2b.gin": 12_292_375_296, "t5gemma/9b_9b.gin": 20_333_401_088}
+
+
 # gin file -> (HF class, HF config, our count minus HF's). Published sizes, except the tiny test models.
 REFERENCES = {
     "t5_1_0/small.gin": lambda: t5(512, 2048, 8, 6, v1_1=False),
@@ -77,6 +98,10 @@ REFERENCES = {
     "bart/tiny.gin": lambda: bart(128, 512, 4, 2, ours_vocab=8192, positions=512, vocab=8192),
     "bart/base.gin": lambda: bart(768, 3072, 12, 6, ours_vocab=50304),
     "bart/large.gin": lambda: bart(1024, 4096, 16, 12, ours_vocab=50304),
+    **{f"t5gemma/{enc}_{dec}.gin": lambda enc=enc, dec=dec: t5gemma(T5GEMMA_SIZES[enc], T5GEMMA_SIZES[dec])
+       for enc, dec in (("s", "s"), ("b", "b"), ("l", "l"), ("ml", "ml"), ("xl", "xl"), ("2b", "2b"), ("9b", "9b"),
+                        ("9b", "2b"))},
+    "t5gemma/tiny.gin": lambda: t5gemma((128, 256, 4, 2, 32, 2), (96, 192, 4, 2, 24, 2), vocab=8192),
 }
 
 
@@ -107,3 +132,8 @@ def hf_param_count(cls: type, config: Any) -> int:
 def test_model_gin_file_matches_hugging_face(gin_file):
     cls, config, ours_minus_hf = REFERENCES[gin_file]()
     assert our_param_count(gin_file) == hf_param_count(cls, config) + ours_minus_hf
+
+
+@pytest.mark.parametrize("gin_file", sorted(T5GEMMA_PUBLISHED))
+def test_t5gemma_sizes_match_the_published_checkpoints(gin_file):
+    assert hf_param_count(*REFERENCES[gin_file]()[:2]) == T5GEMMA_PUBLISHED[gin_file]

@@ -1,4 +1,4 @@
-"""The trainer's view of an encoder-decoder (T5, BART): packed EncDec batches, loss on the decoder."""
+"""The trainer's view of an encoder-decoder (T5, BART, T5Gemma): packed EncDec batches, loss on the decoder."""
 
 from __future__ import annotations
 
@@ -12,24 +12,31 @@ from t5x_lite import decoding
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bart import Bart, BartConfig
 from t5x_lite.networks.t5 import T5, T5Config
+from t5x_lite.networks.t5gemma import T5Gemma, T5GemmaConfig
 
-NETWORKS = {T5Config: T5, BartConfig: Bart}
+NETWORKS = {T5Config: T5, BartConfig: Bart, T5GemmaConfig: T5Gemma}
 
 gin.external_configurable(T5Config, module="t5x_lite")
 gin.external_configurable(BartConfig, module="t5x_lite")
+gin.external_configurable(T5GemmaConfig, module="t5x_lite")
 
 
 @gin.configurable(module="t5x_lite")
 class EncoderDecoderModel(BaseModel):
     """An encoder-decoder trained on seqio's EncDec features: the network (T5 for a `T5Config`, BART for
-    a `BartConfig`) reads `encoder_input_tokens` and predicts `decoder_target_tokens` teacher-forced.
-    `reading_orders` carries the objective space's reading orders (R) to the encoder: its batches get
-    `encoder_attention_rank` (`RankedEncDecFeatureConverter`; all zeros, bidirectional, for ordinary tasks)."""
+    a `BartConfig`, T5Gemma for a `T5GemmaConfig`) reads `encoder_input_tokens` and predicts
+    `decoder_target_tokens` teacher-forced. `reading_orders` carries the objective space's reading orders (R)
+    to the encoder: its batches get `encoder_attention_rank` (`RankedEncDecFeatureConverter`; all zeros,
+    bidirectional, for ordinary tasks)."""
 
-    def __init__(self, config: T5Config | BartConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 reading_orders: bool = False):
+    def __init__(
+        self, config: T5Config | BartConfig | T5GemmaConfig = gin.REQUIRED, label_smoothing: float = 0.0,
+        z_loss: float = 0.0, reading_orders: bool = False,
+    ):
         if type(config) not in NETWORKS:
-            raise ValueError(f"{type(self).__name__} takes a T5Config or BartConfig, got {type(config).__name__}.")
+            raise ValueError(
+                f"{type(self).__name__} takes a T5Config, BartConfig or T5GemmaConfig, got {type(config).__name__}."
+            )
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
         self.reading_orders = reading_orders
 
@@ -41,11 +48,11 @@ class EncoderDecoderModel(BaseModel):
 
         return feature_converters.RankedEncDecFeatureConverter if self.reading_orders else seqio.EncDecFeatureConverter
 
-    def build_network(self, rngs: nnx.Rngs) -> T5 | Bart:
+    def build_network(self, rngs: nnx.Rngs) -> T5 | Bart | T5Gemma:
         return NETWORKS[type(self.config)](self.config, rngs=rngs)
 
     def network_logits(
-        self, network: T5 | Bart, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None
+        self, network: T5 | Bart | T5Gemma, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
         return network(
             batch["encoder_input_tokens"],
@@ -60,7 +67,7 @@ class EncoderDecoderModel(BaseModel):
 
     def predict_batch(
         self,
-        network: T5 | Bart,
+        network: T5 | Bart | T5Gemma,
         batch: Mapping[str, jax.Array],
         *,
         max_decode_length: int,

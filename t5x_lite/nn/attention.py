@@ -242,3 +242,143 @@ class MultiHeadAttention(nnx.Module):
         new = self.project_kv(inputs_q)
         caches = write_layer_slot(caches, layer, slot, new.key, new.value)
         return self.attend_cached(inputs_q, layer_cache(caches, layer), bias), caches
+
+
+class GroupedQueryAttention(nnx.Module):
+    """Grouped-query attention (Gemma-2, T5Gemma): `num_kv_heads` key/value heads, each shared by
+    num_heads // num_kv_heads query heads, with optional rotary positions (`rope_theta`), queries scaled by
+    `query_scale` and logits soft-capped at `logit_cap` (`layers.soft_cap`) before the mask applies.
+
+    Takes boolean masks (broadcastable to [b, 1, q, k]) rather than additive biases: with no learned bias
+    and no soft cap, the fused `jax.nn.dot_product_attention` runs (`implementation`, see `attention_impl`:
+    on GPU only); otherwise, and in cached decoding, the einsum form. Keys/values may come from a stream of
+    another width (`kv_features`: an encoder-decoder's cross-attention). The cache holds the kv heads only,
+    [b, num_kv_heads, length, head_dim], keys after the rotation.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        kernels: Kernels,
+        query_scale: float,
+        kv_features: int | None = None,
+        logit_cap: float | None = None,
+        rope_theta: float | None = None,
+        dropout_rate: float = 0.0,
+        implementation: str = "einsum",
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}.")
+        in_axes = ("embed", "heads", "kv")
+        proj = functools.partial(
+            layers.Dense, init=layers.variance_scaling("normal", n_in=1, n_out=2), kernels=kernels, dtype=dtype,
+            rngs=rngs,
+        )
+        self.query = proj((d_model,), (num_heads, head_dim), in_axes)
+        self.key = proj((kv_features or d_model,), (num_kv_heads, head_dim), in_axes)
+        self.value = proj((kv_features or d_model,), (num_kv_heads, head_dim), in_axes)
+        self.out = layers.Dense(
+            (num_heads, head_dim), (d_model,), ("heads", "kv", "embed"),
+            init=layers.variance_scaling("normal", n_in=2, n_out=1), kernels=kernels, dtype=dtype, rngs=rngs,
+        )
+        self.num_kv_heads = num_kv_heads
+        self.query_scale = query_scale
+        self.logit_cap = logit_cap
+        self.rope_theta = rope_theta
+        self.dropout_rate = dropout_rate
+        self.kernels = kernels
+        self.dtype = jnp.dtype(dtype)
+        self.implementation = attention_impl(implementation, self.dtype, head_dim)
+
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        mask: jax.Array,
+        *,
+        q_positions: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Attention of `inputs_q` [b, q, e] over `inputs_kv` [b, k, e_kv] where `mask` is True; positions
+        [b or 1, length] rotate queries and keys when the module has `rope_theta`."""
+        q = self.project_query(inputs_q, q_positions)
+        k, v = self.project_key_value(inputs_kv, kv_positions)
+        return self.attend(q, k, v, mask, dropout_rngs=dropout_rngs)
+
+    def _rotate(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+        return x if self.rope_theta is None else layers.rotary_embedding(x, positions, self.rope_theta)
+
+    def project_query(self, inputs_q: jax.Array, positions: jax.Array | None) -> jax.Array:
+        """Queries [b, q, heads, d], rotated and scaled."""
+        q = self._rotate(self.query(inputs_q), positions)
+        q = q * jnp.asarray(self.query_scale, q.dtype)
+        return partitioning.constrain(q, "attention/query", layers.HEADS_AXES)
+
+    def project_key_value(self, inputs_kv: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Keys (rotated) and values [b, k, kv_heads, d]."""
+        k = partitioning.constrain(self._rotate(self.key(inputs_kv), positions), "attention/key", layers.HEADS_AXES)
+        return k, partitioning.constrain(self.value(inputs_kv), "attention/value", layers.HEADS_AXES)
+
+    def project_out(self, x: jax.Array) -> jax.Array:
+        """Attention per head [b, q, heads, d] -> the output projection [b, q, embed]."""
+        x = partitioning.constrain(x, "attention/heads", layers.HEADS_AXES)
+        return partitioning.constrain(self.out(x), "attention/output", layers.EMBED_AXES)
+
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, dropout_rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Attention from queries [b, q, heads, d] over keys/values [b, k, kv_heads, d]."""
+        dropout = dropout_rngs is not None and self.dropout_rate > 0.0
+        if self.implementation != "einsum" and self.logit_cap is None and not dropout:
+            q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+            x = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=self.implementation)
+            return self.project_out(x)
+        return self.project_out(self._einsum_attention(q, k, v, mask, dropout_rngs))
+
+    def _einsum_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None,
+        kv: str = "skd",
+    ) -> jax.Array:
+        """Per-head outputs [b, q, heads, d]; each group of query heads reads its kv head without copies.
+        `kv` names the key/value axes after the batch: "skd" projected, "ksd" the cache layout."""
+        ops, (b, length, heads, d) = self.kernels, q.shape
+        keys, groups = k.shape[1 + kv.index("s")], heads // self.num_kv_heads
+        grouped = q.reshape(b, length, self.num_kv_heads, groups, d)
+        logits = ops.einsum(f"bqkgd,b{kv}->bkgqs", grouped, k, dtype=self.dtype, out_dtype=jnp.float32)
+        logits = layers.soft_cap(logits.reshape(b, heads, length, keys), self.logit_cap)
+        logits = jnp.where(mask, logits, layers.NEG_INF)
+        logits = partitioning.constrain(logits, "attention/logits", layers.ATTENTION_LOGITS_AXES)
+        probs = ops.dropout(ops.softmax(logits), self.dropout_rate, dropout_rngs)
+        probs = probs.reshape(b, self.num_kv_heads, groups, length, keys)
+        return ops.einsum(f"bkgqs,b{kv}->bqkgd", probs, v, dtype=self.dtype).reshape(b, length, heads, d)
+
+    def project_kv(self, inputs_kv: jax.Array, positions: jax.Array | None = None) -> KVCache:
+        """Keys and values of `inputs_kv` [b, s, e] in the cache layout [b, kv_heads, s, d]."""
+        k, v = self.project_key_value(inputs_kv, positions)
+        return KVCache(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+
+    def attend_cached(
+        self, inputs_q: jax.Array, cache: KVCache, mask: jax.Array, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """Attention of `inputs_q` [b, q, e] over one layer's cached keys/values [b, kv_heads, k, d]."""
+        q = self.project_query(inputs_q, positions)
+        return self.project_out(self._einsum_attention(q, cache.key, cache.value, mask, None, kv="ksd"))
+
+    def decode_step(
+        self, inputs_q: jax.Array, caches: StackCache, layer: int | jax.Array, slot: jax.Array, mask: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, StackCache]:
+        """Self-attention of ONE new position [b, 1, e] at `positions` [b, 1] as layer `layer` of a stack's
+        caches: writes its key and value at `slot`, then attends over the layer's cache where `mask`
+        [b, 1, 1, length] is True. Returns (output, updated caches)."""
+        new = self.project_kv(inputs_q, positions)
+        caches = write_layer_slot(caches, layer, slot, new.key, new.value)
+        return self.attend_cached(inputs_q, layer_cache(caches, layer), mask, positions), caches

@@ -85,6 +85,22 @@ def decoder_masks(
     return self_mask, cross_mask
 
 
+FULL_WINDOW = 2**30  # the window of a global-attention layer in `sliding_window_mask`: wider than any sequence
+
+
+def sliding_window_mask(
+    query_positions: jax.Array, key_positions: jax.Array, window: int | jax.Array, *, causal: bool
+) -> jax.Array:
+    """[b or 1, 1, q, k] bool: keys within `window` of the query, from positions [b or 1, q] and [b or 1, k].
+
+    Hugging Face's Gemma-2 conventions: a causal layer sees the `window` latest positions (q - k < window),
+    a bidirectional one every key at distance <= window. `window` may be traced (one per scanned layer);
+    `FULL_WINDOW` makes the mask all True (a global layer)."""
+    distance = query_positions[..., :, None] - key_positions[..., None, :]
+    visible = distance < window if causal else jnp.abs(distance) <= window
+    return visible[:, None]
+
+
 def mask_to_bias(mask: jax.Array) -> jax.Array:
     """Boolean attention mask -> additive float32 logit bias (0 where allowed, NEG_INF elsewhere)."""
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
@@ -286,6 +302,25 @@ class MlpBlock(nnx.Module):
     def _up(dense: Dense, x: jax.Array) -> jax.Array:
         """An up-projection [b, s, mlp], constrained where the matmul produces it."""
         return partitioning.constrain(dense(x), "mlp/hidden", MLP_AXES)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): Gemma-2's bound on attention and output logits (identity for None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (RoPE) of queries or keys [b, s, heads, d] at integer positions [b or 1, s].
+
+    The "rotate half" layout (Llama, Gemma, Hugging Face): dimension i pairs with i + d/2, rotated by
+    position * theta**(-2i/d); angles in float32, the product in x's dtype."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
 
 
 def relative_position_bucket(

@@ -81,8 +81,11 @@ def apply_layers(
     *,
     scan: bool,
     remat_policy: str,
+    per_layer: tuple = (),
 ) -> jax.Array:
-    """x <- layer(x, *args, dropout_rngs) for every layer of `stack` in order (see `make_layers`).
+    """x <- layer(x, *args, *per_layer[:][i], dropout_rngs) for every layer i of `stack` in order (see
+    `make_layers`); `per_layer` holds arrays with one entry per layer (e.g. T5Gemma's attention windows),
+    scanned along with the params.
 
     With remat or scan each layer runs as a pure function of (layer params, x, dropout RNG state),
     wrapped in `jax.checkpoint` when `remat_policy` != "none" and scanned over the stacked params
@@ -92,8 +95,8 @@ def apply_layers(
     """
     x = _residual(x)
     if not scan and remat_policy == "none":
-        for layer in stack:
-            x = _residual(layer(x, *args, dropout_rngs))
+        for i, layer in enumerate(stack):
+            x = _residual(layer(x, *args, *(a[i] for a in per_layer), dropout_rngs))
         return x
     rngs_graphdef, rngs_state = (None, None) if dropout_rngs is None else nnx.split(dropout_rngs)
 
@@ -113,12 +116,12 @@ def apply_layers(
         graphdef, stacked = nnx.split(stack)
         body = pure(graphdef)
         (x, rngs_state), _ = jax.lax.scan(
-            lambda carry, layer_state: (body(layer_state, *carry, args), None), (x, rngs_state), stacked
+            lambda carry, xs: (body(xs[0], *carry, args + xs[1]), None), (x, rngs_state), (stacked, per_layer)
         )
     else:
-        for layer in stack:
+        for i, layer in enumerate(stack):
             graphdef, layer_state = nnx.split(layer)
-            x, rngs_state = pure(graphdef)(layer_state, x, rngs_state, args)
+            x, rngs_state = pure(graphdef)(layer_state, x, rngs_state, args + tuple(a[i] for a in per_layer))
     if dropout_rngs is not None:
         nnx.update(dropout_rngs, rngs_state)
     return x
