@@ -20,6 +20,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging as logging_std
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -374,13 +375,16 @@ class Model:
 
 @contextlib.contextmanager
 def _quiet_gin_includes() -> Iterator[None]:
-    """Silences the ERROR line gin logs for every search path an `include` is not in (as `cli.parse_gin` does)."""
-    verbosity = logging.get_verbosity()
+    """Silences the ERROR line gin logs for every search path an `include` is not in (as `cli.parse_gin` does; gin
+    logs through Python's root logger, which absl's handler does not own outside an absl app)."""
+    verbosity, disabled = logging.get_verbosity(), logging_std.root.manager.disable
     logging.set_verbosity(logging.FATAL)
+    logging_std.disable(logging_std.ERROR)
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
+        logging_std.disable(disabled)
 
 
 def _configured_model() -> BaseModel:
