@@ -1,7 +1,7 @@
 """The Python API step by step, as in a notebook: load the quickstart checkpoint, fine-tune it on a few dozen
 of the bundled QA pairs, then predict and score with the fine-tuned parameters.
 
-    python examples/notebook_quickstart.py            # from the repository root; about 2 minutes on a laptop CPU
+    python examples/notebook_quickstart.py            # from the repository root
 
 Without the README quickstart's checkpoint (`runs/quickstart`) it first pre-trains the quickstart briefly into
 that folder (the README's command later continues that run). The last line printed is JSON, for scripts.
