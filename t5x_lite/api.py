@@ -131,8 +131,8 @@ def _reachable(bindings: Mapping, start: list[tuple[str, str]]) -> list[tuple[st
         if key in found or key not in bindings or (key[1] == "gin.macro" and key[0] in cli.MACROS and key[0] != "MODEL"):
             continue
         found.append(key)
-        for ref in gin.config.iterate_references(list(bindings[key].values())):
-            pending.append(("/".join(ref.scopes), ref.configurable.selector))
+        for ref in gin.config.iterate_references(list(bindings[key].values())):  # a scoped one reads both
+            pending += [("/".join(ref.scopes), ref.configurable.selector), ("", ref.configurable.selector)]
     return found
 
 
@@ -326,7 +326,10 @@ class Model:
         user = [*gin, *(_binding(key, value) for key, value in overrides.items())]
         self._configure(FINETUNE_GIN, [*run, *defaults, *user])
         cli.check_config([], user, cli.REQUIRED_MACROS)
-        summary = loop.train()
+        try:
+            summary = loop.train()
+        except cli.UserError as error:  # raised inside gin's call: without gin's call-site note, as the CLI prints it
+            raise cli.UserError(cli.one_line_error(error)) from error
         self._become(load(model_dir, self.bindings))
         return summary
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import t5x_lite
-from t5x_lite import checkpoints, cli, hf, partitioning
+from t5x_lite import checkpoints, cli, partitioning
 from t5x_lite import infer as infer_lib
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
@@ -64,7 +64,7 @@ def test_load_takes_a_run_dir_a_step_folder_and_an_hf_folder(model, pretrained, 
     step_folder = pretrained / "checkpoints" / "2"
     assert_same_params(t5x_lite.load(str(step_folder)).params, cli_params(str(step_folder)))
     assert model.feature_lengths == {"inputs": 32, "targets": 8}  # the run's TASK_FEATURE_LENGTHS
-    hf.write_pretrained(model.params, model.model.config, tmp_path / "hf", model.vocabulary)
+    model.save(f"hf:{tmp_path / 'hf'}")
     from_hf = t5x_lite.load(f"hf:{tmp_path / 'hf'}")
     assert_same_params(from_hf.params, model.params)
     assert type(from_hf.model) is type(model.model) and from_hf.model.config == model.model.config
