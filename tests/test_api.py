@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from pathlib import Path
 
 import gin
@@ -17,6 +18,7 @@ from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5Config
 from t5x_lite.training import loop
 from tests.test_finetune_eval_infer import TINY, parse
+from tests.test_readme_example import readme_block
 
 # The tiny T5 with one layer each side: the wiring, in fewer seconds of compiling.
 ONE_LAYER = ("T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1")
@@ -131,3 +133,20 @@ def test_bad_path_and_unknown_task_raise_the_command_lines_errors(model, tmp_pat
         model.evaluate("bundled_qa_extractiv", LENGTHS)
     with pytest.raises(cli.UserError, match=r"^Example 0 has no target"):
         model.score(["a question", "another"], None)
+
+
+def test_a_checkpoint_without_its_runs_config_and_a_second_save_are_refused(model, tmp_path):
+    (tmp_path / "orphan" / "state").mkdir(parents=True)
+    with pytest.raises(cli.UserError, match=r"^No config.gin found for the checkpoint .*orphan: load\(\) reads"):
+        t5x_lite.load(str(tmp_path / "orphan"))
+    with pytest.raises(cli.UserError, match=r"state exists already; save to a new folder\.$"):
+        model.save(str(tmp_path / "orphan"))
+
+
+def test_readme_python_api_block_runs_as_written(pretrained, tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(pretrained)
+    (tmp_path / "readme_api.py").write_text(readme_block("## Python API", "python"))
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(tmp_path / "readme_api.py"))
+    assert (tmp_path / "runs" / "my_model" / "state").is_dir() and (tmp_path / "runs" / "my_model" / "config.gin").is_file()
