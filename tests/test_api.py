@@ -87,27 +87,6 @@ def test_saved_checkpoint_predicts_and_scores_in_infer_as_in_the_api(model, tmp_
     assert_same_params(t5x_lite.load(str(saved)).params, model.params)
 
 
-def test_train_runs_the_command_lines_loop_and_keeps_the_trained_params(pretrained, tmp_path):
-    """Examples given as a list train as the same task through the same gin as `python -m t5x_lite.train`."""
-    api_dir, cli_dir = tmp_path / "api", tmp_path / "cli"
-    trained = t5x_lite.load(str(pretrained))
-    trained.train([(q["inputs"], q["targets"]) for q in QUESTIONS] * 4, steps=2, model_dir=str(api_dir),
-                  BATCH_SIZE=8, **{"train.log_period": 1, "train.progress_bar": False})
-    task, lengths = gin_macros(api_dir, "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS")
-    parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{cli_dir}'", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
-          f"MIXTURE_OR_TASK_NAME = '{task}'", f"TASK_FEATURE_LENGTHS = {lengths}", "TRAIN_STEPS = 2",
-          "BATCH_SIZE = 8", "train.eval_period = 0", "train.log_period = 1", "train.progress_bar = False", *ONE_LAYER)
-    loop.train()
-    gin.clear_config()
-
-    def losses(run: Path) -> list[float]:
-        return [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-
-    assert len(losses(api_dir)) == 2 and losses(api_dir) == losses(cli_dir)
-    assert trained.checkpoint_path == str(api_dir)
-    assert_same_params(trained.params, cli_params(str(cli_dir)))
-
-
 def gin_macros(model_dir: Path, *names: str) -> list:
     """Macro values of a run's config.gin."""
     gin.clear_config()
@@ -143,10 +122,26 @@ def test_a_checkpoint_without_its_runs_config_and_a_second_save_are_refused(mode
         model.save(str(tmp_path / "orphan"))
 
 
-def test_readme_python_api_block_runs_as_written(pretrained, tmp_path, monkeypatch):
+def test_readme_block_runs_and_trains_as_the_command_line(pretrained, tmp_path, monkeypatch):
+    """The README's "Python API" block as written; its `train` (examples given as a list) runs the same task through
+    the same gin as `python -m t5x_lite.train`: the same losses and parameters, which the object then holds."""
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "quickstart").symlink_to(pretrained)
     (tmp_path / "readme_api.py").write_text(readme_block("## Python API", "python"))
     monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(tmp_path / "readme_api.py"))
+    trained = runpy.run_path(str(tmp_path / "readme_api.py"))["model"]
     assert (tmp_path / "runs" / "my_model" / "state").is_dir() and (tmp_path / "runs" / "my_model" / "config.gin").is_file()
+
+    api_dir, cli_dir = Path(trained.checkpoint_path), tmp_path / "cli"
+    task, lengths, steps = gin_macros(api_dir, "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS")
+    parse(["runs/finetune.gin", TINY], f"MODEL_DIR = '{cli_dir}'", f"INITIAL_CHECKPOINT_PATH = '{pretrained}'",
+          f"MIXTURE_OR_TASK_NAME = '{task}'", f"TASK_FEATURE_LENGTHS = {lengths}", f"TRAIN_STEPS = {steps}",
+          "BATCH_SIZE = 8", "train.eval_period = 0", "train.progress_bar = False", *ONE_LAYER)
+    loop.train()
+    gin.clear_config()
+
+    def losses(run: Path) -> list[float]:
+        return [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(api_dir) and losses(api_dir) == losses(cli_dir)
+    assert_same_params(trained.params, cli_params(str(cli_dir)))
