@@ -42,8 +42,9 @@ from t5x_lite.training import loop
 INFER_GIN, EVAL_GIN, FINETUNE_GIN = "runs/infer.gin", "runs/eval.gin", "runs/finetune.gin"
 # The configurables of the entry points (modules nothing imports), whose bindings in the run files the API skips.
 ENTRY_POINT_CONFIGURABLES = ("infer", "evaluate_checkpoint")
-# Configurables outside the model whose bindings still belong to it (the vocabulary of its tokens).
-MODEL_SIDE_CONFIGURABLES = ("t5x_lite.data.vocab.get_vocabulary",)
+# Configurables outside the model whose bindings still belong to it: the vocabulary of its tokens, and the adapters
+# (LoRA) its network is built with.
+MODEL_SIDE_CONFIGURABLES = ("t5x_lite.data.vocab.get_vocabulary", "t5x_lite.adapters.add_adapters")
 # The input and decode lengths of `predict`/`score` when neither the call nor the checkpoint's run gives them.
 DEFAULT_TARGETS_LENGTH = 32
 LENGTH_MULTIPLE = 8  # lengths fitted to the data are rounded up to this, so that similar calls share a compile
