@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import tempfile
 from pathlib import Path
 
 import gin
@@ -129,6 +130,7 @@ def test_readme_block_runs_and_trains_as_the_command_line(pretrained, tmp_path, 
     (tmp_path / "runs" / "quickstart").symlink_to(pretrained)
     (tmp_path / "readme_api.py").write_text(readme_block("## Python API", "python"))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # train()'s default MODEL_DIR goes in tmp_path
     trained = runpy.run_path(str(tmp_path / "readme_api.py"))["model"]
     assert (tmp_path / "runs" / "my_model" / "state").is_dir() and (tmp_path / "runs" / "my_model" / "config.gin").is_file()
 
