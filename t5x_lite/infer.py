@@ -21,11 +21,10 @@ import gin
 import jax
 import numpy as np
 import seqio
-import tensorflow as tf
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import checkpoints, evaluation, partitioning, storage
-from t5x_lite.data import special_tokens, vocab
+from t5x_lite.data import registration, special_tokens, vocab
 from t5x_lite.data.vocab import LabelVocabulary
 from t5x_lite.models.base import BaseModel
 
@@ -46,18 +45,7 @@ def read_input_file(path: str) -> list[dict[str, str]]:
 
 def file_task(records: Sequence[Mapping[str, str]]) -> seqio.Task:
     """An unregistered text-to-text task over in-memory records, with the (gin-configured) vocabulary."""
-    vocabulary = vocab.get_vocabulary()
-    features = {name: seqio.Feature(vocabulary, add_eos=True) for name in ("inputs", "targets")}
-    source = seqio.FunctionDataSource(
-        lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
-            {k: [r[k] for r in records] for k in ("inputs", "targets")}
-        ),
-        splits=["infer"],
-    )
-    return seqio.Task(
-        "infer_input_file", source, output_features=features,
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-    )
+    return registration.records_task(records, vocab.get_vocabulary(), "infer_input_file")
 
 
 def readable(vocabulary: seqio.Vocabulary, ids: list[int], gold: list[int]) -> str | list[str]:

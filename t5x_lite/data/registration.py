@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import gin
 import seqio
+import tensorflow as tf
 
 from t5x_lite.data import objective_stages, pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
@@ -297,6 +298,22 @@ def register_text_to_text_task(
         output_features=qa_output_features(vocabulary),
         postprocess_fn=qa_metrics.postprocess_with_references,  # the decoded text, stripped
         metric_fns=fns,
+    )
+
+
+def records_task(
+    records: Sequence[Mapping[str, str]], vocabulary: seqio.Vocabulary | None = None, name: str = "records",
+    split: str = "infer",
+) -> seqio.Task:
+    """An unregistered text-to-text task over in-memory `{"inputs": ..., "targets": ...}` records (one `split`):
+    what `t5x_lite.infer` predicts for a file of inputs, and the Python API for a list of them."""
+    columns = {k: [r[k] for r in records] for k in ("inputs", "targets")}
+    source = seqio.FunctionDataSource(
+        lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(columns), splits=[split],
+    )
+    return seqio.Task(
+        name, source, output_features=qa_output_features(vocabulary),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
     )
 
 
