@@ -35,7 +35,13 @@ from flax import nnx
 
 from t5x_lite import partitioning
 from t5x_lite.adapters import AdapterParam
+from t5x_lite.networks.bart import Bart
+from t5x_lite.networks.gpt import GPT
+from t5x_lite.networks.t5 import T5
 from t5x_lite.nn import layers
+
+# The networks whose models (`EncoderDecoderModel`, `BartModel`, `DecoderOnlyModel`, `PrefixLMModel`) prepend it.
+PROMPTED_NETWORKS = (T5, Bart, GPT)
 
 INITS = ("vocab", "labels")
 # The vocabulary ids `init='vocab'` samples from by default: sentencepiece orders pieces by frequency,
@@ -149,11 +155,13 @@ class PromptedEmbed(layers.Embed):
 
 
 def apply_prompt(network: nnx.Module, config: PromptConfig) -> None:
-    """Gives `network` (T5, BART or GPT: any with a `token_embedder`) a soft prompt, in place."""
-    embedder = getattr(network, "token_embedder", None)
-    if not isinstance(embedder, layers.Embed) or isinstance(embedder, PromptedEmbed):
-        raise ValueError(f"Prompt tuning needs a network with one token embedder; {type(network).__name__} has none.")
-    network.token_embedder = PromptedEmbed(embedder, config)
+    """Gives `network` (T5, BART or GPT) a soft prompt, in place."""
+    if type(network) not in PROMPTED_NETWORKS:
+        raise ValueError(
+            f"Prompt tuning supports the T5, BART and GPT networks (their models prepend the prompt); MODEL "
+            f"builds {type(network).__name__}."
+        )
+    network.token_embedder = PromptedEmbed(network.token_embedder, config)
 
 
 def soft_prompt(network: nnx.Module) -> PromptedEmbed | None:
