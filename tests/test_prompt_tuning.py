@@ -184,12 +184,14 @@ def test_decoder_only_decoding_with_a_prompt_matches_the_full_forward_argmax(mod
     tokens = model.predict_batch(network, {"decoder_input_tokens": jnp.asarray(inputs),
                                            "decoder_causal_attention": jnp.asarray(causal)},
                                  max_decode_length=4, decode=decoding.DecodeConfig(eos_id=-1))
+    # Both rows teacher-forced in one pass: each row's prompt, then its generated tokens, then padding.
+    full = np.zeros((2, 7), np.int32)
     for row, length in enumerate([4, 3]):
-        full = np.concatenate([inputs[row, :length], np.asarray(tokens[row, :-1])])[None]
-        logits = model.network_logits(network, {"decoder_input_tokens": jnp.asarray(full),
-                                                "decoder_causal_attention": jnp.asarray(
-                                                    (np.arange(full.shape[1]) < length)[None].astype(np.int32))}, None)
-        np.testing.assert_array_equal(tokens[row], jnp.argmax(logits[0, length - 1:], -1))
+        full[row, :length + 3] = np.concatenate([inputs[row, :length], np.asarray(tokens[row, :-1])])
+    logits = model.network_logits(network, {"decoder_input_tokens": jnp.asarray(full), "decoder_causal_attention":
+                                            jnp.asarray(np.pad(causal, ((0, 0), (0, 3))))}, None)
+    for row, length in enumerate([4, 3]):
+        np.testing.assert_array_equal(tokens[row], jnp.argmax(logits[row, length - 1:length + 3], -1))
 
 
 @pytest.mark.slow
