@@ -1,6 +1,6 @@
 """LoRA (Hu et al., 2021): a low-rank update on chosen projections of a frozen network, any family.
 
-A targeted projection (`nn.layers.Dense`) computes y = x W (+ b) + dropout(x) A B * alpha / rank, with A
+A targeted projection (`nn.layers.Dense`) computes y = x W (+ b) + x A B * alpha / rank, with A
 [in..., rank] initialised as PEFT does (Kaiming-uniform, bound 1/sqrt(fan_in)) and B [rank, out...] zero,
 so a fresh adapter leaves the network's function unchanged. A and B are `LoRAParam`s, both an
 `nnx.LoRAParam` and an `adapters.AdapterParam`, and carry the base kernel's logical axes (A's input axes
@@ -22,6 +22,7 @@ every attention.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import gin
@@ -44,7 +45,8 @@ class LoRAParam(AdapterParam, nnx.LoRAParam):
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """Which projections get LoRA, and its rank, scale (alpha / rank) and input dropout rate."""
+    """Which projections get LoRA, and its rank and scale (alpha / rank). `dropout` (PEFT's `lora_dropout`) must
+    be 0: the projections are called without a dropout RNG, so LoRA's input dropout is not built yet."""
 
     targets: Sequence[str] | str = DEFAULT_TARGETS
     rank: int = 8
@@ -54,8 +56,11 @@ class LoRAConfig:
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LoRAConfig.rank must be an integer >= 1, got {self.rank!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"LoRAConfig.dropout={self.dropout!r}: LoRA input dropout is not supported yet (the projections get "
+                "no dropout RNG); set it to 0.0 (the model's own dropout still applies)."
+            )
 
     @property
     def scale(self) -> float:
@@ -69,7 +74,7 @@ def lora_a_init(fan_in: int):
 
 
 class LoRA(nnx.Module):
-    """The low-rank update of one projection with kernel [in..., out...]: dropout(x) A B * scale."""
+    """The low-rank update of one projection with kernel [in..., out...]: x A B * scale."""
 
     def __init__(
         self,
@@ -82,13 +87,12 @@ class LoRA(nnx.Module):
         rngs: nnx.Rngs,
     ):
         n_in, rank = len(in_shape), config.rank
-        fan_in = int(jnp.prod(jnp.asarray(in_shape)))
+        fan_in = math.prod(in_shape)
         self.lora_a = LoRAParam(
             lora_a_init(fan_in)(rngs.params(), (*in_shape, rank)), logical_axes=(*axes[:n_in], None)
         )
         self.lora_b = LoRAParam(jnp.zeros((rank, *out_shape), jnp.float32), logical_axes=(None, *axes[n_in:]))
         self.scale = config.scale
-        self.dropout = config.dropout
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
