@@ -215,6 +215,7 @@ def test_the_example_gin_trains_the_prompt_only(tmp_path):
     assert freezing.param_paths(saved) == ["token_embedder/prompt"]  # an adapter-only checkpoint
 
 
+@pytest.mark.slow
 def test_a_prompt_past_the_learned_positions_is_one_error_line(tmp_path):
     result = run_cli(
         "--gin_file=gin_configs/examples/prompt_tuning_qa.gin", "--gin_file=gin_configs/models/bart/tiny.gin",
