@@ -394,17 +394,25 @@ def load_checkpoint_params(
 
 def adapter_base_path(state_dir: epath.Path) -> str:
     """The base checkpoint of the adapter run whose checkpoint `state_dir` is (MODEL_DIR/checkpoints/N/state or
-    MODEL_DIR/best/N/state): the INITIAL_CHECKPOINT_PATH in MODEL_DIR/config.gin."""
+    MODEL_DIR/best/N/state): `train.initial_checkpoint_path` in MODEL_DIR/config.gin (a value or a macro)."""
     config = state_dir.parent.parent.parent / "config.gin"
-    text = config.read_text() if config.exists() else ""
-    match = re.search(r"^INITIAL_CHECKPOINT_PATH = (.+)$", text, re.MULTILINE)
-    base = ast.literal_eval(match.group(1)) if match else None
+    text = re.sub(r"\\\n\s*", "", config.read_text()) if config.exists() else ""  # gin's line continuations
+    value = _gin_value(text, r"train\.initial_checkpoint_path")
+    if value is not None and value.startswith("%"):
+        value = _gin_value(text, re.escape(value[1:]))
+    base = ast.literal_eval(value) if value is not None else None
     if not base:
         raise ValueError(
             f"{state_dir} holds adapter parameters only, and {config} names no INITIAL_CHECKPOINT_PATH (the base "
             "model they adapt); point CHECKPOINT_PATH at the checkpoint of an adapter run with its config.gin."
         )
     return base
+
+
+def _gin_value(text: str, name: str) -> str | None:
+    """The right-hand side of the binding `name = ...` in gin text (None if unbound)."""
+    match = re.search(rf"^{name} = (.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
 
 
 def restore_base_params(

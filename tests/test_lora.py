@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from t5x_lite import adapters, checkpoints, partitioning
+from t5x_lite import adapters, checkpoints, cli, partitioning
 from t5x_lite.adapters import lora
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.bart import Bart, BartConfig
@@ -159,3 +159,72 @@ def test_a_target_that_matches_nothing_is_one_error_line(tmp_path):
         "error: LoRAConfig.targets: Selection term 'attention/qkv' matches no parameter. Parameter paths look like"
     ), result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_from_adapter_only_checkpoints_and_merges(tmp_path):
+    """Quickstart-sized: a LoRA run on a base checkpoint, stopped and resumed, then tools/merge_lora.py."""
+    import sys
+
+    from tests.training.test_train import restore_params, run_training
+
+    sys.path.insert(0, str(cli.GIN_CONFIGS_DIR.parent / "tools"))
+    import merge_lora
+
+    base, run, merged = tmp_path / "base", tmp_path / "lora", tmp_path / "merged"
+    gin_file = str(cli.GIN_CONFIGS_DIR / "quickstart.gin")
+    cli.parse_gin([gin_file], ["merged_model.model = %MODEL"])
+    network = merge_lora.merged_model().build_network(nnx.Rngs(7))  # a base checkpoint, as convert_hf writes them
+    merge_lora.write_checkpoint(nnx.to_pure_dict(nnx.state(network, nnx.Param)), str(base))
+    gin.clear_config()
+    common = ("train.eval_period = 0", "train.checkpoint_period = 2", "train.log_period = 1")
+    settings = (*common, "add_adapters.lora = @LoRAConfig()", "LoRAConfig.rank = 4", "constant_schedule.learning_rate = 1e-2",
+                f"train.initial_checkpoint_path = '{base}'")
+    run_training(run, 2, *settings)
+    run_training(run, 4, *settings)  # resumes: the adapters of step 2 go onto the base again
+    saved = restore_params(run)  # the newest checkpoint, step 4
+    assert saved and all(p.endswith(("/adapter/lora_a", "/adapter/lora_b")) for p in freezing.param_paths(saved))
+    bindings = [b for b in settings if "LoRA" in b]
+    merge_lora.main(["--gin_file", gin_file, *[f"--gin_binding={b}" for b in bindings], "--checkpoint", str(run),
+                     "--out_dir", str(merged)])
+    model = merge_lora.merged_model()
+    mesh, rules = partitioning.make_mesh({"data": -1}), partitioning.logical_axis_rules()
+    graphdef, params = checkpoints.load_checkpoint_params(model, str(run), mesh, rules)
+    adapted = nnx.merge(graphdef, params)(TOKENS, TOKENS[:, :5])
+    with gin.unlock_config():
+        gin.bind_parameter("add_adapters.lora", None)
+    plain_graphdef, plain = checkpoints.load_checkpoint_params(model, str(merged), mesh, rules)
+    gin.clear_config()
+    np.testing.assert_allclose(nnx.merge(plain_graphdef, plain)(TOKENS, TOKENS[:, :5]), adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_the_tools_say_what_a_lora_config_needs(tmp_path):
+    """merge_lora.py without a LoRA config, convert_hf.py --to_hf with one: one `error:` line each, nothing written."""
+    import sys
+
+    sys.path.insert(0, str(cli.GIN_CONFIGS_DIR.parent / "tools"))
+    import convert_hf
+    import merge_lora
+
+    model_gin = str(cli.GIN_CONFIGS_DIR / "models" / "t5_1_1" / "tiny.gin")
+    with pytest.raises(SystemExit, match=r"^error: The gin files attach no LoRA \(add_adapters.lora = @LoRAConfig\(\)\); "
+                                         "pass the run's gin files.$"):
+        merge_lora.main(["--gin_file", model_gin, "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match=r"^error: The gin files attach adapters \(LoRA\), which a HF model has no place "
+                                         r"for; merge them first: tools/merge_lora.py --hf_dir writes the merged model.$"):
+        convert_hf.main(["--to_hf", "--gin_file", model_gin, "--gin_binding", "add_adapters.lora = @LoRAConfig()",
+                         "--checkpoint", str(tmp_path), "--out_dir", str(tmp_path / "hf")])
+    gin.clear_config()
+    assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
+
+
+def test_an_adapter_checkpoint_without_its_base_is_one_clear_error(lora_bound, tmp_path):
+    (tmp_path / "checkpoints" / "4" / "state").mkdir(parents=True)  # a run dir whose config.gin is gone
+    mesh, rules = partitioning.make_mesh({"data": -1}), partitioning.logical_axis_rules()
+    with pytest.raises(cli.UserError) as raised:
+        checkpoints.load_checkpoint_params(EncoderDecoderModel(T5_CONFIG), str(tmp_path), mesh, rules)
+    assert cli.one_line_error(raised.value) == (
+        f"CHECKPOINT_PATH: {tmp_path}/checkpoints/4/state holds adapter parameters only, and {tmp_path}/config.gin "
+        "names no INITIAL_CHECKPOINT_PATH (the base model they adapt); point CHECKPOINT_PATH at the checkpoint of an "
+        "adapter run with its config.gin."
+    )

@@ -37,10 +37,11 @@ cli.keep_tensorflow_off_gpus()  # imports TensorFlow without its C++ start-up lo
 import seqio
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, hf, partitioning
+from t5x_lite import adapters, checkpoints, hf, partitioning
 from t5x_lite.data import vocab
 from t5x_lite.hf import vocabularies
 from t5x_lite.models.base import BaseModel
+from t5x_lite.training import train_state
 
 TOKENIZER_FILES = (vocabularies.SPIECE, vocabularies.TOKENIZER_JSON, vocabularies.TOKENIZER_CONFIG,
                    vocabularies.SPECIAL_TOKENS_MAP)
@@ -83,6 +84,9 @@ def t5x_to_hf(
     cli.check_config(gin_files, bindings, {"MODEL": cli.MODEL_EXAMPLE})
     model = exported_model()
     mesh = partitioning.make_mesh({"data": -1})
+    if adapters.adapter_paths(train_state.network_graphdef(model)[1]):
+        raise cli.UserError("The gin files attach adapters (LoRA), which a HF model has no place for; merge them "
+                            "first: tools/merge_lora.py --hf_dir writes the merged model.")
     _, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())
     return hf.write_pretrained(jax.device_get(params), model.config, out_dir, vocabulary)
 

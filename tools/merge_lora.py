@@ -24,11 +24,12 @@ from t5x_lite import cli
 cli.keep_tensorflow_off_gpus()  # imports TensorFlow without its C++ start-up logs, before seqio does
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
-from t5x_lite import checkpoints, hf, partitioning
+from t5x_lite import adapters, checkpoints, hf, partitioning
 from t5x_lite.adapters import lora
 from t5x_lite.hf import peft
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import stacks
+from t5x_lite.training import train_state
 
 
 @gin.configurable
@@ -39,11 +40,11 @@ def merged_model(model: BaseModel = gin.REQUIRED) -> BaseModel:
 
 def load_run(gin_files: Sequence[str], checkpoint_path: str, bindings: Sequence[str] = ()):
     """(model, LoRAConfig, params with adapters) of the LoRA run's checkpoint, on the host."""
-    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", *bindings,
+    cli.parse_gin(gin_files, ["DROPOUT_RATE = 0.0", "ACTIVATION_DTYPE = 'float32'", "KERNELS = 'auto'", *bindings,
                               "merged_model.model = %MODEL"])
     model = merged_model()
     config = lora.LoRAConfig()
-    if gin.query_parameter("add_adapters.lora") is None:
+    if not adapters.adapter_paths(train_state.network_graphdef(model)[1]):
         raise cli.UserError("The gin files attach no LoRA (add_adapters.lora = @LoRAConfig()); pass the run's gin files.")
     mesh = partitioning.make_mesh({"data": -1})
     _, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())

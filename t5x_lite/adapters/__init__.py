@@ -14,11 +14,16 @@ that builds a network for training, evaluation, inference or conversion calls it
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 import gin
 from flax import nnx
 
 from t5x_lite import partitioning
+
+if TYPE_CHECKING:
+    from t5x_lite.adapters.lora import LoRAConfig
+    from t5x_lite.adapters.prompt import PromptConfig
 
 
 class AdapterParam(nnx.Param):
@@ -65,7 +70,9 @@ def _subtree(tree: Mapping, paths: set[str], keep: bool, prefix: str = "") -> di
 
 
 @gin.configurable
-def add_adapters(network: nnx.Module, rngs: nnx.Rngs, lora=None, prompt=None) -> nnx.Module:
+def add_adapters(
+    network: nnx.Module, rngs: nnx.Rngs, lora: LoRAConfig | None = None, prompt: PromptConfig | None = None
+) -> nnx.Module:
     """`network` with the configured adapters attached (in place): `lora` a `lora.LoRAConfig`
     (gin: `add_adapters.lora = @LoRAConfig()`), `prompt` a `prompt.PromptConfig` (a soft prompt:
     `add_adapters.prompt = @PromptConfig()`). Without adapters the network is returned unchanged."""

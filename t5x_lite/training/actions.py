@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import jax
@@ -182,7 +182,9 @@ def validation_loss(
 class KeepBest:
     """After each evaluation, offers the state to a manager over MODEL_DIR/best that keeps the best `metric`."""
 
-    def __init__(self, manager: ocp.CheckpointManager, metric: str, evaluate: Evaluate, adapter_paths=()):
+    def __init__(
+        self, manager: ocp.CheckpointManager, metric: str, evaluate: Evaluate, adapter_paths: Collection[str] = ()
+    ):
         self.manager, self.metric, self.evaluate = manager, metric, evaluate
         self.adapter_paths = adapter_paths  # an adapter run's checkpoints hold only these params
 
@@ -206,7 +208,8 @@ class Checkpoint:
     step notices a finished save, so the report comes at the first step boundary after the commit."""
 
     def __init__(
-        self, manager: ocp.CheckpointManager, iterator: DataIterator, period: int, model_dir: str, adapter_paths=()
+        self, manager: ocp.CheckpointManager, iterator: DataIterator, period: int, model_dir: str,
+        adapter_paths: Collection[str] = (),
     ):
         self.manager, self.iterator, self.period, self.model_dir = manager, iterator, period, model_dir
         self.adapter_paths = adapter_paths  # an adapter run's checkpoints hold only these params
