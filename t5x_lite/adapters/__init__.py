@@ -23,6 +23,7 @@ from t5x_lite import partitioning
 
 if TYPE_CHECKING:
     from t5x_lite.adapters.lora import LoRAConfig
+    from t5x_lite.adapters.prompt import PromptConfig
 
 
 class AdapterParam(nnx.Param):
@@ -69,11 +70,18 @@ def _subtree(tree: Mapping, paths: set[str], keep: bool, prefix: str = "") -> di
 
 
 @gin.configurable
-def add_adapters(network: nnx.Module, rngs: nnx.Rngs, lora: LoRAConfig | None = None) -> nnx.Module:
+def add_adapters(
+    network: nnx.Module, rngs: nnx.Rngs, lora: LoRAConfig | None = None, prompt: PromptConfig | None = None
+) -> nnx.Module:
     """`network` with the configured adapters attached (in place): `lora` a `lora.LoRAConfig`
-    (gin: `add_adapters.lora = @LoRAConfig()`). Without adapters the network is returned unchanged."""
+    (gin: `add_adapters.lora = @LoRAConfig()`), `prompt` a `prompt.PromptConfig` (a soft prompt:
+    `add_adapters.prompt = @PromptConfig()`). Without adapters the network is returned unchanged."""
     if lora is not None:
         from t5x_lite.adapters import lora as lora_lib  # lora.py imports this module (AdapterParam)
 
         lora_lib.apply_lora(network, lora, rngs)
+    if prompt is not None:
+        from t5x_lite.adapters import prompt as prompt_lib  # prompt.py imports this module (AdapterParam)
+
+        prompt_lib.apply_prompt(network, prompt)
     return network

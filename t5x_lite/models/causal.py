@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from t5x_lite import decoding
+from t5x_lite.adapters import prompt
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.gpt import GPT, GPTConfig
 
@@ -37,13 +38,16 @@ class DecoderOnlyModel(BaseModel):
         return GPT(self.config, rngs=rngs)
 
     def network_logits(self, network: GPT, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        return network(
+        """Logits aligned with `decoder_target_tokens`; a soft prompt's positions (before the row) are dropped."""
+        batch, prompt_length = prompt.prompted_decoder_batch(network, batch)
+        logits = network(
             batch["decoder_input_tokens"],
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             decoder_positions=batch.get("decoder_positions"),
             decoder_causal_attention=batch.get("decoder_causal_attention") if self.bidirectional_inputs else None,
             dropout_rngs=dropout_rngs,
         )
+        return logits[:, prompt_length:]
 
     def predict_features(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The prompt of each row: the decoder inputs marked by `decoder_causal_attention` (BOS + inputs),
@@ -67,7 +71,9 @@ class DecoderOnlyModel(BaseModel):
     ) -> jax.Array:
         """Decodes the continuation [b, max_decode_length] (0 after EOS) of each row's prompt: the
         `decoder_input_tokens` where `decoder_causal_attention` is 1 (see `predict_features`).
-        Prefills the prompts in one pass, then runs the cached `decode_step` in one `lax.while_loop`."""
+        Prefills the prompts in one pass, then runs the cached `decode_step` in one `lax.while_loop`. A soft
+        prompt (`t5x_lite.adapters.prompt`) is prefilled before each row's prompt."""
+        batch, _ = prompt.prompted_decoder_batch(network, batch)
         prompts = batch["decoder_input_tokens"]
         lengths = jnp.sum(batch["decoder_causal_attention"] > 0, axis=-1)
         state = network.prefill(prompts, lengths, max_decode_length, bidirectional=self.bidirectional_inputs)

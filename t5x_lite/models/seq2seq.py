@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from t5x_lite import decoding
+from t5x_lite.adapters import prompt
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bart import Bart, BartConfig
 from t5x_lite.networks.t5 import T5, T5Config
@@ -54,6 +55,7 @@ class EncoderDecoderModel(BaseModel):
     def network_logits(
         self, network: T5 | Bart | T5Gemma, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
+        batch = prompt.prompted_encoder_batch(network, batch)
         return network(
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
@@ -75,8 +77,9 @@ class EncoderDecoderModel(BaseModel):
         rng: jax.Array | None = None,
     ) -> jax.Array:
         """Decodes [b, max_decode_length] tokens (0 after EOS) from unpacked `encoder_input_tokens`:
-        encodes once, then runs the cached `decode_step` in one `lax.while_loop` (`decoding.decode`)."""
-        inputs = batch["encoder_input_tokens"]
+        encodes once, then runs the cached `decode_step` in one `lax.while_loop` (`decoding.decode`). A soft
+        prompt (`t5x_lite.adapters.prompt`) is encoded before each row's inputs."""
+        inputs = prompt.prompted_encoder_batch(network, batch)["encoder_input_tokens"]
         state = network.init_decode_state(network.encode(inputs), inputs > 0, max_decode_length)
         return decoding.decode(network.decode_step, state, inputs.shape[0], max_decode_length, decode, rng)
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import t5x_lite.configurables  # noqa: F401  (declares the gin configurables the gin files name)
 from t5x_lite import adapters, checkpoints, cli, evaluation, partitioning, run_lease, storage
+from t5x_lite.adapters import prompt
 from t5x_lite.data import pipeline
 from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
@@ -97,6 +98,7 @@ def train(
         iterator = mode.train_iterator(
             mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls, random_seed,
         )
+        prompt.check_lengths(nnx.merge(graphdef, state.params), task_feature_lengths, list(iterator.element_spec))
 
     with contextlib.ExitStack() as opened:  # whatever the run opens is closed on every way out
         # Resume from MODEL_DIR, or start (from INITIAL_CHECKPOINT_PATH's parameters when given).
