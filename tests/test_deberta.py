@@ -111,3 +111,37 @@ def test_export_reloads_in_transformers_with_the_same_logits(deberta_dirs, varia
     tokens, types = random_inputs(seed=1)
     np.testing.assert_array_equal(hf_outputs(reloaded, tokens, types).logits.numpy(),
                                   hf_outputs(model, tokens, types).logits.numpy())
+
+
+def test_encoder_trainer_models_build_deberta_and_train(deberta_dirs):
+    """The masked-LM and classification trainer models take a `DebertaConfig`: finite losses, MLM gradients."""
+    import jax
+    from flax import nnx
+
+    from t5x_lite.models.encoder import EncoderClassificationModel
+    from t5x_lite.networks.deberta import Deberta
+
+    tokens, types = random_inputs()
+    mlm = hf.load_model(deberta_dirs["v3_mlm"][1])
+    targets = np.where(np.arange(tokens.shape[1]) % 5 == 1, tokens, 0)
+    batch = {"encoder_input_tokens": tokens, "encoder_target_tokens": targets, "encoder_loss_weights": targets > 0}
+    network = mlm.build_network(nnx.Rngs(0))
+    assert isinstance(network, Deberta)
+    grads = nnx.jit(nnx.grad(lambda net, batch: mlm.loss_fn(net, batch)[0]))(network, batch)
+    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(nnx.state(grads, nnx.Param))]
+    assert np.isfinite(norms).all() and min(norms) > 0
+    classify = EncoderClassificationModel(mlm.config)
+    classifier = classify.build_network(nnx.Rngs(0))
+    assert isinstance(classifier, Deberta) and classifier.head == "classification"
+    batch = {"encoder_input_tokens": tokens, "encoder_token_type_ids": types, "labels": np.array([[1], [0], [1]])}
+    assert np.isfinite(float(classify.loss_fn(classifier, batch)[0]))
+
+def test_unsupported_checkpoints_are_refused(deberta_dirs, tmp_path):
+    config = json.loads((deberta_dirs["v3_mlm"][1] / "config.json").read_text())
+    for key, value, message in (("conv_kernel_size", 3, r"conv_kernel_size=3; t5x_lite's DeBERTa supports only 0"),
+                                ("embedding_size", 16, r"embedding_size=16; .* only embedding_size == hidden_size")):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "config.json").write_text(json.dumps({**config, key: value}))
+        (tmp_path / key / "model.safetensors").symlink_to(deberta_dirs["v3_mlm"][1] / "model.safetensors")
+        with pytest.raises(ValueError, match=message):
+            hf.open_checkpoint(tmp_path / key)
