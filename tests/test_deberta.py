@@ -3,14 +3,22 @@ of random tiny models (v3 layout and a v2-style one), export that reloads in tra
 trainer models building DeBERTa networks, and the gin model sizes' parameter counts."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from t5x_lite import hf
+from t5x_lite.models.encoder import EncoderClassificationModel
+from t5x_lite.networks.deberta import Deberta
 from t5x_lite.nn import disentangled
 from tests.hf.conftest import randomised
+from tests.subprocess_env import subprocess_env
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -115,12 +123,6 @@ def test_export_reloads_in_transformers_with_the_same_logits(deberta_dirs, varia
 
 def test_encoder_trainer_models_build_deberta_and_train(deberta_dirs):
     """The masked-LM and classification trainer models take a `DebertaConfig`: finite losses, MLM gradients."""
-    import jax
-    from flax import nnx
-
-    from t5x_lite.models.encoder import EncoderClassificationModel
-    from t5x_lite.networks.deberta import Deberta
-
     tokens, types = random_inputs()
     mlm = hf.load_model(deberta_dirs["v3_mlm"][1])
     targets = np.where(np.arange(tokens.shape[1]) % 5 == 1, tokens, 0)
@@ -145,3 +147,22 @@ def test_unsupported_checkpoints_are_refused(deberta_dirs, tmp_path):
         (tmp_path / key / "model.safetensors").symlink_to(deberta_dirs["v3_mlm"][1] / "model.safetensors")
         with pytest.raises(ValueError, match=message):
             hf.open_checkpoint(tmp_path / key)
+
+
+@pytest.mark.slow
+def test_convert_tool_refuses_a_convolution_checkpoint_in_one_line(deberta_dirs, tmp_path):
+    """tools/convert_hf.py on a DeBERTa-v2 with the convolution layer: one `error:` line, nothing written."""
+    source = tmp_path / "conv"
+    source.mkdir()
+    config = json.loads((deberta_dirs["v3_mlm"][1] / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "conv_kernel_size": 3}))
+    (source / "model.safetensors").symlink_to(deberta_dirs["v3_mlm"][1] / "model.safetensors")
+    before = sorted(p.name for p in source.iterdir())
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_hf.py"
+    result = subprocess.run([sys.executable, str(tool), "--hf_dir", str(source), "--out_dir", str(tmp_path / "out")],
+                            env=subprocess_env(1), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.json has conv_kernel_size=3; t5x_lite's DeBERTa supports only 0.")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in source.iterdir()) == before
