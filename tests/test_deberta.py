@@ -1,6 +1,6 @@
 """DeBERTa-v2/v3 against Hugging Face `transformers` (PyTorch, CPU): hidden states and every head's logits
 of random tiny models (v3 layout and a v2-style one), export that reloads in transformers, the encoder
-trainer models building DeBERTa networks, and the gin model sizes' parameter counts."""
+trainer models building DeBERTa networks, refused checkpoints (the gin sizes: tests/test_gin_configs.py)."""
 
 import json
 import subprocess
