@@ -15,7 +15,7 @@ from flax import nnx
 
 from t5x_lite import hf
 from t5x_lite.models.encoder import EncoderClassificationModel
-from t5x_lite.networks.deberta import Deberta
+from t5x_lite.networks.deberta import Deberta, DebertaConfig
 from t5x_lite.nn import disentangled
 from tests.hf.conftest import randomised
 from tests.subprocess_env import subprocess_env
@@ -137,6 +137,7 @@ def test_encoder_trainer_models_build_deberta_and_train(deberta_dirs):
     assert isinstance(classifier, Deberta) and classifier.head == "classification"
     batch = {"encoder_input_tokens": tokens, "encoder_token_type_ids": types, "labels": np.array([[1], [0], [1]])}
     assert np.isfinite(float(classify.loss_fn(classifier, batch)[0]))
+    assert DebertaConfig(pos_att_type=["c2p"]).pos_att_type == ("c2p",)  # gin lists compare as the checkpoint's
 
 def test_unsupported_checkpoints_are_refused(deberta_dirs, tmp_path):
     config = json.loads((deberta_dirs["v3_mlm"][1] / "config.json").read_text())

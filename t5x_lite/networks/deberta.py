@@ -60,6 +60,7 @@ class DebertaConfig:
     def __post_init__(self):
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"DebertaConfig.activation={self.activation!r} is not supported; use 'gelu' or 'gelu_tanh'.")
+        object.__setattr__(self, "pos_att_type", tuple(self.pos_att_type))  # a gin list compares as the tuple
         unknown = [t for t in self.pos_att_type if t not in disentangled.POSITION_TERMS]
         if unknown:
             raise ValueError(f"DebertaConfig.pos_att_type has {unknown}; use terms of {list(disentangled.POSITION_TERMS)}.")
