@@ -167,7 +167,7 @@ def user_errors(*errors: type[Exception], setting: str | None = None) -> Iterato
         raise UserError(f"{setting}: {e}" if setting else str(e)) from e
 
 
-def one_line_error(error: UserError | FileNotFoundError) -> str:
+def one_line_error(error: Exception) -> str:
     """What the command line prints for an error the user can fix: its first line. An error raised while gin
     calls a configurable (a `UserError` from `train`, or a `FileNotFoundError` from `text_files_task` with a
     pattern that matches nothing) arrives with gin's call-site note ("In call to configurable ...") appended."""
@@ -674,8 +674,21 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
         except (UserError, FileNotFoundError) as e:
             print(f"error: {one_line_error(e)}", file=sys.stderr)
             sys.exit(2)
+        except ValueError as e:
+            if not is_config_error(e):
+                raise
+            print(f"error: {one_line_error(e)}", file=sys.stderr)
+            sys.exit(2)
 
     app.run(main, argv=rewrite_gin_args(sys.argv))
+
+
+def is_config_error(error: ValueError) -> bool:
+    """Whether `error` is a bad config value (`ConfigError`, raised as gin builds MODEL); imported on use, since
+    the networks bring JAX, which `--help` does without."""
+    from t5x_lite.networks.config_checks import ConfigError
+
+    return isinstance(error, ConfigError)
 
 
 def load_task(name: str, module: str | None, task_feature_lengths: Mapping[str, int] | None = None) -> Any:

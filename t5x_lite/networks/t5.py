@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.config_checks import ConfigError, check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
 from t5x_lite.nn.attention import DecodeState, StackCache
@@ -54,12 +54,12 @@ class T5Config:
 
     def __post_init__(self):
         if self.feed_forward not in FEED_FORWARDS:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.feed_forward={self.feed_forward!r} is not supported; "
                 "use 'gated-gelu' (T5 v1.1) or 'relu' (T5 v1.0)."
             )
         if self.scan_layers and min(self.num_encoder_layers, self.num_decoder_layers) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.scan_layers=True needs at least one layer per stack, got "
                 f"{self.num_encoder_layers} encoder / {self.num_decoder_layers} decoder layers."
             )
