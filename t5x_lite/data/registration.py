@@ -6,6 +6,7 @@
 | `register_span_corruption_task`, `text_files_task` (gin) | T5 span corruption | text, one document per line |
 | `register_text_to_text_task` | your own `inputs` -> `targets` pairs, metrics by name | `.tsv` (header row) / `.jsonl` |
 | `register_qa_task` | UnifiedQA text-to-text (extractive, abstractive, multiple choice, yes/no) | `.jsonl` / `.tsv` records |
+| `add_qa_inputs_task` | one of `OBJECTIVES` over a QA source's inputs (TAPT data) | any QA record source |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
 | `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
 | `register_classification_task` | `[CLS] A [SEP] (B [SEP])` -> label | TSV with a header row |
@@ -264,6 +265,26 @@ def add_qa_task(
         output_features=qa_output_features(vocabulary),
         postprocess_fn=QA_POSTPROCESSORS[format],
         metric_fns=list(QA_METRICS[format] if metric_fns is None else metric_fns),
+    )
+
+
+def add_qa_inputs_task(
+    name: str, source: seqio.DataSource, format: str, objective: str, vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers `objective` (one of `OBJECTIVES`) over the UnifiedQA inputs of a QA record source: the task's own
+    text without its answers (TAPT data, Gururangan et al. 2020; an auxiliary of end-task-aware training)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {objective!r}; pick one of {sorted(OBJECTIVES)}.")
+    preprocessors, output_features = OBJECTIVES[objective]
+    return _add(
+        name,
+        overwrite,
+        source=source,
+        preprocessors=[functools.partial(unifiedqa.to_text_to_text, format=format), text.inputs_as_text,
+                       *preprocessors()],
+        output_features=output_features(vocabulary),
+        metric_fns=[],
     )
 
 

@@ -28,7 +28,7 @@ from t5x_lite.data import pipeline
 from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
 from t5x_lite.nn import kernels
-from t5x_lite.training import actions, metric_writers, optimizers, preemption, steps, train_state
+from t5x_lite.training import actions, metric_writers, modes, optimizers, preemption, steps, train_state
 from t5x_lite.training.actions import report
 from t5x_lite.training.train_state import TrainState
 
@@ -59,6 +59,7 @@ def train(
     progress_bar: bool = True,
     skip_nonfinite_updates: bool = False,
     max_consecutive_skips: int = 10,
+    training_mode: modes.TrainingMode | None = None,
 ) -> dict[str, float]:
     """Trains until `train_steps` (the total, so a larger value continues a run).
 
@@ -72,7 +73,8 @@ def train(
     checkpointed; with `skip_nonfinite_updates` such a step leaves parameters and optimizer
     state unchanged instead (counted in `train/skipped_steps`), and only `max_consecutive_skips`
     skips in a row stop the run. `MODEL_DIR/operative_config.gin` holds the bindings the run
-    used, from its first step on.
+    used, from its first step on. `training_mode` swaps in another mode's state, data and step (e.g.
+    `@EndTaskAware()`, end-task-aware training); None trains the model on the task.
     """
     # The settings, the mesh, the fresh state and the data.
     cli.prepare_output_dir(model_dir, setting="MODEL_DIR")
@@ -86,9 +88,10 @@ def train(
     tx = optimizer(learning_rate)
     if skip_nonfinite_updates:
         tx = steps.skip_nonfinite_updates(tx)
-    state, shardings, graphdef = train_state.create_train_state(model, tx, random_seed, mesh, rules)
+    mode = training_mode or modes.StandardTraining()
+    state, shardings, graphdef = mode.create_train_state(model, tx, random_seed, mesh, rules)
     with cli.user_errors(ValueError, FileNotFoundError):
-        iterator = pipeline.train_iterator(
+        iterator = mode.train_iterator(
             mixture_or_task_name, task_feature_lengths, batch_size, model.feature_converter_cls, random_seed,
         )
 
@@ -114,7 +117,7 @@ def train(
             )
         if batch_size % num_microbatches:
             raise cli.UserError(f"BATCH_SIZE {batch_size} is not divisible by NUM_MICROBATCHES {num_microbatches}.")
-        train_step = steps.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
+        train_step = mode.make_train_step(model, graphdef, tx, learning_rate, shardings, batch_sharding, num_microbatches)
         report_replicated(train_step, state, graphdef, iterator, batch_size, batch_sharding, rules)
 
         # The periodic actions: log first, then evaluate, keep the best, checkpoint.

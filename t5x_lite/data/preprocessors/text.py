@@ -17,6 +17,11 @@ def lines_to_text_examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.map(lambda line: {"text": line}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def inputs_as_text(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Text-to-text examples -> `{"text": inputs}`: a task's inputs as plain text for a pre-training objective."""
+    return dataset.map(lambda ex: {"text": ex["inputs"]}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def tokenize_text() -> list[Callable[..., tf.data.Dataset]]:
     """The first steps over a `text` field: rekey it to `targets`, tokenize, then SeqIO's cache placeholder."""
     return [
