@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import random
 import sys
@@ -48,6 +49,7 @@ LEARNED = ("meta_tartan", "aang")  # the methods whose auxiliary weights are plo
 SINGLE_TASK_GIN = ["runs/finetune.gin", "models/t5_1_1/tiny.gin"]
 AUTHOR_FILES = {split: REPO / "t5x_lite" / "data" / "bundled" / "cls" / f"author_{split}.tsv"
                 for split in ("train", "validation")}
+GENERAL_TASK = "bundled_span_corruption"  # the auxiliary over the bundled general corpus
 # --task -> TASK_FEATURE_LENGTHS of every run (one set for all objectives: the multitask step stacks their batches).
 LENGTHS = {"author": {"inputs": 96, "targets": 24}, "extractive_qa": {"inputs": 256, "targets": 56}}
 
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=None,
                         help="sequences processed forward and backward per method (default: steps x batch_size)")
     parser.add_argument("--tapt_fraction", type=float, default=0.5, help="share of `tapt`'s budget spent pre-training")
+    parser.add_argument("--meta_lr", type=float, default=5e-2, help="META-TARTAN's and AANG's weight learning rate")
+    parser.add_argument("--dev_fraction", type=float, default=0.2,
+                        help="share of the end task's training examples held out for the dev head (META-TARTAN, AANG)")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="constant Adafactor rate of every run")
     parser.add_argument("--eval_examples", type=int, default=None, help="validation examples decoded (default: all)")
     parser.add_argument("--eval_steps", type=int, default=5, help="batches of each run's validation loss")
@@ -78,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--steps, --batch_size, --budget and --train_examples must be >= 1")
     if not 0 < args.tapt_fraction < 1:
         parser.error(f"--tapt_fraction must be strictly between 0 and 1, got {args.tapt_fraction}")
+    if not 0 < args.dev_fraction < 1:
+        parser.error(f"--dev_fraction must be strictly between 0 and 1, got {args.dev_fraction}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
     args.methods = [m for m in METHODS if m in args.methods]  # the table's order
@@ -199,7 +206,29 @@ def run_tapt(run_dir: Path, end: EndTask, seed: int, budget: int, args: argparse
             "score": final_metric(run_dir / "finetune", end.metric)}
 
 
-RUNNERS = {"scratch": run_scratch, "tapt": run_tapt}
+def tartan_bindings(method: str, end: EndTask, args: argparse.Namespace) -> tuple[list[str], int]:
+    """The gin bindings selecting `method`'s end-task-aware training mode, and the batches one of its steps
+    processes (the end task's, each auxiliary's and the dev head's)."""
+    auxiliaries = {"tapt": end.tapt_task, "general": GENERAL_TASK}
+    bindings = ["train.training_mode = @EndTaskAware()", f"EndTaskAware.auxiliaries = {auxiliaries!r}"]
+    if method == "mt_tartan":
+        return [*bindings, "EndTaskAware.weighting = @StaticWeighting()"], 1 + len(auxiliaries)
+    return [*bindings, "EndTaskAware.weighting = @MetaWeighting()", f"EndTaskAware.dev_fraction = {args.dev_fraction}",
+            f"MetaWeighting.meta_lr = {args.meta_lr}"], 2 + len(auxiliaries)
+
+
+def run_tartan(method: str, run_dir: Path, end: EndTask, seed: int, budget: int, args: argparse.Namespace,
+               common: list[str]) -> dict:
+    """MT-TARTAN or META-TARTAN: the end task and its auxiliaries from random parameters, `budget` sequences."""
+    bindings, batches = tartan_bindings(method, end, args)
+    steps = steps_for(budget, batches * args.batch_size)
+    run_single_task(run_dir, end.name, steps, seed, [*common, *bindings])
+    return {"steps": {"multitask": steps}, "sequences": steps * batches * args.batch_size,
+            "score": final_metric(run_dir, end.metric)}
+
+
+RUNNERS = {"scratch": run_scratch, "tapt": run_tapt, "mt_tartan": functools.partial(run_tartan, "mt_tartan"),
+           "meta_tartan": functools.partial(run_tartan, "meta_tartan")}
 
 
 # ------------------------------------------------------------------ report
@@ -283,7 +312,8 @@ def main(argv=None) -> dict:
         "plot": str(png) if png else None,
         "settings": {"task": end.name, "train_examples": end.train_examples, "tapt_task": end.tapt_task,
                      "budget": args.budget, "batch_size": args.batch_size, "tapt_fraction": args.tapt_fraction,
-                     "learning_rate": args.learning_rate, "task_feature_lengths": lengths, "seeds": args.seeds,
+                     "learning_rate": args.learning_rate, "meta_lr": args.meta_lr, "dev_fraction": args.dev_fraction,
+                     "general_task": GENERAL_TASK, "task_feature_lengths": lengths, "seeds": args.seeds,
                      "data_seed": args.data_seed, "eval_examples": args.eval_examples, "extra_gin": args.gin},
         "seconds": {**timings, "total": round(time.time() - start, 1)},
     }
