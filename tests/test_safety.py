@@ -201,6 +201,8 @@ EXAMPLES = {
     "examples/finetune_qa_extractive.gin": FINETUNE,
     "examples/finetune_top_layers.gin": FINETUNE,
     "examples/dapt.gin": [*FINETUNE, "DAPT_TRAIN_FILES = ['a.txt']", "DAPT_VALIDATION_FILES = ['b.txt']"],
+    "examples/tartan_mt.gin": ["MODEL_DIR = '/tmp/x'"],
+    "examples/tartan_meta.gin": ["MODEL_DIR = '/tmp/x'"],
 }
 
 

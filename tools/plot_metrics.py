@@ -2,6 +2,7 @@
 
     python tools/plot_metrics.py runs/quickstart [runs/other ...] --out curves.png \
         [--metrics train/loss eval/loss]
+    python tools/plot_metrics.py runs/tartan_meta --out weights.png --metrics 'train/aux_weight/*'
 
 Run folders and the PNG may be local paths or gs:// (`t5x_lite.storage`).
 """
@@ -43,17 +44,17 @@ def read_metrics(model_dir: str | os.PathLike) -> dict[str, tuple[list[int], lis
 
 
 def plot(model_dirs: Sequence[str], out: str, metrics: Sequence[str] = DEFAULT_METRICS) -> epath.Path:
-    """One panel per metric, one line per run; returns the PNG path."""
+    """One panel per metric, one line per run; returns the PNG path. A metric `prefix/*` draws every metric under
+    `prefix/` in one panel (e.g. `train/aux_weight/*`: end-task-aware training's objective weights over time)."""
     runs = {d: read_metrics(d) for d in model_dirs}
-    shown = [m for m in metrics if any(m in curves for curves in runs.values())]
+    panels = {metric: panel_lines(runs, metric) for metric in metrics}
+    shown = [m for m in metrics if panels[m]]
     if not shown:
         raise ValueError(f"None of {list(metrics)} was logged in {list(model_dirs)}.")
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
     for ax, metric in zip(axes[0], shown):
-        for run, curves in runs.items():
-            if metric in curves:
-                marker = "." if metric.startswith("eval") else None
-                ax.plot(*curves[metric], label=storage.path(run).name, marker=marker)
+        for label, (steps, values) in panels[metric].items():
+            ax.plot(steps, values, label=label, marker="." if metric.startswith("eval") else None)
         ax.set_title(metric)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -64,6 +65,26 @@ def plot(model_dirs: Sequence[str], out: str, metrics: Sequence[str] = DEFAULT_M
     plt.close(fig)
     storage.path(out).write_bytes(image.getvalue())
     return storage.path(out)
+
+
+def panel_lines(
+    runs: dict[str, dict[str, tuple[list[int], list[float]]]], metric: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    """label -> curve of the lines in `metric`'s panel: each run's curve of it, or for `prefix/*` each run's curve
+    of every metric under the prefix (labelled by the rest of its name, and the run when there are several)."""
+    lines = {}
+    for run, curves in runs.items():
+        name = storage.path(run).name
+        if not metric.endswith("/*"):
+            if metric in curves:
+                lines[name] = curves[metric]
+            continue
+        prefix = metric[:-1]
+        for full, curve in curves.items():
+            if full.startswith(prefix):
+                suffix = full[len(prefix):]
+                lines[f"{name}: {suffix}" if len(runs) > 1 else suffix] = curve
+    return lines
 
 
 def main() -> None:

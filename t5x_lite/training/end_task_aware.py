@@ -115,14 +115,15 @@ class EndTaskAware:
         """The model's fresh state (as in standard training) plus fresh heads, their optimizer state and the
         weighting's state, created in their shardings (a head's: its own, the objective axis replicated)."""
         self.check_model(model)
+        with cli.user_errors(ValueError):  # e.g. static weights of an objective that is not one
+            self.weighting.init(self.names)
         base, base_shardings, graphdef = train_state.create_train_state(model, optimizer, seed, mesh, rules)
 
         def init(seed: jax.Array) -> dict:
             keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), HEADS_SALT), self.num_heads)
             heads = jax.tree.map(lambda *h: jnp.stack(h), *[fresh_head(model, key, self.head_key) for key in keys])
-            with cli.user_errors(ValueError):
-                weighting = self.weighting.init(self.names)
-            return {"heads": heads, "head_opt_state": jax.vmap(optimizer.init)(heads), "weighting": weighting}
+            return {"heads": heads, "head_opt_state": jax.vmap(optimizer.init)(heads),
+                    "weighting": self.weighting.init(self.names)}
 
         seed_array = jnp.asarray(seed, jnp.uint32)
         abstract = jax.eval_shape(init, seed_array)

@@ -33,6 +33,19 @@ def test_plot_overlays_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_prefix_panel_draws_every_metric_under_it(tmp_path):
+    """`train/aux_weight/*`: end-task-aware training's weights over time, one line per objective."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": step, "train/aux_weight/end_task": 0.5 + step / 100, "train/aux_weight/tapt": 0.5 - step / 100,
+                    "train/loss": 1.0}) for step in (1, 2)))
+    runs = {str(tmp_path / "run"): plot_metrics.read_metrics(tmp_path / "run")}
+    lines = plot_metrics.panel_lines(runs, "train/aux_weight/*")
+    assert lines == {"end_task": ([1, 2], [0.51, 0.52]), "tapt": ([1, 2], [0.49, 0.48])}
+    out = plot_metrics.plot([str(tmp_path / "run")], str(tmp_path / "weights.png"), ["train/aux_weight/*"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_names_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl does not exist"):
         plot_metrics.read_metrics(tmp_path)
