@@ -7,4 +7,4 @@ data options (`span_corruption.*`, `fit_to_length.*`, `qa_mixing_rate.*`, `@text
 
 import t5x_lite.models  # noqa: F401  (the trainer adapters and their network configs)
 from t5x_lite.data import pipeline, registration, token_limit  # noqa: F401
-from t5x_lite.training import end_task_aware, freezing, weighting  # noqa: F401
+from t5x_lite.training import end_task_aware, factored_weights, freezing, weighting  # noqa: F401

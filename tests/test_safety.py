@@ -203,6 +203,7 @@ EXAMPLES = {
     "examples/dapt.gin": [*FINETUNE, "DAPT_TRAIN_FILES = ['a.txt']", "DAPT_VALIDATION_FILES = ['b.txt']"],
     "examples/tartan_mt.gin": ["MODEL_DIR = '/tmp/x'"],
     "examples/tartan_meta.gin": ["MODEL_DIR = '/tmp/x'"],
+    "examples/tartan_aang.gin": ["MODEL_DIR = '/tmp/x'"],
 }
 
 

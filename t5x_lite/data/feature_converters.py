@@ -2,7 +2,8 @@
 
 seqio's own converters (`EncDecFeatureConverter`, `DecoderFeatureConverter`, ...) serve the T5, BART,
 GPT and prefix-LM tasks; `MaskedLMFeatureConverter`, `ClassificationFeatureConverter` and
-`TaggingFeatureConverter` serve BERT's; `PermutationLMFeatureConverter` serves XLNet's permutation LM.
+`TaggingFeatureConverter` serve BERT's; `PermutationLMFeatureConverter` serves XLNet's permutation LM;
+`RankedEncDecFeatureConverter` carries the objective space's reading order (R) to T5's encoder.
 
 **MLM.** seqio's `EncoderFeatureConverter` puts loss weight only where `inputs == mask_id`, which drops
 BERT's 10% random-token and 10% unchanged positions from the loss (their inputs are not [MASK]).
@@ -235,3 +236,32 @@ class PermutationLMFeatureConverter(seqio.FeatureConverter):
         length = task_feature_lengths["targets"]
         names = list(self.MODEL_FEATURES) + (list(self.PACKING_FEATURE_DTYPES) if self.pack else [])
         return {name: length for name in names}
+
+
+class RankedEncDecFeatureConverter(seqio.EncDecFeatureConverter):
+    """seqio's encoder-decoder features plus `encoder_attention_rank` [inputs length]: the objective space's
+    `attention_rank` (`preprocessors.objective_space`: each input position's place in R's reading order), all
+    zeros (bidirectional) for a task without one, so the end task and every combination of the space make
+    batches of the same features. Packs like seqio's converter (ranks restart in each packed segment)."""
+
+    MODEL_FEATURES: ClassVar = {**seqio.EncDecFeatureConverter.MODEL_FEATURES, "encoder_attention_rank": _INT}
+
+    def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+        has_rank = "attention_rank" in ds.element_spec
+
+        # Rank 0 is a real value: packed shifted by one (padding stays 0), then shifted back.
+        def shifted(features):
+            rank = features["attention_rank"] if has_rank else tf.zeros_like(features["inputs"])
+            return {"inputs": features["inputs"], "targets": features["targets"], "attention_rank": rank + 1}
+
+        def convert(features):
+            return {**self._convert_example(features),
+                    "encoder_attention_rank": tf.maximum(features["attention_rank"] - 1, 0)}
+
+        lengths = {**task_feature_lengths, "attention_rank": task_feature_lengths["inputs"]}
+        ds = self._pack_or_pad(ds.map(shifted, num_parallel_calls=tf.data.AUTOTUNE), lengths)
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> Mapping[str, int]:
+        lengths = super().get_model_feature_lengths(task_feature_lengths)
+        return {**lengths, "encoder_attention_rank": task_feature_lengths["inputs"]}

@@ -9,6 +9,7 @@
 | `add_qa_inputs_task` | one of `OBJECTIVES` over a QA source's inputs (TAPT data) | any QA record source |
 | `register_rank_classification_task` | multiple choice by scoring each option | any QA record source |
 | `register_qa_mixture` | examples-proportional mixture of QA tasks | - |
+| `register_objective_space` | AANG's objective space: one task per D/T/R/O combination | an end task, in-domain text, the bundled corpus |
 | `register_classification_task` | `[CLS] A [SEP] (B [SEP])` -> label | TSV with a header row |
 | `register_tagging_task` | one tag per word | TSV with a header row |
 
@@ -20,15 +21,25 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import gin
 import seqio
 
-from t5x_lite.data import pipeline, sources, vocab
+from t5x_lite.data import objective_stages, pipeline, sources, vocab
 from t5x_lite.data.metrics import classification as classification_metrics
 from t5x_lite.data.metrics import qa as qa_metrics
-from t5x_lite.data.preprocessors import bart_noise, classification, lm, mlm, span_corruption, text, ul2, unifiedqa
+from t5x_lite.data.preprocessors import (
+    bart_noise,
+    classification,
+    lm,
+    mlm,
+    objective_space,
+    span_corruption,
+    text,
+    ul2,
+    unifiedqa,
+)
 from t5x_lite.data.preprocessors.permutation_lm import permutation_lm_preprocessors
 
 SplitFiles = Mapping[str, str | Sequence[str]]
@@ -149,6 +160,79 @@ def text_files_task(
     register_span_corruption_task(name, {split: list(p) for split, p in patterns.items()}, overwrite=True)
     _TEXT_FILES_TASKS[name] = patterns
     return name
+
+
+# ------------------------------------------------------------------ AANG's objective space
+
+
+class TextData(NamedTuple):
+    """A text source of the objective space: a seqio source and the preprocessors that make its examples
+    `{"text": string}` (or, for the end task, `{"inputs", "targets"}` strings)."""
+
+    source: seqio.DataSource
+    preprocessors: tuple[Callable[..., Any], ...] = ()
+
+
+def text_lines(split_to_filepattern: SplitFiles) -> TextData:
+    """Plain-text files, one document per line."""
+    return TextData(sources.TextLineFiles(split_to_filepattern=dict(split_to_filepattern)),
+                    (text.lines_to_text_examples,))
+
+
+def qa_contexts(split_to_filepattern: SplitFiles, format: str) -> TextData:
+    """The contexts of QA record files (`sources.QaFileDataSource`): unlabelled in-domain text."""
+    rekey = functools.partial(seqio.preprocessors.rekey, key_map={"text": "context"})
+    return TextData(sources.QaFileDataSource(split_to_filepattern, format), (rekey,))
+
+
+def end_task_strings(task_name: str) -> TextData:
+    """The end task's `inputs`/`targets` strings: its source and its preprocessors before tokenization (the same
+    shards, so the objectives built on it read exactly the end task's examples)."""
+    task = seqio.get_mixture_or_task(task_name)
+    if not isinstance(task, seqio.Task):
+        raise TypeError(f"The objective space's end task must be a task, not the mixture {task_name!r}.")
+    steps = list(task.preprocessors)
+    tokenizes = [i for i, p in enumerate(steps) if getattr(p, "func", p) is seqio.preprocessors.tokenize]
+    if not tokenizes:
+        raise ValueError(f"End task {task_name!r} has no seqio tokenize step: the objective space needs its text.")
+    return TextData(task.source, tuple(steps[: tokenizes[0]]))
+
+
+def register_objective_space(
+    prefix: str,
+    end_task: str,
+    combinations: Sequence[objective_stages.Combination],
+    domain: TextData | None = None,
+    general: TextData | None = None,
+    vocabulary: seqio.Vocabulary | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Registers one task `<prefix>_<combination>` per combination (`objective_stages.combinations()`); returns
+    {combination name: task name}. D=task reads `end_task`'s inputs (O=task: its inputs and targets), D=domain
+    `domain` (required if a combination uses it), D=general `general` (default: the bundled corpus)."""
+    general = general or text_lines({s: str(sources.BUNDLED_DIR / f"{s}.txt") for s in ("train", "validation")})
+    task_text = end_task_strings(end_task)
+    to_text = functools.partial(seqio.preprocessors.rekey, key_map={"text": "inputs"})
+    data = {"task": TextData(task_text.source, (*task_text.preprocessors, to_text)), "domain": domain,
+            "general": general}
+    names = {}
+    for combination in combinations:
+        reason = objective_stages.exclusion_reason(combination)
+        if reason is not None:
+            raise ValueError(f"objective {combination.name} is excluded: {reason}.")
+        if data[combination.data] is None:
+            raise ValueError(f"objective {combination.name} reads in-domain text: pass `domain`.")
+        if combination.output == "task":
+            source, steps = task_text.source, [*task_text.preprocessors,
+                                               *objective_space.task_output_preprocessors(combination)]
+        else:
+            source = data[combination.data].source
+            steps = [*data[combination.data].preprocessors, *objective_space.text_preprocessors(combination)]
+        name = f"{prefix}_{combination.name}"
+        _add(name, overwrite, source=source, preprocessors=steps, output_features=qa_output_features(vocabulary),
+             metric_fns=[])
+        names[combination.name] = name
+    return names
 
 
 # ------------------------------------------------------------------ text-to-text pairs

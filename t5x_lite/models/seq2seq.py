@@ -22,18 +22,24 @@ gin.external_configurable(BartConfig, module="t5x_lite")
 @gin.configurable(module="t5x_lite")
 class EncoderDecoderModel(BaseModel):
     """An encoder-decoder trained on seqio's EncDec features: the network (T5 for a `T5Config`, BART for
-    a `BartConfig`) reads `encoder_input_tokens` and predicts `decoder_target_tokens` teacher-forced."""
+    a `BartConfig`) reads `encoder_input_tokens` and predicts `decoder_target_tokens` teacher-forced.
+    `reading_orders` carries the objective space's reading orders (R) to the encoder: its batches get
+    `encoder_attention_rank` (`RankedEncDecFeatureConverter`; all zeros, bidirectional, for ordinary tasks)."""
 
-    def __init__(self, config: T5Config | BartConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0):
+    def __init__(self, config: T5Config | BartConfig = gin.REQUIRED, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 reading_orders: bool = False):
         if type(config) not in NETWORKS:
             raise ValueError(f"{type(self).__name__} takes a T5Config or BartConfig, got {type(config).__name__}.")
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
+        self.reading_orders = reading_orders
 
     @property
     def feature_converter_cls(self) -> type:
         import seqio
 
-        return seqio.EncDecFeatureConverter
+        from t5x_lite.data import feature_converters
+
+        return feature_converters.RankedEncDecFeatureConverter if self.reading_orders else seqio.EncDecFeatureConverter
 
     def build_network(self, rngs: nnx.Rngs) -> T5 | Bart:
         return NETWORKS[type(self.config)](self.config, rngs=rngs)
@@ -49,6 +55,7 @@ class EncoderDecoderModel(BaseModel):
             encoder_positions=batch.get("encoder_positions"),
             decoder_positions=batch.get("decoder_positions"),
             dropout_rngs=dropout_rngs,
+            encoder_attention_rank=batch.get("encoder_attention_rank"),
         )
 
     def predict_batch(

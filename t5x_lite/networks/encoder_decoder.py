@@ -25,10 +25,15 @@ class EncoderDecoderNetwork(nnx.Module):
         encoder_positions: jax.Array | None = None,
         *,
         dropout_rngs: nnx.Rngs | None = None,
+        encoder_attention_rank: jax.Array | None = None,
     ) -> jax.Array:
         """[b, s] tokens -> [b, s, d_model] encoded sequence (in the activation dtype). Packed rows carry segment
-        ids (0 = padding) and in-segment positions; unpacked rows need neither (token id 0 = padding)."""
+        ids (0 = padding) and in-segment positions; unpacked rows need neither (token id 0 = padding).
+        `encoder_attention_rank` [b, s] (the objective space's R) limits each position to the keys at or before
+        it in the row's reading order (`layers.order_mask`); None: bidirectional, the mask unchanged."""
         mask = layers.encoder_mask(encoder_input_tokens, encoder_segment_ids)
+        if encoder_attention_rank is not None:
+            mask = mask & layers.order_mask(encoder_attention_rank)
         positions = _positions(encoder_input_tokens, encoder_positions)
         return self._encoder_stack(encoder_input_tokens, positions, mask, dropout_rngs)
 
@@ -65,9 +70,11 @@ class EncoderDecoderNetwork(nnx.Module):
         decoder_positions: jax.Array | None = None,
         *,
         dropout_rngs: nnx.Rngs | None = None,
+        encoder_attention_rank: jax.Array | None = None,
     ) -> jax.Array:
         """Encode then decode: float32 logits [b, t, vocab]."""
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, dropout_rngs=dropout_rngs)
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions, dropout_rngs=dropout_rngs,
+                              encoder_attention_rank=encoder_attention_rank)
         return self.decode(
             encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids,
             decoder_positions, dropout_rngs=dropout_rngs,

@@ -60,6 +60,12 @@ def encoder_mask(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     return padding_mask(segment_ids) & segment_mask(segment_ids, segment_ids)
 
 
+def order_mask(attention_rank: jax.Array) -> jax.Array:
+    """[b, 1, q, k] bool: the key's place in the row's reading order is at or before the query's (ranks all
+    equal: bidirectional; 0..n-1: left-to-right; a permutation: random-factorized)."""
+    return attention_rank[:, None, None, :] <= attention_rank[:, None, :, None]
+
+
 def decoder_masks(
     encoder_input_tokens: jax.Array,
     decoder_input_tokens: jax.Array,
