@@ -50,6 +50,10 @@ SINGLE_TASK_GIN = ["runs/finetune.gin", "models/t5_1_1/tiny.gin"]
 AUTHOR_FILES = {split: REPO / "t5x_lite" / "data" / "bundled" / "cls" / f"author_{split}.tsv"
                 for split in ("train", "validation")}
 GENERAL_TASK = "bundled_span_corruption"  # the auxiliary over the bundled general corpus
+# AANG's stage options searched (D x T x R x O minus the excluded combinations: 4 objectives, the BERT-op read both
+# ways over the task's inputs and the bundled corpus); every combination costs a batch per step.
+AANG_SPACE = {"data": ["task", "general"], "transforms": ["mask"], "representations": ["bi", "l2r"],
+              "outputs": ["denoise"]}
 # --task -> TASK_FEATURE_LENGTHS of every run (one set for all objectives: the multitask step stacks their batches).
 LENGTHS = {"author": {"inputs": 96, "targets": 24}, "extractive_qa": {"inputs": 256, "targets": 56}}
 
@@ -69,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="sequences processed forward and backward per method (default: steps x batch_size)")
     parser.add_argument("--tapt_fraction", type=float, default=0.5, help="share of `tapt`'s budget spent pre-training")
     parser.add_argument("--meta_lr", type=float, default=5e-2, help="META-TARTAN's and AANG's weight learning rate")
+    parser.add_argument("--aang_k", type=int, default=2, help="AANG's combinations sampled (weighted) per step")
     parser.add_argument("--dev_fraction", type=float, default=0.2,
                         help="share of the end task's training examples held out for the dev head (META-TARTAN, AANG)")
     parser.add_argument("--learning_rate", type=float, default=3e-3, help="constant Adafactor rate of every run")
@@ -79,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="extra gin binding for every run (repeatable)")
     parser.add_argument("--no_progress_bar", action="store_true")
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.train_examples) < 1 or (args.budget is not None and args.budget < 1):
-        parser.error("--steps, --batch_size, --budget and --train_examples must be >= 1")
+    if min(args.steps, args.batch_size, args.train_examples, args.aang_k) < 1 or (args.budget is not None and args.budget < 1):
+        parser.error("--steps, --batch_size, --budget, --train_examples and --aang_k must be >= 1")
     if not 0 < args.tapt_fraction < 1:
         parser.error(f"--tapt_fraction must be strictly between 0 and 1, got {args.tapt_fraction}")
     if not 0 < args.dev_fraction < 1:
@@ -98,11 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass(frozen=True)
 class EndTask:
     """A registered low-resource end task: its seqio name, the metric it is judged by, the span-corruption task
-    over its training inputs (TAPT data) and the number of training examples."""
+    over its training inputs (TAPT data), AANG's objective space around it ({combination: task}) and the number of
+    training examples."""
 
     name: str
     metric: str
     tapt_task: str
+    aang_tasks: dict[str, str]
     train_examples: int
 
 
@@ -144,9 +151,9 @@ def register_qa_task(count: int, seed: int, data_dir: Path) -> tuple[str, list[s
 
 
 def register_end_task(task: str, count: int, seed: int, data_dir: Path) -> EndTask:
-    """Registers the end task over a seeded subset of `count` training examples and a span-corruption task over
-    their inputs (one text per line)."""
-    from t5x_lite.data import registration
+    """Registers the end task over a seeded subset of `count` training examples, a span-corruption task over
+    their inputs (one text per line) and AANG's objective space around it (`AANG_SPACE`)."""
+    from t5x_lite.data import objective_stages, registration
 
     data_dir.mkdir(parents=True, exist_ok=True)
     name, inputs = (register_author_task if task == "author" else register_qa_task)(count, seed, data_dir)
@@ -155,7 +162,9 @@ def register_end_task(task: str, count: int, seed: int, data_dir: Path) -> EndTa
     tapt_task = f"{name}_tapt"
     registration.register_span_corruption_task(tapt_task, {"train": str(tapt_file)}, overwrite=True)
     metric = f"eval/{name}/{'accuracy' if task == 'author' else 'f1'}"
-    return EndTask(name, metric, tapt_task, len(inputs))
+    space = objective_stages.combinations(*AANG_SPACE.values())
+    aang_tasks = registration.register_objective_space(f"{name}_aang", name, space, overwrite=True)
+    return EndTask(name, metric, tapt_task, aang_tasks, len(inputs))
 
 
 # ------------------------------------------------------------------ runs
@@ -206,21 +215,29 @@ def run_tapt(run_dir: Path, end: EndTask, seed: int, budget: int, args: argparse
             "score": final_metric(run_dir / "finetune", end.metric)}
 
 
-def tartan_bindings(method: str, end: EndTask, args: argparse.Namespace) -> tuple[list[str], int]:
+def tartan_bindings(method: str, end: EndTask, seed: int, args: argparse.Namespace) -> tuple[list[str], int]:
     """The gin bindings selecting `method`'s end-task-aware training mode, and the batches one of its steps
-    processes (the end task's, each auxiliary's and the dev head's)."""
-    auxiliaries = {"tapt": end.tapt_task, "general": GENERAL_TASK}
+    processes: the end task's, every auxiliary's (AANG's unsampled combinations too: the step computes them all)
+    and the dev head's."""
+    auxiliaries = end.aang_tasks if method == "aang" else {"tapt": end.tapt_task, "general": GENERAL_TASK}
     bindings = ["train.training_mode = @EndTaskAware()", f"EndTaskAware.auxiliaries = {auxiliaries!r}"]
     if method == "mt_tartan":
         return [*bindings, "EndTaskAware.weighting = @StaticWeighting()"], 1 + len(auxiliaries)
-    return [*bindings, "EndTaskAware.weighting = @MetaWeighting()", f"EndTaskAware.dev_fraction = {args.dev_fraction}",
-            f"MetaWeighting.meta_lr = {args.meta_lr}"], 2 + len(auxiliaries)
+    bindings.append(f"EndTaskAware.dev_fraction = {args.dev_fraction}")
+    if method == "meta_tartan":
+        bindings += ["EndTaskAware.weighting = @MetaWeighting()", f"MetaWeighting.meta_lr = {args.meta_lr}"]
+    else:
+        bindings += ["EndTaskAware.weighting = @FactoredWeighting()", f"FactoredWeighting.k = {args.aang_k}",
+                     f"FactoredWeighting.seed = {seed}", f"FactoredWeighting.meta_lr = {args.meta_lr}",
+                     "EncoderDecoderModel.reading_orders = True"]
+    return bindings, 2 + len(auxiliaries)
 
 
 def run_tartan(method: str, run_dir: Path, end: EndTask, seed: int, budget: int, args: argparse.Namespace,
                common: list[str]) -> dict:
-    """MT-TARTAN or META-TARTAN: the end task and its auxiliaries from random parameters, `budget` sequences."""
-    bindings, batches = tartan_bindings(method, end, args)
+    """MT-TARTAN, META-TARTAN or AANG: the end task and its auxiliaries from random parameters, `budget`
+    sequences."""
+    bindings, batches = tartan_bindings(method, end, seed, args)
     steps = steps_for(budget, batches * args.batch_size)
     run_single_task(run_dir, end.name, steps, seed, [*common, *bindings])
     return {"steps": {"multitask": steps}, "sequences": steps * batches * args.batch_size,
@@ -228,7 +245,7 @@ def run_tartan(method: str, run_dir: Path, end: EndTask, seed: int, budget: int,
 
 
 RUNNERS = {"scratch": run_scratch, "tapt": run_tapt, "mt_tartan": functools.partial(run_tartan, "mt_tartan"),
-           "meta_tartan": functools.partial(run_tartan, "meta_tartan")}
+           **{m: functools.partial(run_tartan, m) for m in ("meta_tartan", "aang")}}
 
 
 # ------------------------------------------------------------------ report
@@ -313,7 +330,8 @@ def main(argv=None) -> dict:
         "settings": {"task": end.name, "train_examples": end.train_examples, "tapt_task": end.tapt_task,
                      "budget": args.budget, "batch_size": args.batch_size, "tapt_fraction": args.tapt_fraction,
                      "learning_rate": args.learning_rate, "meta_lr": args.meta_lr, "dev_fraction": args.dev_fraction,
-                     "general_task": GENERAL_TASK, "task_feature_lengths": lengths, "seeds": args.seeds,
+                     "general_task": GENERAL_TASK, "aang_space": AANG_SPACE,
+                     "aang_k": args.aang_k, "task_feature_lengths": lengths, "seeds": args.seeds,
                      "data_seed": args.data_seed, "eval_examples": args.eval_examples, "extra_gin": args.gin},
         "seconds": {**timings, "total": round(time.time() - start, 1)},
     }
