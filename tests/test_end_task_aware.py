@@ -26,6 +26,7 @@ from tests.test_cli import run_cli
 CONFIG = T5Config(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
                   num_decoder_layers=1)
 LEARNING_RATE = 0.1
+TAPT = "bundled_qa_extractive_inputs_span_corruption"
 
 
 class SignedLossModel(EncoderDecoderModel):
@@ -73,7 +74,7 @@ def plain_loss(model, graphdef, body: dict, head: dict, batch: dict) -> jax.Arra
 
 
 def test_static_step_is_the_weighted_sum_of_the_objectives_losses_and_its_gradient():
-    mode = EndTaskAware({"tapt": "t", "general": "g"}, StaticWeighting({"end_task": 0.5, "general": 0.2}))
+    mode = EndTaskAware({"tapt": TAPT, "general": "bundled_span_corruption"}, StaticWeighting({"end_task": 0.5, "general": 0.2}))
     model, graphdef, state, step, to_global = build(mode)
     rng = np.random.default_rng(0)
     slots = [slot_batch(rng) for _ in range(3)]
@@ -110,7 +111,7 @@ def test_meta_step_raises_an_aligned_objectives_weight_and_lowers_an_opposed_one
     """`same` sees the dev batch through the dev head's weights (its body gradient IS the dev gradient),
     `opposed` the same with its loss negated; the end task sees other data."""
     meta_lr = 0.5
-    mode = EndTaskAware({"same": "t", "opposed": "t"}, MetaWeighting(meta_lr))
+    mode = EndTaskAware({"same": TAPT, "opposed": TAPT}, MetaWeighting(meta_lr))
     _, _, state, step, to_global = build(mode)
     rng = np.random.default_rng(1)
     end, dev = slot_batch(rng), slot_batch(rng)
@@ -154,7 +155,8 @@ def test_the_dev_slice_is_disjoint_from_the_end_tasks_training_examples():
 RUN = ["TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "BATCH_SIZE = 8", "train.log_period = 1",
        "train.eval_period = 0", "train.checkpoint_period = 2", "train.progress_bar = False", "DROPOUT_RATE = 0.1",
        "T5Config.d_model = 32", "T5Config.num_heads = 2", "T5Config.head_dim = 16", "T5Config.d_ff = 64",
-       "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1"]
+       "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1",
+       "EndTaskAware.auxiliaries = {'tapt': 'bundled_qa_extractive_inputs_span_corruption'}"]
 
 
 def run_meta(model_dir: Path, train_steps: int) -> None:
@@ -178,15 +180,16 @@ def logged(model_dir: Path) -> dict[int, dict[str, float]]:
 @pytest.mark.slow
 def test_meta_tartan_resumes_exactly(tmp_path):
     """A run resumed from the straight run's step-2 checkpoint (as after a stop there) logs the same losses,
-    weights and cosines at steps 3 and 4 and ends with the same parameters; they restore as a plain model's."""
+    weights and cosines at steps 3 and 4 and ends with the same parameters; they restore as a plain model's.
+    One auxiliary (TAPT) keeps it short."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_meta(straight, 4)
     shutil.copytree(straight / "checkpoints" / "2", resumed / "checkpoints" / "2")
     run_meta(resumed, 4)
     assert sorted(logged(resumed)) == [3, 4]
     assert logged(resumed) == {step: logged(straight)[step] for step in (3, 4)}
-    assert {"train/aux_weight/tapt", "train/aux_loss/general", "train/aux_cosine/end_task"} <= set(logged(straight)[4])
-    assert logged(straight)[4]["train/aux_weight/tapt"] != pytest.approx(1 / 3)  # the weights moved
+    assert {"train/aux_weight/tapt", "train/aux_loss/tapt", "train/aux_cosine/end_task"} <= set(logged(straight)[4])
+    assert logged(straight)[4]["train/aux_weight/tapt"] != pytest.approx(1 / 2)  # the weights moved
     model = EncoderDecoderModel(T5Config(**{**vars(CONFIG), "vocab_size": 8192, "d_model": 32, "head_dim": 16,
                                             "d_ff": 64, "feed_forward": "gated-gelu"}))
     mesh = partitioning.make_mesh({"data": -1})
@@ -219,9 +222,10 @@ def test_a_typod_auxiliary_task_is_one_clear_error(tmp_path):
 
 
 def test_static_weights_of_an_unknown_objective_are_an_error():
-    mode = EndTaskAware({"tapt": "t"}, StaticWeighting({"tpat": 0.5}))
-    with pytest.raises(cli.UserError, match=r"StaticWeighting.weights names \['tpat'\], which are not objectives"):
-        build(mode)
+    mode = EndTaskAware({"tapt": "bundled_qa_extractive_inputs_span_corruption"}, StaticWeighting({"tpat": 0.5}))
+    with pytest.raises(cli.UserError, match=r"StaticWeighting.weights names \['tpat'\], which are not objectives. "
+                                            r"Did you mean 'tapt'\? The objectives are \['end_task', 'tapt'\]."):
+        mode.check_objectives()
 
 
 def test_a_tied_head_is_an_error():

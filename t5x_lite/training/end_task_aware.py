@@ -106,6 +106,17 @@ class EndTaskAware:
                 f"T5Config.tie_word_embeddings = False); {type(model.config).__name__} has none."
             )
 
+    def check_objectives(self) -> None:
+        """Every auxiliary's task is registered and the weighting takes the objectives, checked before anything
+        is built: a misspelt name is a `UserError` naming the objective and the close task names."""
+        for name, task in self.auxiliaries.items():
+            try:
+                multi_objective.pipeline.get_mixture_or_task(task)
+            except ValueError as e:
+                raise cli.UserError(f"Auxiliary objective {name!r}: {e}") from None
+        with cli.user_errors(ValueError):  # e.g. static weights of an objective that is not one
+            self.weighting.init(self.names)
+
     # ------------------------------------------------------------------ the TrainingMode interface
 
     def create_train_state(
@@ -115,8 +126,7 @@ class EndTaskAware:
         """The model's fresh state (as in standard training) plus fresh heads, their optimizer state and the
         weighting's state, created in their shardings (a head's: its own, the objective axis replicated)."""
         self.check_model(model)
-        with cli.user_errors(ValueError):  # e.g. static weights of an objective that is not one
-            self.weighting.init(self.names)
+        self.check_objectives()
         base, base_shardings, graphdef = train_state.create_train_state(model, optimizer, seed, mesh, rules)
 
         def init(seed: jax.Array) -> dict:
@@ -143,12 +153,7 @@ class EndTaskAware:
         self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
         feature_converter_cls: type[seqio.FeatureConverter], seed: int | None,
     ) -> DataIterator:
-        """The slots' batches, zipped; an unknown auxiliary task is a ValueError naming the objective."""
-        for name, task in self.auxiliaries.items():
-            try:
-                multi_objective.pipeline.get_mixture_or_task(task)
-            except ValueError as e:
-                raise ValueError(f"Auxiliary objective {name!r}: {e}") from None
+        """The slots' batches, zipped (one checkpointable iterator)."""
         return multi_objective.objectives_iterator(
             self.slot_tasks(mixture_or_task_name), task_feature_lengths, batch_size, feature_converter_cls, seed)
 

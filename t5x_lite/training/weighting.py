@@ -14,6 +14,7 @@ method (e.g. AANG's factored weights) implements these four members and is bound
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -48,8 +49,10 @@ class StaticWeighting:
     def init(self, names: Sequence[str]) -> WeightingState:
         unknown = sorted(set(self.overrides) - set(names))
         if unknown:
-            raise ValueError(f"StaticWeighting.weights names {unknown}, which are not objectives; the objectives "
-                             f"are {list(names)}.")
+            close = difflib.get_close_matches(unknown[0], names, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"StaticWeighting.weights names {unknown}, which are not objectives.{hint} The "
+                             f"objectives are {list(names)}.")
         return {"weights": jnp.asarray([self.overrides.get(name, 1.0 / len(names)) for name in names], jnp.float32)}
 
     def weights(self, state: WeightingState) -> jax.Array:
