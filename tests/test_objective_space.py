@@ -279,14 +279,26 @@ def test_the_aang_example_trains_the_sampled_combinations(tmp_path):
         assert sum(weights) == pytest.approx(1.0, abs=1e-5) and sum(w > 0 for w in weights) == 2
 
 
+BAD_SEARCHES = {
+    "objective_space_auxiliaries.transforms=['mask', 'shufle']":
+        "objective space: the transform options ['mask', 'shufle'] must be distinct values from "
+        "['none', 'mask', 'replace', 'span'], at least one.",
+    "objective_space_auxiliaries.outputs=['next']": (
+        "objective_space_auxiliaries: no valid combination of the options [['task', 'general'], ['none', 'mask'], "
+        "['bi'], ['next']] (see the rules in t5x_lite/data/objective_stages.py)."),
+    "FactoredWeighting.k=10":
+        "FactoredWeighting.k=10 combinations per step must lie between 1 and the 9 combinations among the objectives.",
+}
+
+
 @pytest.mark.slow
-def test_a_misspelt_stage_option_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("binding", BAD_SEARCHES)
+def test_a_bad_search_is_one_clear_error(tmp_path, binding):
     model_dir = tmp_path / "run"
-    result = run_cli("--gin_file=examples/tartan_aang.gin", f"--gin.MODEL_DIR='{model_dir}'",
-                     "--gin.objective_space_auxiliaries.transforms=['mask', 'shufle']")
+    extra = ["--gin.objective_space_auxiliaries.representations=['bi']"] if "outputs" in binding else []
+    result = run_cli("--gin_file=examples/tartan_aang.gin", f"--gin.MODEL_DIR='{model_dir}'", f"--gin.{binding}",
+                     *extra)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: objective space: the transform options ['mask', 'shufle'] must be distinct values from "
-        "['none', 'mask', 'replace', 'span'], at least one.")
+    assert result.stderr.strip().splitlines()[-1] == f"error: {BAD_SEARCHES[binding]}"
     assert "Traceback" not in result.stderr
     assert not model_dir.exists() or not any(model_dir.rglob("*"))
