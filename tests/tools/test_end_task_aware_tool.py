@@ -23,12 +23,16 @@ TINY = ["--seeds", "0", "--steps", "4", "--batch_size", "8", "--train_examples",
 def test_every_method_gets_the_same_budget():
     args = end_task_aware.parse_args(["--steps", "300", "--batch_size", "16"])
     assert args.budget == 4800 and args.methods == list(end_task_aware.METHODS)
-    end = end_task_aware.EndTask("end", "eval/end/accuracy", "end_tapt", 300)
-    # MT-TARTAN: the end task and two auxiliaries per step; META-TARTAN adds the dev head's batch.
-    mt, mt_batches = end_task_aware.tartan_bindings("mt_tartan", end, args)
-    meta, meta_batches = end_task_aware.tartan_bindings("meta_tartan", end, args)
-    assert (mt_batches, meta_batches) == (3, 4)
+    space = {f"{d}_mask_{r}_denoise": f"aang_{d}_mask_{r}_denoise" for d in ("task", "general") for r in ("bi", "l2r")}
+    end = end_task_aware.EndTask("end", "eval/end/accuracy", "end_tapt", space, 300)
+    # MT-TARTAN: the end task and two auxiliaries per step; META-TARTAN adds the dev head's batch; AANG computes
+    # every combination (4), sampled or not, besides the end task and the dev head.
+    mt, mt_batches = end_task_aware.tartan_bindings("mt_tartan", end, 0, args)
+    meta, meta_batches = end_task_aware.tartan_bindings("meta_tartan", end, 0, args)
+    aang, aang_batches = end_task_aware.tartan_bindings("aang", end, 3, args)
+    assert (mt_batches, meta_batches, aang_batches) == (3, 4, 6)
     assert "EndTaskAware.weighting = @StaticWeighting()" in mt and "EndTaskAware.weighting = @MetaWeighting()" in meta
+    assert f"EndTaskAware.auxiliaries = {space!r}" in aang and "FactoredWeighting.seed = 3" in aang
     assert end_task_aware.steps_for(4800, 16 * mt_batches) == 100 and end_task_aware.steps_for(4800, 16 * 4) == 75
     assert end_task_aware.steps_for(10, 64) == 1
 
