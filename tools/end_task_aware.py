@@ -14,9 +14,10 @@ and is driven through gin as `python -m t5x_lite.train` drives it (`pretraining_
 1. `scratch`: the end task alone;
 2. `tapt`: span corruption on the end task's own training inputs (task-adaptive pre-training), then the end
    task from that checkpoint (`--tapt_fraction` of the budget pre-trains);
-3. `mt_tartan`: the end task multitasked with the auxiliaries, static equal weights;
+3. `mt_tartan`: the end task multitasked with two auxiliaries, span corruption over its training inputs (TAPT
+   data) and over the bundled corpus (general data), static equal weights;
 4. `meta_tartan`: the same with weights learned from the dev head's gradient (META-TARTAN);
-5. `aang`: the AANG-style objective space, factored weights learned the same way.
+5. `aang`: the objective space `AANG_SPACE` around the end task, factored weights learned the same way.
 
 Equal total compute means an equal number of sequences processed forward and backward: `--budget` sequences
 per method (default `--steps` x `--batch_size`, scratch's), each method running as many steps as that buys with
@@ -26,7 +27,7 @@ head's).
 Prints a table (mean, std and per-seed value of the end-task metric after the last step) and ends with one JSON
 line: `metric`, then `{"mean", "std", "seeds"}` per method; `OUT_DIR/results.json` adds the steps, sequences
 and seconds per method, and `OUT_DIR/aux_weights.png` shows the learned weights over time of the META-TARTAN
-and AANG runs.
+and AANG runs. Measured results and what explains them: docs/end_task_aware.md#results.
 """
 
 from __future__ import annotations
