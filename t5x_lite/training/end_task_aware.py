@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5x_lite import cli, partitioning
-from t5x_lite.data import multi_objective
+from t5x_lite.data import multi_objective, pipeline
 from t5x_lite.data.position import DataIterator
 from t5x_lite.models.base import BaseModel
 from t5x_lite.training import steps, train_state
@@ -111,7 +111,7 @@ class EndTaskAware:
         is built: a misspelt name is a `UserError` naming the objective and the close task names."""
         for name, task in self.auxiliaries.items():
             try:
-                multi_objective.pipeline.get_mixture_or_task(task)
+                pipeline.get_mixture_or_task(task)
             except ValueError as e:
                 raise cli.UserError(f"Auxiliary objective {name!r}: {e}") from None
         with cli.user_errors(ValueError):  # e.g. static weights of an objective that is not one
