@@ -3,6 +3,7 @@ T5's encoder, the feature converter, and the factored weights."""
 
 import dataclasses
 import json
+import shutil
 
 import gin
 import jax
@@ -21,6 +22,7 @@ from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5, T5Config
 from t5x_lite.nn import layers
 from t5x_lite.training import loop
+from t5x_lite.training.end_task_aware import EndTaskAware
 from t5x_lite.training.factored_weights import FactoredWeighting, stage_options
 from tests.test_cli import run_cli
 
@@ -252,13 +254,11 @@ def test_sampling_is_deterministic_per_seed_and_step():
 # ------------------------------------------------------------------ the example
 
 
-@pytest.mark.slow
-def test_the_aang_example_trains_the_sampled_combinations(tmp_path):
-    """examples/tartan_aang.gin, made tiny (two combinations, K = 1): every step weights the end task and one
-    combination, the O=task combination reads the end task's train part only, and the weights are logged."""
-    run = ["TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "BATCH_SIZE = 8", "TRAIN_STEPS = 2",
+def run_example(model_dir, steps: int) -> EndTaskAware:
+    """examples/tartan_aang.gin, made tiny (two combinations, K = 1), in this process; returns its mode."""
+    run = ["TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "BATCH_SIZE = 8", f"TRAIN_STEPS = {steps}",
            "train.log_period = 1", "train.eval_period = 0", "train.checkpoint_period = 2",
-           "train.progress_bar = False", f"MODEL_DIR = '{tmp_path}'", "FactoredWeighting.k = 1",
+           "train.progress_bar = False", f"MODEL_DIR = '{model_dir}'", "FactoredWeighting.k = 1",
            "objective_space_auxiliaries.data = ['task']", "objective_space_auxiliaries.transforms = ['none', 'mask']",
            "objective_space_auxiliaries.representations = ['l2r']",
            "objective_space_auxiliaries.outputs = ['denoise', 'task']",
@@ -268,15 +268,33 @@ def test_the_aang_example_trains_the_sampled_combinations(tmp_path):
     cli.parse_gin([str(cli.GIN_CONFIGS_DIR / "examples/tartan_aang.gin")], run)
     try:
         mode = gin.query_parameter("train.training_mode").scoped_configurable_fn()
-        assert mode.auxiliaries == {"task_mask_l2r_denoise": "aang_task_mask_l2r_denoise",
-                                    "task_none_l2r_task": "aang_task_none_l2r_task_minus_dev20"}
         loop.train()
     finally:
         gin.clear_config()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    for record in (r for r in records if "train/loss" in r):
-        weights = [record[f"train/aux_weight/{n}"] for n in ("end_task", *mode.auxiliaries)]
+    return mode
+
+
+def logged(model_dir) -> dict[int, dict[str, float]]:
+    """step -> the train metrics logged at it."""
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/") and "per_second" not in k}
+            for r in records if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_the_aang_example_trains_the_sampled_combinations_and_resumes_exactly(tmp_path):
+    """Every step weights the end task and one drawn combination; the O=task combination reads the end task's
+    train part only; resumed from the step-2 checkpoint, the run draws, weights and logs as the straight one."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mode = run_example(straight, 4)
+    assert mode.auxiliaries == {"task_mask_l2r_denoise": "aang_task_mask_l2r_denoise",
+                                "task_none_l2r_task": "aang_task_none_l2r_task_minus_dev20"}
+    for metrics in logged(straight).values():
+        weights = [metrics[f"train/aux_weight/{n}"] for n in mode.names]
         assert sum(weights) == pytest.approx(1.0, abs=1e-5) and sum(w > 0 for w in weights) == 2
+    shutil.copytree(straight / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    run_example(resumed, 4)
+    assert logged(resumed) == {step: logged(straight)[step] for step in (3, 4)}
 
 
 BAD_SEARCHES = {
