@@ -13,10 +13,11 @@ task's: generation, or rank classification for a rank task (`bundled_qa_multiple
 question.
 
 The shots of each query are drawn from the train split by `numpy.random.default_rng((seed, query))`
-(query: the record's `idx` where the task has one, else its position): the first k examples of that
-random order that fit in the inputs length left by the query and are not the query itself. The same seed
-gives the same prompts; shots never come from the evaluated split unless that split is `train`, and then
-never the query. Where no k examples fit, `ShotsDoNotFit` says how long the query and the shortest shots are.
+(query: the record's `idx` where the task has one, else its position): the first k examples of that random
+order that are not the query itself and fit in the inputs length the query leaves (each taken only if the
+shortest examples could still complete the prompt). The same seed gives the same prompts; shots never come
+from the evaluated split unless that split is `train`, and then never the query. Where no k examples fit,
+`ShotsDoNotFit` says how long the query and the shortest shots are.
 """
 
 from __future__ import annotations
@@ -79,15 +80,17 @@ def shot_pool(task: seqio.Task, sequence_length: Mapping[str, int]) -> list[Shot
 def choose_shots(
     pool: Sequence[Shot], num_shots: int, seed: int, query: int, query_inputs: np.ndarray, budget: int
 ) -> list[int]:
-    """Indices into `pool` of the shots of query number `query`: the first `num_shots` of a random order
-    seeded by (seed, query) whose tokens fit in `budget` together and whose inputs are not the query's.
-    Fewer than `num_shots` where no more fit."""
+    """Indices into `pool` of the shots of query number `query`: in a random order seeded by (seed, query), the
+    first `num_shots` that are not the query and fit in `budget` tokens together, each taken only if the shortest
+    examples could still complete the prompt. Fewer than `num_shots` where they cannot fit."""
+    lengths = np.array([shot_length(shot) for shot in pool])
+    shortest = np.concatenate([[0], np.cumsum(np.sort(lengths))])  # shortest[m]: the m shortest examples' tokens
     chosen, used = [], 0
     for i in np.random.default_rng((seed, query)).permutation(len(pool)):
-        size = shot_length(pool[i])
-        if used + size <= budget and not np.array_equal(pool[i][0], query_inputs):
+        still_needed = shortest[num_shots - len(chosen) - 1]
+        if used + lengths[i] + still_needed <= budget and not np.array_equal(pool[i][0], query_inputs):
             chosen.append(int(i))
-            used += size
+            used += int(lengths[i])
             if len(chosen) == num_shots:
                 break
     return chosen
