@@ -179,7 +179,7 @@ def test_unseen_format_tool_prints_its_json_line(tmp_path, capsys):
     import unseen_format
 
     summary = unseen_format.main(["--out_dir", str(tmp_path / "run"), "--held_out", "yes_no", "--seeds", "0",
-                                  "--pretrain_steps", "0", "--finetune_steps", "1", "--batch_size", "4",
+                                  "--pretrain_steps", "0", "--finetune_steps", "1", "--batch_size", "8",
                                   "--inputs_length", "32", "--targets_length", "4", "--eval_examples", "8",
                                   "--no_progress_bar"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
