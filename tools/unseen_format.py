@@ -21,7 +21,8 @@ Steps, each a run driven through gin as `python -m t5x_lite.train` / `t5x_lite.e
 Prints a table and ends with one JSON line: `held_out_formats` (per format: `metric`, `held_out` and `all_four`,
 each `mean`, `std` (sample standard deviation over the seeds) and `seeds`), the settings and the seconds each
 stage took; `OUT_DIR/results.json` holds the same. The defaults (600 pre-training steps, 3 seeds, 4 formats,
-fine-tunes of 100 steps) take about 15 minutes on 2 idle CPU cores.
+15 fine-tunes of 100 steps, 24 evaluations) should take about 15 minutes on 2 idle CPU cores, estimated from
+the README recipe's idle timings (docs/finetuning.md: measured only on a loaded machine).
 """
 
 from __future__ import annotations
