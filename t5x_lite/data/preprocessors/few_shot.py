@@ -5,7 +5,8 @@ per task), the task with `prepend_shots` as its last preprocessor. Each query's 
 
     shot_1 inputs, EOS, shot_1 targets, EOS, ..., shot_k targets, EOS, query inputs, EOS
 
-in token ids, exactly as the task tokenises its examples, so a decoder-only model reads solved examples laid
+in token ids, exactly as the task tokenises its examples (EOS where its features end in one, as the QA tasks'
+do), so a decoder-only model reads solved examples laid
 out as it reads the query and its answer (seqio's decoder converters put the targets right after the inputs);
 an encoder-decoder model gets them in its encoder input. The metrics, postprocessing and scoring are the
 task's: generation, or rank classification for a rank task (`bundled_qa_multiple_choice_rank`,
