@@ -76,6 +76,7 @@ MACROS = {
     "MESH_SHAPE": Macro("the device mesh", "--gin.MESH_SHAPE=\"{'data': -1, 'fsdp': 2, 'tensor': 1}\""),
     "EVAL_OUTPUT_DIR": Macro("where eval writes metrics.jsonl and TensorBoard",
                              "--gin.EVAL_OUTPUT_DIR=\"'runs/my_run/eval'\""),
+    "NUM_SHOTS": Macro("k-shot prompting: solved train examples before each query (0: none)", "--gin.NUM_SHOTS=2"),
     "INFER_INPUT_FILE": Macro("a .txt (one input per line) or .jsonl file to predict for, instead of a task",
                               "--gin.INFER_INPUT_FILE=\"'questions.txt'\""),
     "INFER_OUTPUT_FILE": Macro("the JSONL file of predictions", "--gin.INFER_OUTPUT_FILE=\"'predictions.jsonl'\""),
@@ -90,7 +91,7 @@ RUN_MACROS = ("MODEL", "MODEL_DIR", "INITIAL_CHECKPOINT_PATH", "MIXTURE_OR_TASK_
               "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE", "NUM_MICROBATCHES", "RANDOM_SEED")
 MODEL_MACROS = ("DROPOUT_RATE", "ACTIVATION_DTYPE", "KERNELS", "MESH_SHAPE")
 EVAL_MACROS = ("MODEL", "CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "TASK_FEATURE_LENGTHS",
-               "EVAL_OUTPUT_DIR")
+               "EVAL_OUTPUT_DIR", "NUM_SHOTS")
 INFER_MACROS = ("MODEL", "CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "INFER_INPUT_FILE",
                 "TASK_FEATURE_LENGTHS", "INFER_OUTPUT_FILE")
 FEATURES_MACROS = ("MODEL", "CHECKPOINT_PATH", "FEATURES_INPUT_FILE", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE",
