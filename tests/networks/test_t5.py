@@ -159,7 +159,7 @@ def test_dropout_only_with_rngs(forward):
 
 def test_config_and_segment_errors(forward):
     with pytest.raises(ValueError, match="feed_forward"):
-        T5Config(feed_forward="gated-silu")
+        T5Config(feed_forward="gated-swish")
     with pytest.raises(ValueError, match="dtype"):
         T5Config(dtype="float33")
     with pytest.raises(ValueError, match="segment_ids"):
