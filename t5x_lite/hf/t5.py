@@ -28,7 +28,7 @@ from t5x_lite.hf import registry, tensor_map
 from t5x_lite.models.seq2seq import EncoderDecoderModel
 from t5x_lite.networks.t5 import T5, T5Config
 
-FEED_FORWARD_PROJ = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-silu": "gated-silu"}  # HF's -> ours
+FEED_FORWARD_PROJ = {"relu": "relu", "gated-gelu": "gated-gelu", "gated-silu": "gated-silu", "gated-swish": "gated-silu"}
 MT5_VOCAB_SIZE = 250112
 ARCHITECTURES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration",
                  "umt5": "UMT5ForConditionalGeneration"}
