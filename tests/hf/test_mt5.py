@@ -72,19 +72,16 @@ def test_export_reloads_in_transformers_with_the_same_logits(hf_dirs, kind, tmp_
                  nnx.state(again, nnx.Param), nnx.state(network, nnx.Param))
 
 
-def test_umt5_greedy_decode_matches_hf_generate(hf_dirs):
-    """The decode step adds each layer's own table at the query position (no KV-cache shortcut in HF here)."""
+def test_umt5_cached_decode_steps_match_hf_logits(hf_dirs):
+    """Each decode step adds every layer's own table at the query position: step t's logits equal HF's
+    teacher-forced logits at t, unrolled and scanned."""
     model, folder = hf_dirs["umt5"]
-    network, _ = hf.from_pretrained(folder)
-    length = 6
-    enc, _ = random_inputs(TINY["vocab_size"], seed=3)
-    with torch.no_grad():
-        generated = model.generate(
-            input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0, dtype=torch.long),
-            do_sample=False, num_beams=1, max_new_tokens=length, min_new_tokens=length, decoder_start_token_id=0,
-            eos_token_id=1, pad_token_id=0, use_cache=False,
-        ).numpy()[:, 1:]
-    predict = nnx.jit(
-        lambda m, e: hf.load_model(folder).predict_batch(m, {"encoder_input_tokens": e}, max_decode_length=length)
-    )
-    np.testing.assert_array_equal(np.asarray(predict(network, jnp.asarray(enc))), generated)
+    enc, dec = random_inputs(TINY["vocab_size"], seed=3)
+    expected = hf_logits(model, enc, dec)
+    for scan_layers in (False, True):
+        network, _ = hf.from_pretrained(folder, scan_layers=scan_layers)
+        state = network.init_decode_state(network.encode(jnp.asarray(enc)), jnp.asarray(enc > 0), dec.shape[1])
+        step = nnx.jit(lambda network, state, ids: network.decode_step(state, ids))
+        for t in range(dec.shape[1]):
+            logits, state = step(network, state, jnp.asarray(dec[:, t]))
+            np.testing.assert_allclose(np.asarray(logits), expected[:, t], rtol=0, atol=1e-4, err_msg=f"step {t}")
