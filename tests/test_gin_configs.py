@@ -143,3 +143,14 @@ def test_model_gin_file_matches_hugging_face(gin_file):
 @pytest.mark.parametrize("gin_file", sorted(T5GEMMA_PUBLISHED))
 def test_t5gemma_sizes_match_the_published_checkpoints(gin_file):
     assert hf_param_count(*REFERENCES[gin_file]()[:2]) == T5GEMMA_PUBLISHED[gin_file]
+
+
+def test_an_unknown_feed_forward_is_one_error_line(tmp_path):
+    """The activations T5 has (UL2's gated SiLU among them) are named when gin builds MODEL; no run folder made."""
+    from tests.test_cli import run_cli
+    from tests.test_safety import QUICKSTART, assert_one_error
+
+    result = run_cli(QUICKSTART, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.T5Config.feed_forward='swiglu'")
+    assert_one_error(result, "T5Config.feed_forward='swiglu' is not supported; "
+                             "use 'gated-gelu' (T5 v1.1), 'gated-silu' (UL2) or 'relu' (T5 v1.0).")
+    assert not (tmp_path / "run").exists()
