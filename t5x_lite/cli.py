@@ -76,6 +76,7 @@ MACROS = {
     "MESH_SHAPE": Macro("the device mesh", "--gin.MESH_SHAPE=\"{'data': -1, 'fsdp': 2, 'tensor': 1}\""),
     "EVAL_OUTPUT_DIR": Macro("where eval writes metrics.jsonl and TensorBoard",
                              "--gin.EVAL_OUTPUT_DIR=\"'runs/my_run/eval'\""),
+    "NUM_SHOTS": Macro("k-shot prompting: solved train examples before each query (0: none)", "--gin.NUM_SHOTS=2"),
     "INFER_INPUT_FILE": Macro("a .txt (one input per line) or .jsonl file to predict for, instead of a task",
                               "--gin.INFER_INPUT_FILE=\"'questions.txt'\""),
     "INFER_OUTPUT_FILE": Macro("the JSONL file of predictions", "--gin.INFER_OUTPUT_FILE=\"'predictions.jsonl'\""),
@@ -90,7 +91,7 @@ RUN_MACROS = ("MODEL", "MODEL_DIR", "INITIAL_CHECKPOINT_PATH", "MIXTURE_OR_TASK_
               "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE", "NUM_MICROBATCHES", "RANDOM_SEED")
 MODEL_MACROS = ("DROPOUT_RATE", "ACTIVATION_DTYPE", "KERNELS", "MESH_SHAPE")
 EVAL_MACROS = ("MODEL", "CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "TASK_FEATURE_LENGTHS",
-               "EVAL_OUTPUT_DIR")
+               "EVAL_OUTPUT_DIR", "NUM_SHOTS")
 INFER_MACROS = ("MODEL", "CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE", "INFER_INPUT_FILE",
                 "TASK_FEATURE_LENGTHS", "INFER_OUTPUT_FILE")
 FEATURES_MACROS = ("MODEL", "CHECKPOINT_PATH", "FEATURES_INPUT_FILE", "MIXTURE_OR_TASK_NAME", "MIXTURE_OR_TASK_MODULE",
@@ -167,7 +168,7 @@ def user_errors(*errors: type[Exception], setting: str | None = None) -> Iterato
         raise UserError(f"{setting}: {e}" if setting else str(e)) from e
 
 
-def one_line_error(error: UserError | FileNotFoundError) -> str:
+def one_line_error(error: Exception) -> str:
     """What the command line prints for an error the user can fix: its first line. An error raised while gin
     calls a configurable (a `UserError` from `train`, or a `FileNotFoundError` from `text_files_task` with a
     pattern that matches nothing) arrives with gin's call-site note ("In call to configurable ...") appended."""
@@ -674,8 +675,21 @@ def run_entry_point(run_fn: Callable[[], object], required_macros: Mapping[str, 
         except (UserError, FileNotFoundError) as e:
             print(f"error: {one_line_error(e)}", file=sys.stderr)
             sys.exit(2)
+        except ValueError as e:
+            if not is_config_error(e):
+                raise
+            print(f"error: {one_line_error(e)}", file=sys.stderr)
+            sys.exit(2)
 
     app.run(main, argv=rewrite_gin_args(sys.argv))
+
+
+def is_config_error(error: ValueError) -> bool:
+    """Whether `error` is a bad config value (`ConfigError`, raised as gin builds MODEL); imported on use, since
+    the networks bring JAX, which `--help` does without."""
+    from t5x_lite.networks.config_checks import ConfigError
+
+    return isinstance(error, ConfigError)
 
 
 def load_task(name: str, module: str | None, task_feature_lengths: Mapping[str, int] | None = None) -> Any:

@@ -25,11 +25,13 @@ def model_from_gin(model: Any = gin.REQUIRED) -> Any:
     return model
 
 
-def t5(d_model: int, d_ff: int, heads: int, layers: int, v1_1: bool, vocab: int = 32128, d_kv: int = 64) -> tuple:
+def t5(d_model: int, d_ff: int, heads: int, layers: int, v1_1: bool, vocab: int = 32128, d_kv: int = 64,
+       proj: str = "gated-gelu") -> tuple:
     """HF T5 at these sizes. transformers 5 always ties T5's output layer to `shared` (T5Config forces
-    tie_word_embeddings=True); v1.1 has its own output layer, as the published checkpoints do: + vocab x d_model."""
+    tie_word_embeddings=True); v1.1 (and UL2, `proj` gated-silu) has its own output layer, as the published
+    checkpoints do: + vocab x d_model."""
     config = transformers.T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
-                                   num_heads=heads, feed_forward_proj="gated-gelu" if v1_1 else "relu")
+                                   num_heads=heads, feed_forward_proj=proj if v1_1 else "relu")
     return transformers.T5ForConditionalGeneration, config, vocab * d_model if v1_1 else 0
 
 
@@ -98,6 +100,10 @@ REFERENCES = {
     "t5_1_1/large.gin": lambda: t5(1024, 2816, 16, 24, v1_1=True),
     "t5_1_1/xl.gin": lambda: t5(2048, 5120, 32, 24, v1_1=True),
     "t5_1_1/xxl.gin": lambda: t5(4096, 10240, 64, 24, v1_1=True),
+    **{f"flan_t5/{size}.gin": lambda size=size: REFERENCES[f"t5_1_1/{size}.gin"]()
+       for size in ("small", "base", "large", "xl", "xxl")},
+    "ul2/ul2_20b.gin": lambda: t5(4096, 16384, 16, 32, v1_1=True, d_kv=256, proj="gated-silu"),
+    "ul2/flan_ul2.gin": lambda: t5(4096, 16384, 16, 32, v1_1=True, d_kv=256, proj="gated-silu"),
     "bert/tiny.gin": lambda: bert(128, 512, 4, 2, vocab=8192),
     "bert/base.gin": lambda: bert(768, 3072, 12, 12),
     "bert/large.gin": lambda: bert(1024, 4096, 16, 24),
@@ -151,3 +157,14 @@ def test_model_gin_file_matches_hugging_face(gin_file):
 @pytest.mark.parametrize("gin_file", sorted(T5GEMMA_PUBLISHED))
 def test_t5gemma_sizes_match_the_published_checkpoints(gin_file):
     assert hf_param_count(*REFERENCES[gin_file]()[:2]) == T5GEMMA_PUBLISHED[gin_file]
+
+
+def test_an_unknown_feed_forward_is_one_error_line(tmp_path):
+    """The activations T5 has (UL2's gated SiLU among them) are named when gin builds MODEL; no run folder made."""
+    from tests.test_cli import run_cli
+    from tests.test_safety import QUICKSTART, assert_one_error
+
+    result = run_cli(QUICKSTART, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.T5Config.feed_forward='swiglu'")
+    assert_one_error(result, "T5Config.feed_forward='swiglu' is not supported; "
+                             "use 'gated-gelu' (T5 v1.1), 'gated-silu' (UL2) or 'relu' (T5 v1.0).")
+    assert not (tmp_path / "run").exists()

@@ -89,6 +89,13 @@ def test_a_period_of_zero(tmp_path):
                              "e.g. --gin.train.checkpoint_period=1000")
 
 
+def test_a_bad_model_config_value(tmp_path):
+    """A network config's own check (raised while gin builds MODEL) is one line too, with no run folder made."""
+    result = run_cli(QUICKSTART, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.T5Config.dropout_rate=1.5")
+    assert_one_error(result, "T5Config.dropout_rate=1.5 must be in [0, 1).")
+    assert not (tmp_path / "run").exists()
+
+
 MY_TASKS = textwrap.dedent("""
     from t5x_lite.data import registration
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite.adapters import AdapterParam
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.nn import layers, stacks
 from t5x_lite.training import freezing
 
@@ -55,9 +56,9 @@ class LoRAConfig:
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRAConfig.rank must be an integer >= 1, got {self.rank!r}.")
+            raise ConfigError(f"LoRAConfig.rank must be an integer >= 1, got {self.rank!r}.")
         if self.dropout != 0.0:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRAConfig.dropout={self.dropout!r}: LoRA input dropout is not supported yet (the projections get "
                 "no dropout RNG); set it to 0.0 (the model's own dropout still applies)."
             )

@@ -36,6 +36,7 @@ from flax import nnx
 from t5x_lite import partitioning
 from t5x_lite.adapters import AdapterParam
 from t5x_lite.networks.bart import Bart
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.networks.gpt import GPT
 from t5x_lite.networks.t5 import T5
 from t5x_lite.nn import layers
@@ -66,16 +67,16 @@ class PromptConfig:
 
     def __post_init__(self):
         if not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"PromptConfig.length must be a whole number >= 1, got {self.length!r}.")
+            raise ConfigError(f"PromptConfig.length must be a whole number >= 1, got {self.length!r}.")
         if self.init not in INITS:
-            raise ValueError(f"PromptConfig.init must be one of {list(INITS)}, got {self.init!r}.")
+            raise ConfigError(f"PromptConfig.init must be one of {list(INITS)}, got {self.init!r}.")
         if self.init == "labels" and (not self.labels or self.vocabulary is None):
-            raise ValueError(
+            raise ConfigError(
                 "PromptConfig.init = 'labels' needs PromptConfig.labels (e.g. ['yes', 'no']) and the task's "
                 "PromptConfig.vocabulary (e.g. @get_vocabulary())."
             )
         if self.sample_size <= FIRST_SAMPLED_ID:
-            raise ValueError(f"PromptConfig.sample_size must be > {FIRST_SAMPLED_ID}, got {self.sample_size}.")
+            raise ConfigError(f"PromptConfig.sample_size must be > {FIRST_SAMPLED_ID}, got {self.sample_size}.")
 
 
 def sampled_ids(length: int, vocab_size: int, sample_size: int, seed: int) -> np.ndarray:

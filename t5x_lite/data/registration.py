@@ -420,17 +420,27 @@ def register_qa_task(
     return add_qa_task(name, source, format, (), vocabulary, metric_fns, lowercase, overwrite)
 
 
+# format -> the preprocessor that makes one row per option of a record (rank classification).
+RANK_CLASSIFICATION_ROWS = {
+    "multiple_choice": unifiedqa.multiple_choice_rank_classification,
+    "yes_no": unifiedqa.yes_no_rank_classification,
+}
+
+
 def register_rank_classification_task(
-    name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary | None = None, lowercase: bool = True
+    name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary | None = None, lowercase: bool = True,
+    format: str = "multiple_choice",
 ) -> seqio.Task:
-    """Multiple choice by rank classification: one row per option, scored by the model's
-    log-likelihood of the option text; the best-scoring option per question is the answer."""
+    """Multiple choice (or yes/no: the options `yes` and `no`) by rank classification: one row per option,
+    scored by the model's log-likelihood of the option text; the best-scoring option per question is the answer."""
+    if format not in RANK_CLASSIFICATION_ROWS:
+        raise ValueError(f"Rank classification takes the formats {sorted(RANK_CLASSIFICATION_ROWS)}, not {format!r}.")
     return _add(
         name,
         False,
         source=source,
         preprocessors=[
-            functools.partial(unifiedqa.multiple_choice_rank_classification, lowercase=lowercase),
+            functools.partial(RANK_CLASSIFICATION_ROWS[format], lowercase=lowercase),
             seqio.preprocessors.tokenize,
             text.fit_to_length,  # gin: fit_to_length.long_sequences = "truncate" or "error"
         ],

@@ -4,7 +4,7 @@
     logits = network(encoder_input_tokens, decoder_input_tokens)    # int32 ids, 0 = padding
     t5x_lite.hf.save_pretrained(network, "/tmp/exported", vocabulary=vocabulary)
 
-One converter module per family (`registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5 and mT5, BERT
+One converter module per family (`registry.supported_model_types()`): T5 v1.0 / v1.1 / Flan-T5 / UL2, mT5 and umT5, BERT
 (the head, and with it the trainer's model, comes from the checkpoint), GPT-2, BART and ELECTRA (its head
 likewise). `INITIAL_CHECKPOINT_PATH` and `CHECKPOINT_PATH` take `hf:/path/to/dir` (see `restore_params`); `tools/convert_hf.py` converts both ways.
 """

@@ -30,6 +30,7 @@ from flax import nnx
 
 from t5x_lite.decoding import GREEDY, DecodeConfig
 from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel, EncoderTaggingModel
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.networks.electra import Electra, ElectraConfig
 
 gin.external_configurable(ElectraConfig, module="t5x_lite")
@@ -108,7 +109,7 @@ class ElectraModel(_ElectraHead, EncoderOnlyMLMModel):
     ):
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss, max_prediction_fraction=max_prediction_fraction)
         if generator_weight < 0 or discriminator_weight < 0:
-            raise ValueError(f"generator_weight={generator_weight} and discriminator_weight={discriminator_weight} must be >= 0.")
+            raise ConfigError(f"generator_weight={generator_weight} and discriminator_weight={discriminator_weight} must be >= 0.")
         self.generator_weight, self.discriminator_weight = generator_weight, discriminator_weight
 
     def network_logits(self, network: Electra, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:

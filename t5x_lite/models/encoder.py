@@ -14,6 +14,7 @@ from flax import nnx
 from t5x_lite.decoding import GREEDY, DecodeConfig
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert, BertConfig
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.networks.deberta import Deberta, DebertaConfig
 from t5x_lite.training import losses
 
@@ -112,7 +113,7 @@ class EncoderOnlyMLMModel(_EncoderModel):
     ):
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)
         if not 0.0 < max_prediction_fraction <= 1.0:
-            raise ValueError(f"max_prediction_fraction={max_prediction_fraction} must be in (0, 1].")
+            raise ConfigError(f"max_prediction_fraction={max_prediction_fraction} must be in (0, 1].")
         self.max_prediction_fraction = max_prediction_fraction
 
     def loss_fn(

@@ -12,6 +12,7 @@ from t5x_lite import decoding
 from t5x_lite.adapters import prompt
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bart import Bart, BartConfig
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.networks.t5 import T5, T5Config
 from t5x_lite.networks.t5gemma import T5Gemma, T5GemmaConfig
 
@@ -35,7 +36,7 @@ class EncoderDecoderModel(BaseModel):
         z_loss: float = 0.0, reading_orders: bool = False,
     ):
         if type(config) not in NETWORKS:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} takes a T5Config, BartConfig or T5GemmaConfig, got {type(config).__name__}."
             )
         super().__init__(config, label_smoothing=label_smoothing, z_loss=z_loss)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.config_checks import ConfigError, check_config
 from t5x_lite.nn import attention, kernels, layers, stacks
 
 HEADS = ("mlm", "classification", "tagging", "none")
@@ -64,9 +64,9 @@ class BertConfig:
 
     def __post_init__(self):
         if self.activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"BertConfig.activation={self.activation!r} is not supported; use 'gelu' or 'gelu_tanh'.")
+            raise ConfigError(f"BertConfig.activation={self.activation!r} is not supported; use 'gelu' or 'gelu_tanh'.")
         if self.num_labels < 1:
-            raise ValueError(f"BertConfig.num_labels={self.num_labels} must be at least 1.")
+            raise ConfigError(f"BertConfig.num_labels={self.num_labels} must be at least 1.")
         check_config(self)
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from t5x_lite.networks import bert
 from t5x_lite.networks.bert import BertConfig
+from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.nn import kernels, layers, stacks
 
 HEADS = ("pretraining", "discriminator", "generator", "classification", "tagging")
@@ -55,9 +56,9 @@ class ElectraConfig(BertConfig):
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 < self.generator_fraction <= 1.0:
-            raise ValueError(f"ElectraConfig.generator_fraction={self.generator_fraction} must be in (0, 1].")
+            raise ConfigError(f"ElectraConfig.generator_fraction={self.generator_fraction} must be in (0, 1].")
         if self.embedding_size < 0 or self.generator_num_layers < 0:
-            raise ValueError("ElectraConfig.embedding_size and generator_num_layers must be >= 0 (0: the default).")
+            raise ConfigError("ElectraConfig.embedding_size and generator_num_layers must be >= 0 (0: the default).")
 
     @property
     def embedding_width(self) -> int:

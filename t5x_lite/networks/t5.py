@@ -1,7 +1,8 @@
-"""T5 encoder-decoder network (v1.1 gated-GELU or v1.0 ReLU) in Flax NNX.
+"""T5 encoder-decoder network (v1.1 gated-GELU, UL2 gated-SiLU or v1.0 ReLU) in Flax NNX.
 
 Pre-norm residual blocks, RMS norms, relative position biases (one table per stack, computed once
-per forward pass and shared by that stack's layers), shared token embedding, tied or untied logits.
+per forward pass and shared by that stack's layers; umT5: one table per layer), shared token embedding,
+tied or untied logits.
 Token id 0 is padding; packed rows carry segment ids (0 = padding) that keep segments apart.
 
 Two options for large configs (both off by default; neither changes the numbers):
@@ -21,12 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.config_checks import ConfigError, check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
 from t5x_lite.nn.attention import DecodeState, StackCache
 
-FEED_FORWARDS = ("gated-gelu", "relu")
+FEED_FORWARDS = ("gated-gelu", "gated-silu", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +44,10 @@ class T5Config:
     dropout_rate: float = 0.0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    feed_forward: str = "gated-gelu"  # "gated-gelu" (T5 v1.1) or "relu" (T5 v1.0)
+    feed_forward: str = "gated-gelu"  # "gated-gelu" (T5 v1.1), "gated-silu" (UL2) or "relu" (T5 v1.0)
     tie_word_embeddings: bool = False  # v1.0 True: logits = decoder_out * d_model**-0.5 @ embedding.T
     layer_norm_epsilon: float = 1e-6
+    relative_bias_per_layer: bool = False  # umT5: each layer's self-attention has its own relative-position table
     dtype: str = "float32"  # activation dtype name, e.g. "bfloat16"
     remat_policy: str = "none"  # per-layer jax.checkpoint: "none", "full" or "dots" (see stacks.REMAT_POLICIES)
     scan_layers: bool = False  # stacked layer params (leading "layers" axis) applied with lax.scan
@@ -54,12 +56,12 @@ class T5Config:
 
     def __post_init__(self):
         if self.feed_forward not in FEED_FORWARDS:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.feed_forward={self.feed_forward!r} is not supported; "
-                "use 'gated-gelu' (T5 v1.1) or 'relu' (T5 v1.0)."
+                "use 'gated-gelu' (T5 v1.1), 'gated-silu' (UL2) or 'relu' (T5 v1.0)."
             )
         if self.scan_layers and min(self.num_encoder_layers, self.num_decoder_layers) < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.scan_layers=True needs at least one layer per stack, got "
                 f"{self.num_encoder_layers} encoder / {self.num_decoder_layers} decoder layers."
             )
@@ -94,11 +96,29 @@ def _relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layer
     )
 
 
+def _stack_relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layers.RelativePositionBias | None:
+    """The table a stack's layers share (None when each layer has its own)."""
+    return None if config.relative_bias_per_layer else _relpos_bias(config, bidirectional, rngs)
+
+
+def _layer_relpos_bias(config: T5Config, bidirectional: bool, rngs: nnx.Rngs) -> layers.RelativePositionBias | None:
+    """A layer's own table (umT5), else None."""
+    return _relpos_bias(config, bidirectional, rngs) if config.relative_bias_per_layer else None
+
+
+def _with_layer_bias(
+    relpos_bias: layers.RelativePositionBias | None, ops: kernels.Kernels, bias: jax.Array, positions: jax.Array
+) -> jax.Array:
+    """`bias` plus `relpos_bias` over `positions` x `positions` (unchanged when there is no table here)."""
+    return bias if relpos_bias is None else ops.add(relpos_bias(positions, positions), bias)
+
+
 class EncoderLayer(nnx.Module):
     """Pre-norm self-attention then pre-norm feed-forward, each with dropout and a residual."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.kernels = kernels.resolve(config.kernels)
+        self.relpos_bias = _layer_relpos_bias(config, bidirectional=True, rngs=rngs)
         self.pre_attention_layer_norm = _norm(config)
         self.attention = _attention(config, self.kernels, rngs)
         self.pre_mlp_layer_norm = _norm(config)
@@ -107,6 +127,7 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         drop = self.kernels.dropout
+        bias = _with_layer_bias(self.relpos_bias, self.kernels, bias, jnp.arange(x.shape[1]))
         h = self.pre_attention_layer_norm(x)
         h = self.attention(h, h, bias, dropout_rngs=dropout_rngs)
         x = x + drop(h, self.dropout_rate, dropout_rngs)
@@ -119,6 +140,7 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.kernels = kernels.resolve(config.kernels)
+        self.relpos_bias = _layer_relpos_bias(config, bidirectional=False, rngs=rngs)
         self.pre_self_attention_layer_norm = _norm(config)
         self.self_attention = _attention(config, self.kernels, rngs)
         self.pre_cross_attention_layer_norm = _norm(config)
@@ -136,6 +158,7 @@ class DecoderLayer(nnx.Module):
         dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
         drop = self.kernels.dropout
+        self_bias = _with_layer_bias(self.relpos_bias, self.kernels, self_bias, jnp.arange(y.shape[1]))
         h = self.pre_self_attention_layer_norm(y)
         h = self.self_attention(h, h, self_bias, dropout_rngs=dropout_rngs)
         y = y + drop(h, self.dropout_rate, dropout_rngs)
@@ -150,6 +173,9 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[jax.Array, StackCache]:
         """One position [b, 1, e] as layer `layer` of the stack's self-attention `cache`; returns the output
         and the cache with this position written. No dropout (inference)."""
+        if self.relpos_bias is not None:
+            key_positions = jnp.arange(attention.cache_length(cache))
+            self_bias = self.relpos_bias(state.index[None], key_positions) + self_bias
         h, cache = self.self_attention.decode_step(
             self.pre_self_attention_layer_norm(y), cache, layer, state.index, self_bias
         )
@@ -165,7 +191,7 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.kernels = kernels.resolve(config.kernels)
-        self.relpos_bias = _relpos_bias(config, bidirectional=True, rngs=rngs)
+        self.relpos_bias = _stack_relpos_bias(config, bidirectional=True, rngs=rngs)
         self.layers = stacks.make_layers(
             lambda rngs: EncoderLayer(config, rngs=rngs), config.num_encoder_layers, config.scan_layers, rngs
         )
@@ -195,9 +221,9 @@ class Encoder(nnx.Module):
         return states[:-1] + [self.encoder_norm(states[-1])]
 
     def _bias(self, mask: jax.Array) -> jax.Array:
-        """The layers' shared attention bias: relative positions plus the mask [b, 1, q or 1, k]."""
+        """The layers' shared attention bias: relative positions (unless per layer) plus the mask [b, 1, q or 1, k]."""
         positions = jnp.arange(mask.shape[-1])
-        return self.kernels.add(self.relpos_bias(positions, positions), layers.mask_to_bias(mask))
+        return _with_layer_bias(self.relpos_bias, self.kernels, layers.mask_to_bias(mask), positions)
 
 
 class Decoder(nnx.Module):
@@ -205,7 +231,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.kernels = kernels.resolve(config.kernels)
-        self.relpos_bias = _relpos_bias(config, bidirectional=False, rngs=rngs)
+        self.relpos_bias = _stack_relpos_bias(config, bidirectional=False, rngs=rngs)
         self.layers = stacks.make_layers(
             lambda rngs: DecoderLayer(config, rngs=rngs), config.num_decoder_layers, config.scan_layers, rngs
         )
@@ -222,8 +248,7 @@ class Decoder(nnx.Module):
         cross_mask: jax.Array,
         dropout_rngs: nnx.Rngs | None,
     ) -> jax.Array:
-        positions = jnp.arange(y.shape[1])
-        self_bias = self.kernels.add(self.relpos_bias(positions, positions), layers.mask_to_bias(self_mask))
+        self_bias = _with_layer_bias(self.relpos_bias, self.kernels, layers.mask_to_bias(self_mask), jnp.arange(y.shape[1]))
         cross_bias = layers.mask_to_bias(cross_mask)
         y = self.kernels.dropout(y, self.dropout_rate, dropout_rngs)
         y = stacks.apply_layers(
@@ -236,7 +261,9 @@ class Decoder(nnx.Module):
         """One embedded position [b, 1, e] at `state.index` -> normed output [b, 1, e] and the advanced state."""
         key_positions = jnp.arange(attention.cache_length(state.cache))
         # Bias of the single query position only: [1, h, 1, length] + the visible slots [b, 1, 1, length].
-        self_bias = self.relpos_bias(state.index[None], key_positions) + state.self_attention_bias()
+        self_bias = state.self_attention_bias()
+        if self.relpos_bias is not None:
+            self_bias = self.relpos_bias(state.index[None], key_positions) + self_bias
 
         def step(layer: DecoderLayer, carry, i):
             y, cache = carry

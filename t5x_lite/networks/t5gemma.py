@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.config_checks import check_config
+from t5x_lite.networks.config_checks import ConfigError, check_config
 from t5x_lite.networks.encoder_decoder import EncoderDecoderNetwork
 from t5x_lite.nn import attention, kernels, layers, stacks
 from t5x_lite.nn.attention import DecodeState, StackCache
@@ -77,11 +77,11 @@ class T5GemmaConfig:
         for stack in ("encoder", "decoder"):
             heads, kv_heads = getattr(self, f"{stack}_num_heads"), getattr(self, f"{stack}_num_kv_heads")
             if heads % kv_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"T5GemmaConfig.{stack}_num_heads={heads} must be a multiple of {stack}_num_kv_heads={kv_heads}."
                 )
         if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"T5GemmaConfig.sliding_window={self.sliding_window} must be positive or None.")
+            raise ConfigError(f"T5GemmaConfig.sliding_window={self.sliding_window} must be positive or None.")
 
     def stack(self, name: str) -> StackConfig:
         """The sizes of the "encoder" or "decoder" stack."""

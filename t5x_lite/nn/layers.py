@@ -256,10 +256,15 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # BERT, BART (erf form)
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new"
 }
+# Gated feed-forwards wo(act(wi_0 x) * wi_1 x): T5 v1.1's tanh GELU, UL2's SiLU.
+_GATED_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gated-gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "gated-silu": jax.nn.silu,
+}
 
 
 class MlpBlock(nnx.Module):
-    """Feed-forward block: "gated-gelu" (T5 v1.1: wo(gelu(wi_0 x) * wi_1 x)) or a plain activation
+    """Feed-forward block: "gated-gelu" (T5 v1.1: wo(gelu(wi_0 x) * wi_1 x)), "gated-silu" (UL2) or a plain activation
     wo(act(wi x)) with "relu" (T5 v1.0), "gelu" (BERT, BART) or "gelu_tanh" (GPT-2); optional biases."""
 
     def __init__(
@@ -277,13 +282,14 @@ class MlpBlock(nnx.Module):
         init = variance_scaling("truncated_normal")
         dense = functools.partial(Dense, init=init, kernels=kernels, use_bias=use_bias, dtype=dtype, rngs=rngs)
         up = functools.partial(dense, (d_model,), (d_ff,), ("embed", "mlp"))
-        if activation == "gated-gelu":
+        if activation in _GATED_ACTIVATIONS:
             self.wi_0, self.wi_1 = up(), up()
         elif activation in _ACTIVATIONS:
             self.wi = up()
         else:
             raise ValueError(
-                f"Unknown feed-forward activation {activation!r}; use 'gated-gelu' or one of {sorted(_ACTIVATIONS)}."
+                f"Unknown feed-forward activation {activation!r}; use one of "
+                f"{sorted(_GATED_ACTIVATIONS) + sorted(_ACTIVATIONS)}."
             )
         self.wo = dense((d_ff,), (d_model,), ("mlp", "embed"))
         self.activation = activation
@@ -291,8 +297,8 @@ class MlpBlock(nnx.Module):
         self.kernels = kernels
 
     def __call__(self, x: jax.Array, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
-        if self.activation == "gated-gelu":
-            h = jax.nn.gelu(self._up(self.wi_0, x), approximate=True) * self._up(self.wi_1, x)
+        if self.activation in _GATED_ACTIVATIONS:
+            h = _GATED_ACTIVATIONS[self.activation](self._up(self.wi_0, x)) * self._up(self.wi_1, x)
         else:
             h = _ACTIVATIONS[self.activation](self._up(self.wi, x))
         y = self.wo(self.kernels.dropout(h, self.dropout_rate, dropout_rngs))

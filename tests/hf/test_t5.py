@@ -149,11 +149,11 @@ def test_clear_errors(hf_t5_dirs, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ValueError, match=r"model_type='llama'.*supported model types: .*mt5, t5"):
         hf.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-silu"}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-relu"}))
     with pytest.raises(FileNotFoundError, match="has no weights: expected one of model.safetensors"):
         hf.from_pretrained(tmp_path)
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
-    with pytest.raises(ValueError, match="feed_forward_proj='gated-silu'"):
+    with pytest.raises(ValueError, match="feed_forward_proj=.gated-relu."):
         hf.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"Cannot override \['d_model'\]"):
         hf.from_pretrained(folder, d_model=64)

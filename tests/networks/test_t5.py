@@ -146,6 +146,16 @@ def test_param_count_t5_v1_1_small():
     assert param_count(nnx.eval_shape(lambda: T5(tied, rngs=nnx.Rngs(0)))) == expected_param_count(tied)
 
 
+def test_relative_bias_per_layer_gives_every_layer_its_own_table():
+    """umT5: a table in each layer (2 + 2 here) instead of one per stack (2)."""
+    per_layer = dataclasses.replace(TINY, relative_bias_per_layer=True)
+    model = nnx.eval_shape(lambda: T5(per_layer, rngs=nnx.Rngs(0)))
+    relpos = TINY.num_heads * TINY.relative_attention_num_buckets
+    assert param_count(model) == expected_param_count(TINY) + 2 * relpos
+    assert model.encoder.relpos_bias is None and model.decoder.relpos_bias is None
+    assert model.decoder.layers[1].relpos_bias.rel_embedding.shape == (TINY.num_heads, TINY.relative_attention_num_buckets)
+
+
 def test_dropout_only_with_rngs(forward):
     with_dropout = jitted(T5(dataclasses.replace(TINY, dropout_rate=0.1), rngs=nnx.Rngs(0)))
     enc, dec = tokens(1, (2, 8)), tokens(2, (2, 6))
@@ -159,7 +169,7 @@ def test_dropout_only_with_rngs(forward):
 
 def test_config_and_segment_errors(forward):
     with pytest.raises(ValueError, match="feed_forward"):
-        T5Config(feed_forward="gated-silu")
+        T5Config(feed_forward="gated-swish")
     with pytest.raises(ValueError, match="dtype"):
         T5Config(dtype="float33")
     with pytest.raises(ValueError, match="segment_ids"):

@@ -70,6 +70,9 @@ def test_mlp_block_variants():
     x = jax.random.normal(jax.random.key(1), (2, 3, 8))
     expected = jax.nn.relu(x @ relu.wi.kernel[...]) @ relu.wo.kernel[...]
     np.testing.assert_allclose(relu(x), expected, rtol=1e-5, atol=1e-6)
+    silu = layers.MlpBlock(8, 16, kernels=OPS, activation="gated-silu", rngs=nnx.Rngs(0))  # UL2
+    expected = (jax.nn.silu(x @ silu.wi_0.kernel[...]) * (x @ silu.wi_1.kernel[...])) @ silu.wo.kernel[...]
+    np.testing.assert_allclose(silu(x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="gated-gelu"):
         layers.MlpBlock(8, 16, kernels=OPS, activation="swish", rngs=nnx.Rngs(0))
 

@@ -201,19 +201,35 @@ def multiple_choice_rank_classification(dataset: tf.data.Dataset, lowercase: boo
     """
 
     def expand(idx, ex):
-        inputs = _tf_inputs(ex, "multiple_choice", lowercase)
         options = _tf_normalize(ex["options"], lowercase)
         answer = _tf_normalize(ex["answers"][0], lowercase)
-        n = tf.shape(options)[0]
-        return tf.data.Dataset.from_tensor_slices({
-            "inputs": tf.fill([n], inputs),
-            "targets": options,
-            "idx": tf.fill([n], tf.cast(idx, tf.int32)),
-            "option_index": tf.range(n, dtype=tf.int32),
-            "is_correct": tf.equal(options, answer),
-        })
+        return _option_rows(idx, _tf_inputs(ex, "multiple_choice", lowercase), options, answer)
 
     return dataset.enumerate().flat_map(expand)
+
+
+def yes_no_rank_classification(dataset: tf.data.Dataset, lowercase: bool = True) -> tf.data.Dataset:
+    """Yes/no questions as rank classification over the two options `yes` and `no`: two rows per record,
+    shaped as `multiple_choice_rank_classification`'s (so a model that never learnt to write yes/no still
+    has a score: the likelier of the two answers)."""
+
+    def expand(idx, ex):
+        answer = _tf_answers(ex["answers"], "yes_no", lowercase)[0]
+        return _option_rows(idx, _tf_inputs(ex, "yes_no", lowercase), tf.constant(["yes", "no"]), answer)
+
+    return dataset.enumerate().flat_map(expand)
+
+
+def _option_rows(idx: tf.Tensor, inputs: tf.Tensor, options: tf.Tensor, answer: tf.Tensor) -> tf.data.Dataset:
+    """One row per option of record `idx`: its inputs, the option as targets, and whether it is the answer."""
+    n = tf.shape(options)[0]
+    return tf.data.Dataset.from_tensor_slices({
+        "inputs": tf.fill([n], inputs),
+        "targets": options,
+        "idx": tf.fill([n], tf.cast(idx, tf.int32)),
+        "option_index": tf.range(n, dtype=tf.int32),
+        "is_correct": tf.equal(options, answer),
+    })
 
 
 # ------------------------------------------------------------------ TFDS record adapters
