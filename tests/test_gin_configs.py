@@ -42,6 +42,15 @@ def bert(d_model: int, d_ff: int, heads: int, layers: int, vocab: int = 30522) -
     return transformers.BertForMaskedLM, config, 0
 
 
+def deberta_v3(d_model: int, d_ff: int, heads: int, layers: int, vocab: int = 128100) -> tuple:
+    """HF DebertaV2ForMaskedLM (legacy MLM head, tied decoder) in DeBERTa-v3's layout, as ours."""
+    config = transformers.DebertaV2Config(
+        vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_attention_heads=heads,
+        num_hidden_layers=layers, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+        share_att_key=True, pos_att_type="p2c|c2p", position_biased_input=False, type_vocab_size=0)
+    return transformers.DebertaV2ForMaskedLM, config, 0
+
+
 def gpt2(d_model: int, heads: int, layers: int, ours_vocab: int, positions: int = 1024, vocab: int = 50257) -> tuple:
     """HF GPT2LMHeadModel; our vocabulary is padded to a multiple of 128 (50257 -> 50304): + the extra rows."""
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=d_model, n_layer=layers,
@@ -98,6 +107,11 @@ REFERENCES = {
     "bert/tiny.gin": lambda: bert(128, 512, 4, 2, vocab=8192),
     "bert/base.gin": lambda: bert(768, 3072, 12, 12),
     "bert/large.gin": lambda: bert(1024, 4096, 16, 24),
+    "deberta_v3/tiny.gin": lambda: deberta_v3(128, 512, 4, 2, vocab=8192),
+    "deberta_v3/xsmall.gin": lambda: deberta_v3(384, 1536, 6, 12),
+    "deberta_v3/small.gin": lambda: deberta_v3(768, 3072, 12, 6),
+    "deberta_v3/base.gin": lambda: deberta_v3(768, 3072, 12, 12),
+    "deberta_v3/large.gin": lambda: deberta_v3(1024, 4096, 16, 24),
     "gpt/tiny.gin": lambda: gpt2(128, 4, 2, ours_vocab=8192, positions=512, vocab=8192),
     "gpt/small.gin": lambda: gpt2(768, 12, 12, ours_vocab=50304),
     "gpt/medium.gin": lambda: gpt2(1024, 16, 24, ours_vocab=50304),

@@ -202,7 +202,7 @@ FINETUNE = ["INITIAL_CHECKPOINT_PATH = '/tmp/ck'", "MODEL_DIR = '/tmp/x'"]
 EXAMPLES = {
     "quickstart.gin": ["MODEL_DIR = '/tmp/x'"],
     **{f"examples/{name}_pretrain.gin": ["MODEL_DIR = '/tmp/x'"]
-       for name in ("bart_tiny", "bert_tiny", "electra_tiny", "gpt_tiny", "prefix_lm_tiny", "t5_denoising", "t5gemma_tiny",
+       for name in ("bart_tiny", "bert_tiny", "deberta_tiny", "electra_tiny", "gpt_tiny", "prefix_lm_tiny", "t5_denoising", "t5gemma_tiny",
                     "ul2_tiny", "xlnet_tiny")},
     "examples/bert_tiny_classify.gin": FINETUNE,
     "examples/finetune_bundled_qa.gin": FINETUNE,

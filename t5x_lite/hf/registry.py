@@ -19,7 +19,7 @@ from t5x_lite.models.base import BaseModel
 
 # Modules that register a family when imported (imported lazily, on the first lookup).
 FAMILY_MODULES = ("t5x_lite.hf.t5", "t5x_lite.hf.bert", "t5x_lite.hf.gpt2", "t5x_lite.hf.bart", "t5x_lite.hf.electra",
-                 "t5x_lite.hf.t5gemma")
+                 "t5x_lite.hf.t5gemma", "t5x_lite.hf.deberta")
 
 
 @dataclasses.dataclass(frozen=True)

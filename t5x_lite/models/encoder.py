@@ -1,4 +1,4 @@
-"""The trainer's view of an encoder (BERT): masked LM (+ next-sentence prediction), sequence
+"""The trainer's view of an encoder (BERT, or DeBERTa when configured by a `DebertaConfig`): masked LM (+ next-sentence prediction), sequence
 classification and token tagging, each over its own feature converter."""
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ from t5x_lite.decoding import GREEDY, DecodeConfig
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert, BertConfig
 from t5x_lite.networks.config_checks import ConfigError
+from t5x_lite.networks.deberta import Deberta, DebertaConfig
 from t5x_lite.training import losses
 
 gin.external_configurable(BertConfig, module="t5x_lite")
+gin.external_configurable(DebertaConfig, module="t5x_lite")
+
+
+def network_class(config: BertConfig | DebertaConfig) -> type[Bert | Deberta]:
+    """The encoder network a config builds: `Deberta` for a `DebertaConfig`, else `Bert`."""
+    return Deberta if isinstance(config, DebertaConfig) else Bert
 
 
 def _row_weights(tokens: jax.Array) -> jax.Array:
@@ -52,7 +59,7 @@ class _EncoderModel(BaseModel):
         return getattr(feature_converters, self.converter_name)
 
     def build_network(self, rngs: nnx.Rngs) -> Bert:
-        return Bert(self.config, self.head, rngs=rngs)
+        return network_class(self.config)(self.config, self.head, rngs=rngs)
 
     def network_logits(self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
         return network(batch["encoder_input_tokens"], **_sequence_features(batch), dropout_rngs=dropout_rngs)

@@ -154,7 +154,7 @@ def test_head_comes_from_the_tensors_without_architectures(bert_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"architectures \['BertLMHeadModel'\]; .* converts BERT checkpoints of"):
         hf.open_checkpoint(tmp_path / "mlm")
     (tmp_path / "mlm" / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
-    with pytest.raises(ValueError, match=r"model_type='roberta'.*supported model types: bart, bert, electra, gpt2, mt5, t5\."):
+    with pytest.raises(ValueError, match=r"model_type='roberta'.*supported model types: bart, bert, deberta-v2, electra, gpt2, mt5, t5, t5gemma, umt5\."):
         hf.open_checkpoint(tmp_path / "mlm")
 
 
