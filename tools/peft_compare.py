@@ -11,7 +11,8 @@ does (`tools/pretraining_helps.py`'s `run_training` steps), once per method and 
   selective   the recipe with `finetune_top_layers.gin`'s optimizer (`@selective` over Adafactor) training
               `SELECTIVE_TRAINABLE` (the top one of the tiny model's two layers per stack and the layer norms:
               the staged file's later stages, at steps 300 and 600, would never start in 200 steps)
-  lora        `gin_configs/examples/lora_finetune_qa.gin` (rank 8 on every attention's query and value)
+  lora        `gin_configs/examples/lora_finetune_qa.gin` (rank 8 on every attention's query and value,
+              Adafactor at 1e-2 without parameter scaling)
   prompt      `gin_configs/examples/prompt_tuning_qa.gin` (a soft prompt of 20 vectors)
 
 Without `--pretrained_checkpoint` it first pre-trains the checkpoint with the README's denoising recipe
