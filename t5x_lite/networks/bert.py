@@ -70,11 +70,13 @@ class BertConfig:
         check_config(self)
 
 
-def _norm(config: BertConfig) -> layers.LayerNorm:
+def layer_norm_of(config: BertConfig) -> layers.LayerNorm:
+    """The post-norm LayerNorm of BERT-style encoders (BERT, ELECTRA, DeBERTa: the config's width and eps)."""
     return layers.LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=config.dtype)
 
 
-def _dense(config: BertConfig, features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> layers.Dense:
+def dense_of(config: BertConfig, features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> layers.Dense:
+    """A biased projection from the model width, truncated-normal initialised, as BERT-style heads use."""
     return layers.Dense(
         (config.d_model,), (features,), axes, init=layers.variance_scaling("truncated_normal"),
         kernels=kernels.resolve(config.kernels), use_bias=True, dtype=config.dtype, rngs=rngs,
@@ -96,7 +98,7 @@ class Embeddings(nnx.Module):
         self.token_type_embeddings = layers.Embed(
             config.type_vocab_size, config.d_model, kernels=self.kernels, stddev=std, dtype=dtype, rngs=rngs
         )
-        self.layer_norm = _norm(config)
+        self.layer_norm = layer_norm_of(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(
@@ -115,13 +117,13 @@ class BertLayer(nnx.Module):
             config.d_model, config.num_heads, config.head_dim, kernels=self.kernels, dropout_rate=config.dropout_rate,
             scale_logits=True, use_bias=True, implementation=config.attention_impl, dtype=config.dtype, rngs=rngs,
         )
-        self.attention_norm = _norm(config)
+        self.attention_norm = layer_norm_of(config)
         # BERT has no dropout inside the feed-forward block, only on its output.
         self.mlp = layers.MlpBlock(
             config.d_model, config.d_ff, kernels=self.kernels, activation=config.activation, use_bias=True,
             dtype=config.dtype, rngs=rngs,
         )
-        self.mlp_norm = _norm(config)
+        self.mlp_norm = layer_norm_of(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, x: jax.Array, bias: jax.Array, dropout_rngs: nnx.Rngs | None) -> jax.Array:
@@ -135,8 +137,8 @@ class MlmHead(nnx.Module):
     """dense + GELU + layer norm, then logits through the (tied) word embeddings plus a bias."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.transform = _dense(config, config.d_model, ("embed", "mlp"), rngs)
-        self.layer_norm = _norm(config)
+        self.transform = dense_of(config, config.d_model, ("embed", "mlp"), rngs)
+        self.layer_norm = layer_norm_of(config)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
         self.activation = config.activation
 
@@ -171,10 +173,10 @@ class Bert(nnx.Module):
         )
         with_pooler = has_pooler(config, head)
         self.mlm = MlmHead(config, rngs=rngs) if head == "mlm" else None
-        self.pooler = _dense(config, config.d_model, ("embed", "mlp"), rngs) if with_pooler else None
-        self.nsp = _dense(config, 2, ("embed", "classes"), rngs) if head == "mlm" and with_pooler else None
-        self.classifier = _dense(config, config.num_labels, ("embed", "classes"), rngs) if head == "classification" else None
-        self.tagger = _dense(config, config.num_labels, ("embed", "classes"), rngs) if head == "tagging" else None
+        self.pooler = dense_of(config, config.d_model, ("embed", "mlp"), rngs) if with_pooler else None
+        self.nsp = dense_of(config, 2, ("embed", "classes"), rngs) if head == "mlm" and with_pooler else None
+        self.classifier = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "classification" else None
+        self.tagger = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "tagging" else None
 
     def encode(
         self,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.bert import CLASS_LOGITS_AXES, POOLED_AXES, TAG_LOGITS_AXES
+from t5x_lite.networks.bert import CLASS_LOGITS_AXES, POOLED_AXES, TAG_LOGITS_AXES, MlmHead, dense_of, layer_norm_of
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.nn import disentangled, kernels, layers, stacks
 
@@ -76,17 +76,6 @@ class DebertaConfig:
         return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
 
 
-def _norm(config: DebertaConfig) -> layers.LayerNorm:
-    return layers.LayerNorm(config.d_model, eps=config.layer_norm_eps, dtype=config.dtype)
-
-
-def _dense(config: DebertaConfig, features: int, axes: tuple[str, str], rngs: nnx.Rngs) -> layers.Dense:
-    return layers.Dense(
-        (config.d_model,), (features,), axes, init=layers.variance_scaling("truncated_normal"),
-        kernels=kernels.resolve(config.kernels), use_bias=True, dtype=config.dtype, rngs=rngs,
-    )
-
-
 class Embeddings(nnx.Module):
     """Word (+ absolute position, + token-type) embeddings, layer norm, padding zeroed, dropout."""
 
@@ -102,7 +91,7 @@ class Embeddings(nnx.Module):
         self.token_type_embeddings = layers.Embed(
             config.type_vocab_size, config.d_model, kernels=self.kernels, stddev=std, dtype=dtype, rngs=rngs
         ) if config.type_vocab_size > 0 else None
-        self.layer_norm = _norm(config)
+        self.layer_norm = layer_norm_of(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_type_ids: jax.Array, real: jax.Array,
@@ -126,12 +115,12 @@ class DebertaLayer(nnx.Module):
             share_att_key=config.share_att_key, kernels=self.kernels, dropout_rate=config.dropout_rate,
             implementation=config.attention_impl, dtype=config.dtype, rngs=rngs,
         )
-        self.attention_norm = _norm(config)
+        self.attention_norm = layer_norm_of(config)
         self.mlp = layers.MlpBlock(
             config.d_model, config.d_ff, kernels=self.kernels, activation=config.activation, use_bias=True,
             dtype=config.dtype, rngs=rngs,
         )
-        self.mlp_norm = _norm(config)
+        self.mlp_norm = layer_norm_of(config)
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, x: jax.Array, bias: jax.Array, rel_index: jax.Array, rel_embeddings: jax.Array,
@@ -140,21 +129,6 @@ class DebertaLayer(nnx.Module):
         x = self.attention_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
         h = self.mlp(x)
         return self.mlp_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
-
-
-class MlmHead(nnx.Module):
-    """dense + GELU + layer norm, then logits through the tied word embeddings plus a bias."""
-
-    def __init__(self, config: DebertaConfig, *, rngs: nnx.Rngs):
-        self.transform = _dense(config, config.d_model, ("embed", "mlp"), rngs)
-        self.layer_norm = _norm(config)
-        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), jnp.float32), logical_axes=("vocab",))
-        self.activation = config.activation
-
-    def __call__(self, hidden: jax.Array, word_embeddings: layers.Embed) -> jax.Array:
-        h = partitioning.constrain(self.transform(hidden), "mlm/transform", layers.EMBED_AXES)
-        h = jax.nn.gelu(h, approximate=self.activation == "gelu_tanh")
-        return word_embeddings.attend(self.layer_norm(h)) + self.bias[...]
 
 
 class Deberta(nnx.Module):
@@ -170,14 +144,14 @@ class Deberta(nnx.Module):
         self.rel_embeddings = layers.PositionEmbed(
             2 * config.relative_span, config.d_model, stddev=config.initializer_range, dtype=config.dtype, rngs=rngs
         )
-        self.rel_norm = _norm(config) if config.norm_rel_ebd else None
+        self.rel_norm = layer_norm_of(config) if config.norm_rel_ebd else None
         self.layers = stacks.make_layers(
             lambda rngs: DebertaLayer(config, rngs=rngs), config.num_layers, config.scan_layers, rngs
         )
         self.mlm = MlmHead(config, rngs=rngs) if head == "mlm" else None
-        self.pooler = _dense(config, config.d_model, ("embed", "mlp"), rngs) if head == "classification" else None
-        self.classifier = _dense(config, config.num_labels, ("embed", "classes"), rngs) if head == "classification" else None
-        self.tagger = _dense(config, config.num_labels, ("embed", "classes"), rngs) if head == "tagging" else None
+        self.pooler = dense_of(config, config.d_model, ("embed", "mlp"), rngs) if head == "classification" else None
+        self.classifier = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "classification" else None
+        self.tagger = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "tagging" else None
 
     def relative_table(self, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         """The [2 * span, d_model] relative-embedding table every layer reads (normed, dropped out)."""
