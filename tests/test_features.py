@@ -1,6 +1,6 @@
-"""Frozen features of the families beyond BERT and T5 (tests/models/test_encoder_only.py has those): DeBERTa,
-ELECTRA's discriminator and the T5Gemma encoder against Hugging Face's `output_hidden_states` on random tiny
-imported models, the CLI's function on an imported T5Gemma, and the error for an unsupported network."""
+"""Frozen features against Hugging Face's `output_hidden_states` on random tiny imported models: DeBERTa,
+ELECTRA's discriminator, the T5 and T5Gemma encoders (BERT's: tests/models/test_encoder_only.py); the CLI's
+function on an imported T5Gemma, and the error for an unsupported network."""
 
 import gin
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from t5x_lite import cli, features, hf
 from t5x_lite.networks.gpt import GPT, GPTConfig
 from tests import test_deberta, test_t5gemma
 from tests.hf import test_electra
-from tests.hf.conftest import random_inputs, randomised
+from tests.hf.conftest import random_hf_t5, random_inputs, randomised
 from tests.test_cli import run_cli
 
 torch = pytest.importorskip("torch")
@@ -51,10 +51,9 @@ def test_deberta_features_equal_hugging_face_hidden_states(tmp_path):
     assert_states_match(got, hf_states(model, tokens, types), tokens)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_electra_discriminator_features_equal_hugging_face_hidden_states(tmp_path, scan_layers):
+def test_electra_discriminator_features_equal_hugging_face_hidden_states(tmp_path):
     model = test_electra.random_hf_electra("discriminator", embedding_size=16)  # projected to d_model 32 before layer 1
-    network, _ = hf.from_pretrained(saved(model, tmp_path), scan_layers=scan_layers)
+    network, _ = hf.from_pretrained(saved(model, tmp_path))
     tokens, types = test_electra.random_inputs()
     got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2], token_type_ids=jnp.asarray(types))
     assert [v.shape for v in got.values()] == [(3, 10, 32)] * 3
@@ -63,10 +62,18 @@ def test_electra_discriminator_features_equal_hugging_face_hidden_states(tmp_pat
     np.testing.assert_allclose(np.asarray(got[2]), np.asarray(last), atol=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_t5gemma_encoder_features_equal_hugging_face_hidden_states(tmp_path, scan_layers):
+def test_t5_encoder_features_equal_hugging_face_hidden_states(tmp_path):
+    model = random_hf_t5("t5_v1_1")
+    network, _ = hf.from_pretrained(saved(model, tmp_path))
+    tokens, _ = random_inputs(96)
+    got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2])
+    assert_states_match(got, hf_states(model.get_encoder(), tokens), tokens)  # the last after the final norm
+
+
+def test_t5gemma_encoder_features_equal_hugging_face_hidden_states(tmp_path):
     model = test_t5gemma.random_hf_t5gemma(tied=True)  # 3 encoder layers: local (window 3), global, local
-    network, _ = hf.from_pretrained(saved(model, tmp_path), scan_layers=scan_layers)
+    # Scanned: the windows go through the scan (the CLI test below reads an unscanned one).
+    network, _ = hf.from_pretrained(saved(model, tmp_path), scan_layers=True)
     tokens, _ = random_inputs(test_t5gemma.VOCAB)
     got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2, -1])
     assert sorted(got) == [0, 1, 2, 3]
