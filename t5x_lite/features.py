@@ -45,7 +45,7 @@ from t5x_lite.networks.t5gemma import T5Gemma
 POOLINGS = ("none", "mean", "cls")
 
 # (network, tokens, segment_ids, token_type_ids) -> [embedding output, block 1, ..., block n]
-StatesFn = Callable[[nnx.Module, jax.Array, "jax.Array | None", "jax.Array | None"], list[jax.Array]]
+StatesFn = Callable[[nnx.Module, jax.Array, jax.Array | None, jax.Array | None], list[jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Family:
     name: str
     states: StatesFn
     num_layers: Callable[[Any], int]  # config -> blocks of the encoder the features come from
-    bert_inputs: bool  # `[CLS] A [SEP] (B [SEP])` rows with token types (and a [CLS] to pool); else `text EOS`
+    bert_inputs: bool  # `[CLS] A [SEP] (B [SEP])` rows with token types; else `text EOS`
 
 
 def _encoder_states(network: Bert | Deberta, tokens, segment_ids, token_type_ids) -> list[jax.Array]:
@@ -64,6 +64,7 @@ def _encoder_states(network: Bert | Deberta, tokens, segment_ids, token_type_ids
 
 
 def _discriminator_states(network: Electra, tokens, segment_ids, token_type_ids) -> list[jax.Array]:
+    """ELECTRA's discriminator states (the encoder its downstream heads read)."""
     return network.discriminator_hidden_states(tokens, segment_ids, token_type_ids=token_type_ids)
 
 
@@ -217,9 +218,6 @@ def save_features(
     if pooling not in POOLINGS:
         raise cli.UserError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
     family = model_family(model)
-    if pooling == "cls" and not family.bert_inputs:
-        raise cli.UserError(f"pooling 'cls' needs a [CLS] token, which {family.name} inputs do not start with; "
-                            "use 'mean'.")
     with cli.user_errors(ValueError, setting="FEATURE_LAYERS"):
         indices = layer_indices(layers, family.num_layers(model.config))
     mesh = partitioning.make_mesh()
