@@ -133,8 +133,10 @@ def extract_features(
 ) -> dict[int, jax.Array]:
     """{layer: [b, s, d] hidden states} for the chosen `layers` (see the module docstring for the
     numbering; negative numbers count from the end and are returned under their positive number)."""
-    states = hidden_states(network, tokens, segment_ids=segment_ids, token_type_ids=token_type_ids)
-    return {i: states[i] for i in layer_indices(layers, len(states) - 1)}
+    family = family_of(type(network))
+    indices = layer_indices(layers, family.num_layers(network.config))  # before any computation
+    states = family.states(network, tokens, segment_ids, token_type_ids)
+    return {i: states[i] for i in indices}
 
 
 def pool(features: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:

@@ -25,6 +25,13 @@ def saved(model, folder) -> str:
     return str(folder)
 
 
+def jit_features(network: nnx.Module, tokens: np.ndarray, layers: tuple[int, ...], types: np.ndarray | None = None):
+    """`extract_features` under `nnx.jit` (as the CLI runs it; faster than op by op)."""
+    run = nnx.jit(lambda network, tokens, types: features.extract_features(network, tokens, layers,
+                                                                           token_type_ids=types))
+    return run(network, jnp.asarray(tokens), None if types is None else jnp.asarray(types))
+
+
 def hf_states(model, tokens: np.ndarray, types: np.ndarray | None = None) -> list[np.ndarray]:
     inputs = {"input_ids": torch.tensor(tokens, dtype=torch.long), "attention_mask": torch.tensor(tokens > 0).long()}
     if types is not None:
@@ -46,7 +53,7 @@ def test_deberta_features_equal_hugging_face_hidden_states(tmp_path):
                        lambda name: "LayerNorm.weight" in name)
     network, _ = hf.from_pretrained(saved(model, tmp_path))
     tokens, types = test_deberta.random_inputs()
-    got = features.extract_features(network, jnp.asarray(tokens), [0, 1, -1], token_type_ids=jnp.asarray(types))
+    got = jit_features(network, tokens, (0, 1, -1), types)
     assert sorted(got) == [0, 1, 2]
     assert_states_match(got, hf_states(model, tokens, types), tokens)
 
@@ -55,7 +62,7 @@ def test_electra_discriminator_features_equal_hugging_face_hidden_states(tmp_pat
     model = test_electra.random_hf_electra("discriminator", embedding_size=16)  # projected to d_model 32 before layer 1
     network, _ = hf.from_pretrained(saved(model, tmp_path))
     tokens, types = test_electra.random_inputs()
-    got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2], token_type_ids=jnp.asarray(types))
+    got = jit_features(network, tokens, (0, 1, 2), types)
     assert [v.shape for v in got.values()] == [(3, 10, 32)] * 3
     assert_states_match(got, hf_states(model, tokens, types), tokens)
     last = network.encode(jnp.asarray(tokens), token_type_ids=jnp.asarray(types))
@@ -66,7 +73,7 @@ def test_t5_encoder_features_equal_hugging_face_hidden_states(tmp_path):
     model = random_hf_t5("t5_v1_1")
     network, _ = hf.from_pretrained(saved(model, tmp_path))
     tokens, _ = random_inputs(96)
-    got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2])
+    got = jit_features(network, tokens, (0, 1, 2))
     assert_states_match(got, hf_states(model.get_encoder(), tokens), tokens)  # the last after the final norm
 
 
@@ -75,7 +82,7 @@ def test_t5gemma_encoder_features_equal_hugging_face_hidden_states(tmp_path):
     # Scanned: the windows go through the scan (the CLI test below reads an unscanned one).
     network, _ = hf.from_pretrained(saved(model, tmp_path), scan_layers=True)
     tokens, _ = random_inputs(test_t5gemma.VOCAB)
-    got = features.extract_features(network, jnp.asarray(tokens), [0, 1, 2, -1])
+    got = jit_features(network, tokens, (0, 1, 2, -1))
     assert sorted(got) == [0, 1, 2, 3]
     assert_states_match(got, hf_states(model.get_encoder(), tokens), tokens)  # the last after the final norm
     np.testing.assert_allclose(np.asarray(got[3]), np.asarray(network.encode(jnp.asarray(tokens))), atol=1e-5)
