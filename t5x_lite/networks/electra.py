@@ -213,6 +213,24 @@ class Electra(nnx.Module):
         embedded, bias = self.embed(tokens, segment_ids, positions, token_type_ids, dropout_rngs)
         return apply_body(self.embeddings_project, self.layers, self.config, embedded, bias, dropout_rngs)
 
+    def discriminator_hidden_states(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+    ) -> list[jax.Array]:
+        """[embedding output (projected to d_model), layer 1, ..., layer n] of the discriminator without
+        dropout: Hugging Face's `output_hidden_states`, for frozen features."""
+        if self.layers is None:
+            raise ValueError(f"This ELECTRA network ({self.head!r} head) has no discriminator.")
+        embedded, bias = self.embed(tokens, segment_ids, positions, token_type_ids, None)
+        x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
+
+        def layer_output(layer: bert.BertLayer, x: jax.Array, i) -> tuple[jax.Array, jax.Array]:
+            x = layer(x, bias, None)
+            return x, x
+
+        _, outputs = stacks.each_layer(self.layers, layer_output, x, scan=self.config.scan_layers)
+        return [x, *stacks.per_layer(outputs)]
+
     def generator_hidden(
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None,

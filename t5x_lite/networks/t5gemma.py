@@ -240,6 +240,20 @@ class Stack(nnx.Module):
         """Embeddings times sqrt(d_model), the factor rounded to the activation dtype as Gemma does."""
         return x * jnp.asarray(self.embed_scale, self.dtype)
 
+    def hidden_states(self, x: jax.Array, args: tuple) -> list[jax.Array]:
+        """Embeddings [b, s, e] -> [scaled embeddings, layer 1, ..., layer n] without dropout, the last normed
+        as `__call__` returns it (Hugging Face's `output_hidden_states`, for frozen features)."""
+        x = self.scale(x)
+        windows = jnp.array(self.windows, jnp.int32)
+
+        def layer_output(layer: nnx.Module, x: jax.Array, i) -> tuple[jax.Array, jax.Array]:
+            x = layer(x, *args, windows[i], None)
+            return x, x
+
+        _, outputs = stacks.each_layer(self.layers, layer_output, x, scan=self.scan_layers)
+        states = [x, *stacks.per_layer(outputs)]
+        return states[:-1] + [self.final_norm(states[-1])]
+
 
 class T5Gemma(EncoderDecoderNetwork):
     """The T5Gemma encoder-decoder network: token ids in, float32 (soft-capped) logits out.
@@ -273,6 +287,14 @@ class T5Gemma(EncoderDecoderNetwork):
         self, tokens: jax.Array, positions: jax.Array, mask: jax.Array, dropout_rngs: nnx.Rngs | None
     ) -> jax.Array:
         return self.encoder(self.encoder_embedder(tokens), (positions, mask), dropout_rngs)
+
+    def encoder_hidden_states(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ) -> list[jax.Array]:
+        """[embedding output, layer 1, ..., layer n] of the encoder, the last normed as `encode` returns it."""
+        mask = layers.encoder_mask(tokens, segment_ids)
+        positions = jnp.arange(tokens.shape[1])[None] if positions is None else positions
+        return self.encoder.hidden_states(self.encoder_embedder(tokens), (positions, mask))
 
     def _decoder_stack(
         self, tokens: jax.Array, positions: jax.Array, encoded: jax.Array, self_mask: jax.Array,
