@@ -364,7 +364,7 @@ class Model:
             from t5x_lite import hf
 
             with cli.user_errors(ValueError):
-                return hf.write_pretrained(self.params, self.model.config, path[len("hf:"):], self.vocabulary)
+                return hf.write_pretrained(self.params, self.model, path[len("hf:"):], self.vocabulary)
         folder = storage.absolute(path)
         if (folder / "state").exists():
             raise cli.UserError(f"{folder / 'state'} exists already; save to a new folder.")

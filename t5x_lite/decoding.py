@@ -33,7 +33,7 @@ METHODS = ("greedy", "sample", "beam")
 class DecodeConfig:
     """How to decode: `method` "greedy", "sample" (temperature 0 = argmax, `top_k` 0 = off, `top_p` 1 =
     off; needs an rng) or "beam" (`beam_size`, length penalty `alpha`; the best beam is returned).
-    Hashable, so it can be a static argument of a jitted function."""
+    `start_id` is the first id fed; an encoder-decoder model sets it to its `decoder_start_id`. Hashable, so it can be a static argument of a jitted function."""
 
     method: str = "greedy"
     beam_size: int = 4

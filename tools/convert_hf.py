@@ -88,7 +88,7 @@ def t5x_to_hf(
         raise cli.UserError("The gin files attach adapters (LoRA), which a HF model has no place for; merge them "
                             "first: tools/merge_lora.py --hf_dir writes the merged model.")
     _, params = checkpoints.load_checkpoint_params(model, checkpoint_path, mesh, partitioning.logical_axis_rules())
-    return hf.write_pretrained(jax.device_get(params), model.config, out_dir, vocabulary)
+    return hf.write_pretrained(jax.device_get(params), model, out_dir, vocabulary)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

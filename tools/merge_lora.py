@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         merged = lora.merged_params(params, config.scale)
         out = write_checkpoint(merged, args.out_dir)
         if args.hf_dir:
-            print(f"Wrote {hf.write_pretrained(merged, model.config, args.hf_dir)}")
+            print(f"Wrote {hf.write_pretrained(merged, model, args.hf_dir)}")
         if args.peft_dir:
             base = checkpoints.adapter_base_path(checkpoints.find_state_dir(args.checkpoint))
             folder = peft.save_adapter(unscanned(params), model.config, config, args.peft_dir, base)

@@ -8,10 +8,13 @@ the shared embedding may come as a stack's `embed_tokens`; a `vocab_size` above 
 the embedding and `final_logits_bias` ([1, vocab] in HF, optional there) with zeros.
 
 Token ids: t5x_lite pads with 0 and starts decoding from 0 (seqio's conventions). With a BART
-tokenizer, id 0 is `<s>`, which the vocabulary never produces for text, so `<pad>` (1) goes unused
-and decoding starts from `<s>` where HF's BART starts from `decoder_start_token_id` (`</s>`, 2): the
-logits of the same tokens agree exactly, but a checkpoint fine-tuned by HF expects its own start, so
-fine-tune it here before decoding with it. Export writes t5x_lite's ids (see `write_pretrained`).
+tokenizer, id 0 is `<s>`, which the vocabulary never produces for text, so `<pad>` (1) goes unused.
+HF's BART starts its decoder with two ids, `decoder_start_token_id` (`</s>`, 2) and then the `<s>` (0)
+that its tokenizer puts first in every label (`forced_bos_token_id` at generation): one start id cannot
+say that, and `<s>` cannot be a target here (0 is padding), so import keeps the model's
+`decoder_start_id` at 0 whatever `config.json` says; logits of the same tokens agree exactly, and a
+checkpoint fine-tuned by HF should be fine-tuned here before decoding with it. Export writes t5x_lite's
+ids and the model's `decoder_start_id` (see `write_pretrained`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> Bar
     )
 
 
-def config_to_hf(config: BartConfig) -> dict:
+def config_to_hf(config: BartConfig, decoder_start_id: int = 0) -> dict:
     """A `config.json` that transformers reads as this `BartForConditionalGeneration` (ids: see
     `write_pretrained`; no forced EOS, which t5x_lite's decoding does not do either)."""
     registry.check_heads_span_d_model(config, "BART")
@@ -100,7 +103,7 @@ def config_to_hf(config: BartConfig) -> dict:
         "pad_token_id": 0,
         "bos_token_id": 0,
         "eos_token_id": 1,
-        "decoder_start_token_id": 0,
+        "decoder_start_token_id": decoder_start_id,
         "forced_eos_token_id": None,
     }
 
@@ -164,4 +167,5 @@ FAMILY = registry.register(registry.Family(
     checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                        "num_decoder_layers", "max_position_embeddings", "activation", "scale_embedding",
                        "layer_norm_epsilon"),
+    settings=("decoder_start_id",),  # exported; import keeps 0 (see the module docstring)
 ))

@@ -24,8 +24,9 @@ from t5x_lite.nn import stacks
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """An opened HF directory: its family, raw `config.json`, lazy weights, our derived config and, for
-    families with several heads (BERT), the checkpoint's head."""
+    """An opened HF directory: its family, raw `config.json`, lazy weights, our derived config, for
+    families with several heads (BERT) the checkpoint's head, and the trainer-model settings it fixes
+    (an encoder-decoder's `decoder_start_id`)."""
 
     path: epath.Path
     family: registry.Family
@@ -33,10 +34,11 @@ class Checkpoint:
     weights: files.Weights
     config: Any
     head: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def model(self, config: Any = None) -> BaseModel:
-        """The trainer's model of this checkpoint's family and head, for `config` (default: its own)."""
-        return self.family.model(self.config if config is None else config, self.head)
+        """The trainer's model of this checkpoint's family, head and settings, for `config` (default: its own)."""
+        return self.family.model(self.config if config is None else config, self.head, **self.settings)
 
     def params(self) -> dict:
         """Our parameters, a nested dict of numpy arrays in the unscanned layout (layers keyed 0..n-1)."""
@@ -50,7 +52,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     family = registry.for_model_type(hf_config.get("model_type"), source=str(folder / "config.json"))
     weights = files.Weights(folder)
     head = None if family.head_from_hf is None else family.head_from_hf(hf_config, weights)
-    return Checkpoint(folder, family, hf_config, weights, family.config_from_hf(hf_config, weights), head)
+    settings = {} if family.settings_from_hf is None else family.settings_from_hf(hf_config)
+    return Checkpoint(folder, family, hf_config, weights, family.config_from_hf(hf_config, weights), head, settings)
 
 
 def _looks_stacked(params: Mapping) -> bool:
@@ -110,7 +113,8 @@ def restore_params(
     """Parameters of the HF directory at `path` laid out like `abstract_params` (and on its shardings).
 
     With `model`, its config must match the checkpoint's in the family's `checkpoint_fields` (those
-    that shape the parameters or the function; dropout, dtype, remat, scan layout may differ).
+    that shape the parameters or the function; dropout, dtype, remat, scan layout may differ), and the
+    model the checkpoint's settings (the decoder start id it was trained from).
     With `fresh` (initialised params: the start of a fine-tuning run, as `checkpoints.restore_params`
     gives them), a parameter the checkpoint lacks keeps its fresh value if it lies under a prefix in
     `model.fresh_param_prefixes` (e.g. a classifier on a `BertForMaskedLM` encoder), and checkpoint
@@ -120,9 +124,9 @@ def restore_params(
     try:
         checkpoint = open_checkpoint(path)
         if model is not None:
-            registry.check_config_matches(
-                checkpoint.family, checkpoint.config, model.config, str(checkpoint.path / "config.json")
-            )
+            source_file = str(checkpoint.path / "config.json")
+            registry.check_config_matches(checkpoint.family, checkpoint.config, model.config, source_file)
+            registry.check_settings_match(checkpoint.settings, model, source_file)
         converted = _converted_params(checkpoint, _looks_stacked(abstract_params))
     except ImportError as e:
         raise ValueError(str(e)) from e
@@ -195,19 +199,31 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def write_pretrained(
-    params: Mapping, config: Any, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None
+    params: Mapping, model: BaseModel | Any, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None
 ) -> epath.Path:
-    """Writes a HF directory (`config.json`, `model.safetensors`, tokenizer files) from our params + config.
+    """Writes a HF directory (`config.json`, `model.safetensors`, tokenizer files) from our params and a
+    trainer model (e.g. `load_model(path)`, a run's `MODEL`) or a bare config (its family's default model).
 
-    Special token ids in `config.json` follow t5x_lite's conventions: padding 0, decoding starts from 0
-    (`decoder_start_token_id`), and EOS is the vocabulary's `eos_id` (1 without a vocabulary).
+    Special token ids in `config.json` follow t5x_lite's conventions: padding 0, EOS the vocabulary's
+    `eos_id` (1 without a vocabulary), and an encoder-decoder starts decoding from the model's
+    `decoder_start_id` (`decoder_start_token_id`; T5Gemma's `bos_token_id`s too; 0 for a bare config), so
+    that `generate` and HF's label shifting start where the model was trained to.
     """
+    if isinstance(model, BaseModel):
+        return _write(params, model.config, registry.for_config(model.config).model_settings(model), path, vocabulary)
+    return _write(params, model, {}, path, vocabulary)
+
+
+def _write(
+    params: Mapping, config: Any, settings: Mapping[str, Any], path: str | os.PathLike,
+    vocabulary: seqio.Vocabulary | None,
+) -> epath.Path:
     family = registry.for_config(config)
     params = jax.tree.map(_to_host, dict(params))
     if _looks_stacked(params):
         params = stacks.unstack_layer_params(params)
     head = None if family.head_from_params is None else family.head_from_params(params)
-    hf_config = family.hf_config(config, head)
+    hf_config = family.hf_config(config, head, **settings)
     if vocabulary is not None and vocabulary.eos_id is not None and "eos_token_id" in hf_config:
         hf_config["eos_token_id"] = vocabulary.eos_id
     folder = files.write_model(path, hf_config, family.params_to_hf(params, config))
@@ -217,18 +233,21 @@ def write_pretrained(
 
 
 def save_pretrained(
-    model: nnx.Module, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None
+    model: nnx.Module, path: str | os.PathLike, vocabulary: seqio.Vocabulary | None = None, **settings: Any
 ) -> epath.Path:
     """Writes `model` (an NNX network with a `.config`, e.g. from `from_pretrained`) as a HF directory
-    that `transformers`' `from_pretrained` loads with the same logits; tokenizer files too if given."""
+    that `transformers`' `from_pretrained` loads with the same logits; tokenizer files too if given.
+    `settings`: the trainer model's that the network lacks, e.g. `decoder_start_id=2` (default: the family's
+    default; `write_pretrained` with the trainer model takes them from it)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return write_pretrained(params, model.config, path, vocabulary)
+    return _write(params, model.config, settings, path, vocabulary)
 
 
 def model_gin(model: BaseModel | Any, source: str = "") -> str:
     """A model gin file for a trainer model (e.g. `load_model(path)`) or a config (its family's default
     model), like gin_configs/models/*/*.gin: fixed fields as values, dropout and activation dtype as
-    the usual macros, and the config bound for every model of the family so that `MODEL` may switch."""
+    the usual macros, the config bound for every model of the family so that `MODEL` may switch, and the
+    model's settings (an encoder-decoder's `decoder_start_id`)."""
     if not isinstance(model, BaseModel):
         model = registry.for_config(model).model(model)
     config = model.config
@@ -239,6 +258,7 @@ def model_gin(model: BaseModel | Any, source: str = "") -> str:
     lines += [f"{name}.config = @{config_name}()" for name in dict.fromkeys((model_name, *family.model_names))]
     lines += [f"{config_name}.{field} = {getattr(config, field)!r}"
               for field in (*family.checkpoint_fields, *family.head_fields)]
+    lines += [f"{model_name}.{name} = {value!r}" for name, value in family.model_settings(model).items()]
     macros = {"dropout_rate": "DROPOUT_RATE", "attention_dropout_rate": "DROPOUT_RATE",
               "activation_dropout_rate": "DROPOUT_RATE", "dtype": "ACTIVATION_DTYPE", "kernels": "KERNELS"}
     lines += [f"{config_name}.{name} = %{macro}" for name, macro in macros.items() if hasattr(config, name)]

@@ -44,6 +44,11 @@ class Family:
         (optional: without it, the family's default head);
     head_fields: config fields that shape only a head (e.g. `num_labels`): written by `model_gin` but
         not compared on restore, where the model's head may start fresh instead.
+
+    Families whose trainer model has settings beyond the network config that a checkpoint fixes (an
+    encoder-decoder's `decoder_start_id`) name them in `settings`; `config_to_hf` then takes them as keyword
+    arguments, and settings_from_hf(hf_config) -> {setting: value} reads those `config.json` states (the
+    others keep the model's default).
     """
 
     name: str
@@ -59,14 +64,20 @@ class Family:
     head_from_hf: Callable[[Mapping, Mapping[str, np.ndarray]], str] | None = None
     head_from_params: Callable[[Mapping], str] | None = None
     head_fields: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
+    settings_from_hf: Callable[[Mapping], dict[str, Any]] | None = None
 
-    def model(self, config: Any, head: str | None = None) -> BaseModel:
-        """The trainer's model for `config` (with `head`, for families that have several)."""
-        return self.build_model(config) if head is None else self.build_model(config, head)
+    def model(self, config: Any, head: str | None = None, **settings: Any) -> BaseModel:
+        """The trainer's model for `config` (with `head`, for families that have several, and `settings`)."""
+        return self.build_model(config, **settings) if head is None else self.build_model(config, head, **settings)
 
-    def hf_config(self, config: Any, head: str | None = None) -> dict:
-        """The `config.json` dict for `config` (with `head`, for families that have several)."""
-        return self.config_to_hf(config) if head is None else self.config_to_hf(config, head)
+    def hf_config(self, config: Any, head: str | None = None, **settings: Any) -> dict:
+        """The `config.json` dict for `config` (with `head`, for families that have several, and `settings`)."""
+        return self.config_to_hf(config, **settings) if head is None else self.config_to_hf(config, head, **settings)
+
+    def model_settings(self, model: BaseModel) -> dict[str, Any]:
+        """`model`'s values of this family's `settings`."""
+        return {name: getattr(model, name) for name in self.settings}
 
 
 _FAMILIES: list[Family] = []
@@ -141,6 +152,29 @@ def check_heads_span_d_model(config: Any, family: str) -> None:
             f"Hugging Face {family} needs num_heads * head_dim == d_model; this {type(config).__name__} has "
             f"{config.num_heads} * {config.head_dim} != {config.d_model}."
         )
+
+
+def decoder_start_from_hf(hf_config: Mapping, default: int, *fallbacks: Mapping) -> dict[str, int]:
+    """An encoder-decoder's settings from `config.json`: the decoder start id, as `generate` picks it
+    (`decoder_start_token_id` of the config, then of `fallbacks` such as a nested decoder config, else their
+    `bos_token_id` in that order), else `default`."""
+    for key in ("decoder_start_token_id", "bos_token_id"):
+        for source in (hf_config, *fallbacks):
+            if source.get(key) is not None:
+                return {"decoder_start_id": int(source[key])}
+    return {"decoder_start_id": default}
+
+
+def check_settings_match(expected: Mapping[str, Any], model: BaseModel, source: str) -> None:
+    """Raises if the model's value of a setting the checkpoint fixes (`expected`) differs from the checkpoint's."""
+    for name, want in expected.items():
+        have = getattr(model, name)
+        if want != have:
+            setting = f"{type(model).__name__}.{name}"
+            raise ValueError(
+                f"{setting} is {have!r} in the model config but {want!r} in {source}; set --gin.{setting}={want!r} "
+                "or use the model gin file that tools/convert_hf.py writes for it."
+            )
 
 
 def check_config_matches(family: Family, expected: Any, configured: Any, source: str) -> None:

@@ -126,8 +126,8 @@ def _model_type(config: T5Config) -> str:
     return "mt5" if config.vocab_size == MT5_VOCAB_SIZE and not config.tie_word_embeddings else "t5"
 
 
-def config_to_hf(config: T5Config) -> dict:
-    """A `config.json` that transformers 4 and 5 both read as this model."""
+def config_to_hf(config: T5Config, decoder_start_id: int = 0) -> dict:
+    """A `config.json` that transformers 4 and 5 both read as this model, decoding from `decoder_start_id`."""
     model_type = _model_type(config)
     return {
         "architectures": [ARCHITECTURES[model_type]],
@@ -148,7 +148,7 @@ def config_to_hf(config: T5Config) -> dict:
         "is_encoder_decoder": True,
         "pad_token_id": 0,
         "eos_token_id": 1,
-        "decoder_start_token_id": 0,
+        "decoder_start_token_id": decoder_start_id,
     }
 
 
@@ -184,4 +184,5 @@ FAMILY = registry.register(registry.Family(
     checkpoint_fields=("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
                        "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance",
                        "feed_forward", "tie_word_embeddings", "layer_norm_epsilon", "relative_bias_per_layer"),
+    settings=("decoder_start_id",), settings_from_hf=lambda hf_config: registry.decoder_start_from_hf(hf_config, 0),
 ))

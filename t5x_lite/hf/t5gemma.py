@@ -6,9 +6,10 @@ RoPE base, norm epsilon) or whose `layer_types` are not the local/global alterna
 Norm weights differ by one: HF multiplies by (1 + weight), we by a scale (= 1 + weight). The output layer
 `lm_head.out_proj.weight` is the decoder embedding when tied (transformers writes no copy).
 
-Decoder start: t5x_lite starts decoder inputs with id 0 (the pad id); published T5Gemma checkpoints start
-with their BOS id 2. Exported models say 0 (`decoder_start_token_id`, the decoder's `bos_token_id`), so
-`generate` and `labels` shifting agree with our training; when running HF's forward on such a model, pass
+Decoder start: published T5Gemma checkpoints start decoder inputs with their BOS id 2; import sets the
+model's `decoder_start_id` from `config.json` as `generate` picks it (`registry.decoder_start_from_hf`; HF's
+default 2), and export writes the model's value as `decoder_start_token_id` and the `bos_token_id`s, which
+HF's `labels` shifting reads. A model that starts from 0 (the pad id): when running HF's forward on it, pass
 `decoder_attention_mask` (HF's default masks id 0 as padding).
 """
 
@@ -36,6 +37,7 @@ STACK_DEFAULTS = {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_h
 SHARED_KEYS = {"sliding_window": ("sliding_window", 4096), "query_pre_attn_scalar": ("query_pre_attn_scalar", 256),
                "attn_logit_softcapping": ("attn_logit_softcapping", 50.0), "rms_norm_eps": ("rms_norm_eps", 1e-6)}
 SUPPORTED = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False}
+DEFAULT_BOS = 2  # HF's T5GemmaModuleConfig.bos_token_id: the decoder start of a config.json that states none
 
 
 def _entries(config: T5GemmaConfig) -> Iterator[tensor_map.Entry]:
@@ -133,7 +135,7 @@ def config_from_hf(hf_config: Mapping, weights: Mapping[str, np.ndarray]) -> T5G
     )
 
 
-def _module_config(config: T5GemmaConfig, stack: str) -> dict:
+def _module_config(config: T5GemmaConfig, stack: str, bos_id: int) -> dict:
     """HF's `encoder` or `decoder` module config."""
     return {
         **{key: getattr(config, f"{stack}_{field}") for field, key in STACK_KEYS.items()},
@@ -148,17 +150,17 @@ def _module_config(config: T5GemmaConfig, stack: str) -> dict:
         "attention_bias": False,
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_word_embeddings,
-        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 0,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": bos_id,
     }
 
 
-def config_to_hf(config: T5GemmaConfig) -> dict:
-    """A `config.json` that transformers reads as this model (decoder start id 0, as ours)."""
+def config_to_hf(config: T5GemmaConfig, decoder_start_id: int = 0) -> dict:
+    """A `config.json` that transformers reads as this model, decoding (and shifting labels) from `decoder_start_id`."""
     return {
         "architectures": ["T5GemmaForConditionalGeneration"],
         "model_type": "t5gemma",
-        "encoder": _module_config(config, "encoder"),
-        "decoder": _module_config(config, "decoder"),
+        "encoder": _module_config(config, "encoder", decoder_start_id),
+        "decoder": _module_config(config, "decoder", decoder_start_id),
         "vocab_size": config.vocab_size,
         "tie_word_embeddings": config.tie_word_embeddings,
         "dropout_rate": config.dropout_rate,
@@ -166,9 +168,14 @@ def config_to_hf(config: T5GemmaConfig) -> dict:
         "is_encoder_decoder": True,
         "pad_token_id": 0,
         "eos_token_id": 1,
-        "bos_token_id": 0,
-        "decoder_start_token_id": 0,
+        "bos_token_id": decoder_start_id,
+        "decoder_start_token_id": decoder_start_id,
     }
+
+
+def _settings_from_hf(hf_config: Mapping) -> dict:
+    """The decoder start id (`generate`'s pick; the nested decoder config's BOS, HF's default 2, when unstated)."""
+    return registry.decoder_start_from_hf(hf_config, DEFAULT_BOS, hf_config.get("decoder") or {})
 
 
 def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config: T5GemmaConfig) -> dict:
@@ -196,4 +203,5 @@ FAMILY = registry.register(registry.Family(
         if field.name not in ("dropout_rate", "attention_dropout_rate", "dtype", "remat_policy", "scan_layers",
                               "attention_impl", "kernels")
     ),
+    settings=("decoder_start_id",), settings_from_hf=_settings_from_hf,
 ))

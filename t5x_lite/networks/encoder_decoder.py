@@ -50,8 +50,8 @@ class EncoderDecoderNetwork(nnx.Module):
     ) -> jax.Array:
         """Teacher-forced decoder over [b, t] inputs -> float32 logits [b, t, vocab].
 
-        Decoder inputs start with the BOS id 0 (= the pad id), so unpacked self-attention is only causal;
-        padded tail positions are garbage and must be masked in the loss.
+        Decoder inputs start with the model's `decoder_start_id` (by default 0, the pad id), so unpacked
+        self-attention is only causal; padded tail positions are garbage and must be masked in the loss.
         """
         self_mask, cross_mask = layers.decoder_masks(
             encoder_input_tokens, decoder_input_tokens, encoder_segment_ids, decoder_segment_ids

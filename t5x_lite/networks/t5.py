@@ -324,7 +324,7 @@ class T5(EncoderDecoderNetwork):
 
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
         """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the
-        BOS id 0) and returns float32 next-token logits [b, vocab] and the advanced state.
+        decoder start id) and returns float32 next-token logits [b, vocab] and the advanced state.
 
         Equal to row `state.index` of `decode` over the same token prefix; the cost per call is one
         position through every layer plus attention over the fixed-size cache (no prefix recompute).

@@ -259,8 +259,8 @@ class T5Gemma(EncoderDecoderNetwork):
     """The T5Gemma encoder-decoder network: token ids in, float32 (soft-capped) logits out.
 
     Token id 0 is padding; packed rows carry segment ids and in-segment positions (the rotary positions).
-    Decoder inputs start with id 0, as every family's here (Hugging Face's T5Gemma starts with its BOS
-    id 2; a converted checkpoint keeps its weights, fine-tuning adapts to the start id).
+    Decoder inputs start with the trainer model's `decoder_start_id` (0 by default; Hugging Face's T5Gemma
+    checkpoints start with their BOS id 2, which import sets).
     Dropout is applied iff `dropout_rngs` is given and a rate is > 0.
     """
 
