@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite import hf
+from t5x_lite import decoding, hf
 from t5x_lite.networks import t5gemma
 from t5x_lite.networks.t5gemma import T5Gemma, T5GemmaConfig
 from t5x_lite.nn import attention, kernels, layers
@@ -225,6 +225,28 @@ def test_ring_buffer_decode_equals_the_forward_pass(scan):
     assert isinstance(cache, t5gemma.WindowedCache)
     assert [leaf.shape for leaf in jax.tree.leaves(cache.local)] == [local] * (2 if scan else 4)
     assert [leaf.shape for leaf in jax.tree.leaves(cache.full)] == [full] * 2
+
+
+def test_beam_search_gathers_the_ring_buffers():
+    """Beam search repeats and gathers every cache leaf row-wise: each beam's score (alpha 0) is the
+    forward pass's log-likelihood of its tokens, decoded 6 positions past a 3-slot local cache."""
+    network = T5Gemma(dataclasses.replace(RING, scan_layers=True), rngs=nnx.Rngs(1))
+    enc, _ = random_inputs(RING.vocab_size)
+    beam, length = 3, 6
+
+    @nnx.jit
+    def search(network, enc):
+        state = network.init_decode_state(network.encode(enc), enc > 0, length)
+        return decoding.beam_search(network.decode_step, state, enc.shape[0], beam, length, alpha=0.0)
+
+    beams, scores = search(network, jnp.asarray(enc))
+    tokens = np.asarray(beams).reshape(-1, length)
+    inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+    log_probs = jax.nn.log_softmax(our_logits(network, np.repeat(enc, beam, axis=0), inputs))
+    per_token = np.take_along_axis(np.asarray(log_probs), tokens[..., None], -1)[..., 0]
+    ends = [list(row).index(1) + 1 if 1 in row else length for row in tokens.tolist()]
+    expected = [row[:end].sum() for row, end in zip(per_token, ends)]
+    np.testing.assert_allclose(np.asarray(scores).reshape(-1), expected, atol=1e-4)
 
 
 def test_decode_cache_layouts_without_a_window_or_with_a_wide_one():
