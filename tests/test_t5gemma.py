@@ -255,9 +255,10 @@ def test_decode_cache_layouts_without_a_window_or_with_a_wide_one():
     encoded, mask = jax.ShapeDtypeStruct((2, 5, 32), jnp.float32), jax.ShapeDtypeStruct((2, 5), jnp.bool_)
 
     def cache(**changes):
-        network = nnx.eval_shape(lambda: T5Gemma(dataclasses.replace(RING, scan_layers=True, **changes),
-                                                 rngs=nnx.Rngs(0)))
-        return jax.eval_shape(lambda e, m: network.init_decode_state(e, m, 7), encoded, mask).cache
+        config = dataclasses.replace(RING, scan_layers=True, **changes)
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: T5Gemma(config, rngs=nnx.Rngs(0))))
+        return jax.eval_shape(lambda p, e, m: nnx.merge(graphdef, p).init_decode_state(e, m, 7),
+                              params, encoded, mask).cache
 
     assert cache(sliding_window=None).key.shape == (2, 3, 2, 7, 6)
     wide = cache(sliding_window=100)

@@ -112,8 +112,8 @@ class DecodeState(NamedTuple):
     """Everything a network's `decode_step` needs besides its parameters (a pytree whose non-scalar leaves
     all have the batch as their leading axis, so beam search can repeat and gather them row-wise).
 
-    cache: the decoder stack's self-attention keys/values (`StackCache`); slot t holds position
-        t - first_slot of its row.
+    cache: the decoder stack's self-attention keys/values (`StackCache`; T5Gemma's `WindowedCache` groups
+        two); slot t holds position t - first_slot of its row (in a ring buffer, slot `ring_slot(t, length)`).
     cross: encoder-decoders: every decoder layer's keys/values of the encoded inputs (None otherwise).
     cross_mask: [b, s] bool, True for real (non-padding) encoder tokens (None without `cross`).
     first_slot: [b] int32, the slot of each row's first position: 0, or the left padding of
