@@ -362,8 +362,8 @@ class T5Gemma(EncoderDecoderNetwork):
                              empty(layer_count // 2, length))
 
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
-        """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the start
-        id 0) and returns float32 next-token logits [b, vocab] and the advanced state."""
+        """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the
+        decoder start id) and returns float32 next-token logits [b, vocab] and the advanced state."""
         decoder = self.decoder
         y = decoder.scale(self.decoder_embedder(token_ids[:, None]))
         if isinstance(state.cache, WindowedCache):
