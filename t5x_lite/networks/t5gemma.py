@@ -14,7 +14,7 @@ Scanned layers: each stack's local/global pattern is an array of attention windo
 `layers.FULL_WINDOW` for global layers) scanned along with the layer params, so one scanned layer body
 serves both kinds.
 
-Decoding: local decoder layers cache only min(sliding_window, max_decode_length) positions, as ring
+Decoding: local decoder layers cache only W = min(sliding_window, max_decode_length) positions, as ring
 buffers (position p in slot p % W; keys are cached after RoPE, so a slot needs no re-rotation), global
 layers the whole decode length: the self-attention cache is a `WindowedCache` of two `StackCache`s, and
 a scanned decode step is one `lax.scan` over (local, global) layer pairs, plus the trailing local layer
