@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from t5x_lite import hf
+from t5x_lite import decoding, hf
+from t5x_lite.networks import t5gemma
 from t5x_lite.networks.t5gemma import T5Gemma, T5GemmaConfig
 from t5x_lite.nn import attention, kernels, layers
 from tests.hf.conftest import random_inputs
@@ -185,3 +186,80 @@ def test_fused_attention_path_equals_einsum():
     expected = einsum(x, x, mask, q_positions=positions, kv_positions=positions)
     np.testing.assert_allclose(fused(x, x, mask, q_positions=positions, kv_positions=positions), expected, atol=1e-5)
 
+
+
+RING = T5GemmaConfig(vocab_size=64, encoder_d_model=32, encoder_num_layers=2, encoder_num_heads=4,
+                     encoder_num_kv_heads=2, encoder_head_dim=8, encoder_d_ff=48, decoder_d_model=24,
+                     decoder_num_layers=3, decoder_num_heads=4, decoder_num_kv_heads=2, decoder_head_dim=6,
+                     decoder_d_ff=40, sliding_window=3, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                     final_logit_softcapping=10.0)
+
+
+def cached_logits(network: T5Gemma, enc: np.ndarray, dec: np.ndarray):
+    """Teacher-forced decode steps over `dec` [b, t] with a cache of t slots: ([b, t, vocab] logits, last state)."""
+
+    @nnx.jit
+    def run(network, enc, dec):
+        state = network.init_decode_state(network.encode(enc), enc > 0, dec.shape[1])
+
+        def step(state, token_ids):
+            logits, state = network.decode_step(state, token_ids)
+            return state, logits
+
+        state, logits = jax.lax.scan(step, state, dec.T)
+        return jnp.swapaxes(logits, 0, 1), state
+
+    return run(network, jnp.asarray(enc), jnp.asarray(dec))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_ring_buffer_decode_equals_the_forward_pass(scan):
+    """Local layers (0 and 2 of 3: the trailing local layer runs after the scanned pairs) keep a window of 3
+    slots while 9 positions decode; every step's logits equal the full forward pass's."""
+    network = T5Gemma(dataclasses.replace(RING, scan_layers=scan), rngs=nnx.Rngs(0))
+    enc, dec = random_inputs(RING.vocab_size)
+    logits, state = cached_logits(network, enc, dec)
+    np.testing.assert_allclose(logits, our_logits(network, enc, dec), atol=1e-5)
+    cache, (b, kv, d) = state.cache, (3, RING.decoder_num_kv_heads, RING.decoder_head_dim)
+    local, full = ((b, 2, kv, 3, d), (b, 1, kv, 9, d)) if scan else ((b, kv, 3, d), (b, kv, 9, d))
+    assert isinstance(cache, t5gemma.WindowedCache)
+    assert [leaf.shape for leaf in jax.tree.leaves(cache.local)] == [local] * (2 if scan else 4)
+    assert [leaf.shape for leaf in jax.tree.leaves(cache.full)] == [full] * 2
+
+
+def test_beam_search_gathers_the_ring_buffers():
+    """Beam search repeats and gathers every cache leaf row-wise: each beam's score (alpha 0) is the
+    forward pass's log-likelihood of its tokens, decoded 6 positions past a 3-slot local cache."""
+    network = T5Gemma(dataclasses.replace(RING, scan_layers=True), rngs=nnx.Rngs(1))
+    enc, _ = random_inputs(RING.vocab_size)
+    beam, length = 3, 6
+
+    @nnx.jit
+    def search(network, enc):
+        state = network.init_decode_state(network.encode(enc), enc > 0, length)
+        return decoding.beam_search(network.decode_step, state, enc.shape[0], beam, length, alpha=0.0)
+
+    beams, scores = search(network, jnp.asarray(enc))
+    tokens = np.asarray(beams).reshape(-1, length)
+    inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+    log_probs = jax.nn.log_softmax(our_logits(network, np.repeat(enc, beam, axis=0), inputs))
+    per_token = np.take_along_axis(np.asarray(log_probs), tokens[..., None], -1)[..., 0]
+    ends = [list(row).index(1) + 1 if 1 in row else length for row in tokens.tolist()]
+    expected = [row[:end].sum() for row, end in zip(per_token, ends)]
+    np.testing.assert_allclose(np.asarray(scores).reshape(-1), expected, atol=1e-4)
+
+
+def test_decode_cache_layouts_without_a_window_or_with_a_wide_one():
+    """sliding_window=None: one cache of every layer; a window wider than the decode: local layers keep the
+    decode length (a ring of that length is a plain cache)."""
+    encoded, mask = jax.ShapeDtypeStruct((2, 5, 32), jnp.float32), jax.ShapeDtypeStruct((2, 5), jnp.bool_)
+
+    def cache(**changes):
+        config = dataclasses.replace(RING, scan_layers=True, **changes)
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: T5Gemma(config, rngs=nnx.Rngs(0))))
+        return jax.eval_shape(lambda p, e, m: nnx.merge(graphdef, p).init_decode_state(e, m, 7),
+                              params, encoded, mask).cache
+
+    assert cache(sliding_window=None).key.shape == (2, 3, 2, 7, 6)
+    wide = cache(sliding_window=100)
+    assert (wide.local.key.shape, wide.full.key.shape) == ((2, 2, 2, 7, 6), (2, 1, 2, 7, 6))

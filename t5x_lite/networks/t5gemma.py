@@ -12,15 +12,21 @@ a scale initialised to 1 (the same function; hf/t5gemma.py adds or subtracts the
 
 Scanned layers: each stack's local/global pattern is an array of attention windows (one per layer,
 `layers.FULL_WINDOW` for global layers) scanned along with the layer params, so one scanned layer body
-serves both kinds. The decode cache keeps every position for every layer (local layers included): the
-cache is one [b, layers, kv_heads, length, d] array per stack, and a decode length is far below the
-4096-token window of the published sizes, where a ring buffer would save nothing.
+serves both kinds.
+
+Decoding: local decoder layers cache only W = min(sliding_window, max_decode_length) positions, as ring
+buffers (position p in slot p % W; keys are cached after RoPE, so a slot needs no re-rotation), global
+layers the whole decode length: the self-attention cache is a `WindowedCache` of two `StackCache`s, and
+a scanned decode step is one `lax.scan` over (local, global) layer pairs, plus the trailing local layer
+of an odd depth. `sliding_window=None` (every layer global) keeps one cache of all layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,6 +163,15 @@ class EncoderLayer(nnx.Module):
         return x + drop(self.post_mlp_norm(h), self.dropout_rate, dropout_rngs)
 
 
+class WindowedCache(NamedTuple):
+    """A decoder stack's self-attention caches by layer kind, each a `StackCache` indexed by layer // 2:
+    `local` the sliding-window layers' (0, 2, ...) ring buffers of min(window, decode length) slots,
+    `full` the global layers' (1, 3, ...) caches of the whole decode length."""
+
+    local: StackCache
+    full: StackCache
+
+
 class DecoderLayer(nnx.Module):
     """Sandwich-normed causal self-attention, cross-attention to the encoder, and feed-forward."""
 
@@ -196,14 +211,18 @@ class DecoderLayer(nnx.Module):
         return y + drop(self.post_mlp_norm(h), self.dropout_rate, dropout_rngs)
 
     def decode_step(
-        self, y: jax.Array, state: DecodeState, cache: StackCache, layer: int | jax.Array, window: jax.Array
+        self, y: jax.Array, state: DecodeState, layer: int | jax.Array, cache: StackCache,
+        cache_layer: int | jax.Array, window: int,
     ) -> tuple[jax.Array, StackCache]:
-        """One position [b, 1, e] as layer `layer` of the stack's self-attention `cache`; no dropout."""
-        slots = jnp.arange(attention.cache_length(state.cache))[None]
+        """One position [b, 1, e] through decoder layer `layer` (its cross-attention keys in `state.cross`),
+        whose self-attention keys are layer `cache_layer` of `cache`, read as a ring buffer of its length
+        (`attention.ring_slot`; a cache of the whole decode length is a plain one); no dropout."""
+        slots = attention.cache_length(cache)
         position = (state.index - state.first_slot)[:, None]  # [b, 1]
-        visible = (slots >= state.first_slot[:, None]) & (slots <= state.index) & (state.index - slots < window)
+        visible = attention.ring_visible(state.index, state.first_slot, slots, window)
         h, cache = self.self_attention.decode_step(
-            self.pre_self_attention_norm(y), cache, layer, state.index, visible[:, None, None, :], position
+            self.pre_self_attention_norm(y), cache, cache_layer, attention.ring_slot(state.index, slots),
+            visible[:, None, None, :], position,
         )
         y = y + self.post_self_attention_norm(h)
         cross = attention.layer_cache(state.cross, layer)
@@ -319,25 +338,88 @@ class T5Gemma(EncoderDecoderNetwork):
             self.decoder.layers, lambda layer, carry, i: (carry, layer.cross_attention.project_kv(encoded)), None,
             scan=config.scan_layers,
         )
-        cache = attention.empty_stack_cache(
-            batch, config.decoder_num_layers, config.decoder_num_kv_heads, max_decode_length, config.decoder_head_dim,
-            jnp.dtype(config.dtype), scan=config.scan_layers,
-        )
+        cache = self._empty_self_cache(batch, max_decode_length)
         return DecodeState(
             cache=cache, cross=cross, cross_mask=encoder_mask, first_slot=jnp.zeros((batch,), jnp.int32),
             forced_token=jnp.full((batch,), -1, jnp.int32), index=jnp.zeros((), jnp.int32),
         )
 
+    def _empty_self_cache(self, batch: int, length: int) -> StackCache | WindowedCache:
+        """Zeroed self-attention caches for `length` decode positions: a `WindowedCache` with a sliding
+        window, one cache of every layer without."""
+        config = self.config
+
+        def empty(num_layers: int, slots: int) -> StackCache:
+            return attention.empty_stack_cache(
+                batch, num_layers, config.decoder_num_kv_heads, slots, config.decoder_head_dim,
+                jnp.dtype(config.dtype), scan=config.scan_layers,
+            )
+
+        layer_count = config.decoder_num_layers
+        if config.sliding_window is None:
+            return empty(layer_count, length)
+        return WindowedCache(empty((layer_count + 1) // 2, min(config.sliding_window, length)),
+                             empty(layer_count // 2, length))
+
     def decode_step(self, state: DecodeState, token_ids: jax.Array) -> tuple[jax.Array, DecodeState]:
-        """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the start
-        id 0) and returns float32 next-token logits [b, vocab] and the advanced state."""
+        """Feeds one decoder token per row ([b] ids for position `state.index`; position 0 takes the
+        decoder start id) and returns float32 next-token logits [b, vocab] and the advanced state."""
         decoder = self.decoder
-        windows = jnp.array(decoder.windows, jnp.int32)
         y = decoder.scale(self.decoder_embedder(token_ids[:, None]))
+        if isinstance(state.cache, WindowedCache):
+            y, cache = self._decode_windowed(y, state)
+        else:
+            y, cache = self._decode_all_global(y, state)
+        return self._logits(decoder.final_norm(y))[:, 0], state.advanced(cache)
+
+    def _decode_all_global(self, y: jax.Array, state: DecodeState) -> tuple[jax.Array, StackCache]:
+        """The decoder layers over one cache of every layer (no sliding window)."""
 
         def step(layer: DecoderLayer, carry, i):
             y, cache = carry
-            return layer.decode_step(y, state, cache, i, windows[i]), None
+            return layer.decode_step(y, state, i, cache, i, layers.FULL_WINDOW), None
 
+        decoder = self.decoder
         (y, cache), _ = stacks.each_layer(decoder.layers, step, (y, state.cache), scan=decoder.scan_layers)
-        return self._logits(decoder.final_norm(y))[:, 0], state.advanced(cache)
+        return y, cache
+
+    def _decode_windowed(self, y: jax.Array, state: DecodeState) -> tuple[jax.Array, WindowedCache]:
+        """The decoder layers over a `WindowedCache`: layer i is local (even i) or global, with its cache
+        at i // 2 of that kind. Scanned, one `lax.scan` steps over (local, global) pairs."""
+        window = self.config.sliding_window
+
+        def local(layer: DecoderLayer, y: jax.Array, cache: WindowedCache, j):
+            y, part = layer.decode_step(y, state, 2 * j, cache.local, j, window)
+            return y, cache._replace(local=part)
+
+        def full(layer: DecoderLayer, y: jax.Array, cache: WindowedCache, j):
+            y, part = layer.decode_step(y, state, 2 * j + 1, cache.full, j, layers.FULL_WINDOW)
+            return y, cache._replace(full=part)
+
+        cache, count = state.cache, self.config.decoder_num_layers
+        if not self.decoder.scan_layers:
+            for i, layer in enumerate(self.decoder.layers):
+                y, cache = (local if i % 2 == 0 else full)(layer, y, cache, i // 2)
+            return y, cache
+        layer_at = _scanned_layer(self.decoder.layers)
+
+        def pair(carry, j):
+            y, cache = local(layer_at(2 * j), *carry, j)
+            return full(layer_at(2 * j + 1), y, cache, j), None
+
+        (y, cache), _ = jax.lax.scan(pair, (y, cache), jnp.arange(count // 2))
+        if count % 2:
+            y, cache = local(layer_at(count - 1), y, cache, count // 2)
+        return y, cache
+
+
+def _scanned_layer(stacked: nnx.Module):
+    """i -> layer i of scanned (stacked) layers, as a module over that layer's slice of the params
+    (`i` may be traced: a dynamic index, as `lax.scan` itself takes)."""
+    graphdef, params = nnx.split(stacked)
+
+    def layer_at(i: int | jax.Array) -> nnx.Module:
+        take = functools.partial(jax.lax.dynamic_index_in_dim, index=i, axis=0, keepdims=False)
+        return nnx.merge(graphdef, jax.tree.map(take, params))
+
+    return layer_at

@@ -6,7 +6,8 @@ head_dim] cache cost a full copy per step). A decoder stack keeps its layers' ca
 their parameters: a tuple of per-layer caches for an unrolled stack (each read and written in place,
 no slicing), one cache with the layers on axis 1, [b, layers, heads, length, head_dim], for a scanned
 stack (batch leading, as beam search requires), whose layer i reads and writes its slice inside the
-one `lax.scan` of a decode step, so the decode program stays flat in depth.
+one `lax.scan` of a decode step, so the decode program stays flat in depth. A sliding-window layer
+may keep fewer slots than the decode length, as a ring buffer (`ring_slot`, `ring_visible`).
 """
 
 from __future__ import annotations
@@ -90,12 +91,29 @@ def cache_length(caches: StackCache) -> int:
     return jax.tree.leaves(caches)[0].shape[-2]
 
 
+def ring_slot(index: jax.Array, length: int) -> jax.Array:
+    """The slot of a ring-buffer cache of `length` slots that index `index` writes: index % length (a
+    cache at least as long as the decode is a plain cache: slot = index)."""
+    return index % length
+
+
+def ring_visible(index: jax.Array, first_slot: jax.Array, length: int, window: int | jax.Array) -> jax.Array:
+    """[b, length] bool: the slots of a ring-buffer cache (see `ring_slot`) a query at `index` may see.
+
+    Slot s holds the latest index t <= `index` with t % length == s; it is visible iff t is the row's
+    (t >= `first_slot` [b], which also hides slots not yet written) and within the query's causal
+    `window` (index - t < window). With length >= the decode length this is the plain cache's mask."""
+    slots = jnp.arange(length)[None]
+    held = index - (index - slots) % length
+    return (held >= first_slot[:, None]) & (index - held < window)
+
+
 class DecodeState(NamedTuple):
     """Everything a network's `decode_step` needs besides its parameters (a pytree whose non-scalar leaves
     all have the batch as their leading axis, so beam search can repeat and gather them row-wise).
 
-    cache: the decoder stack's self-attention keys/values (`StackCache`); slot t holds position
-        t - first_slot of its row.
+    cache: the decoder stack's self-attention keys/values (`StackCache`; T5Gemma's `WindowedCache` groups
+        two); slot t holds position t - first_slot of its row (in a ring buffer, slot `ring_slot(t, length)`).
     cross: encoder-decoders: every decoder layer's keys/values of the encoded inputs (None otherwise).
     cross_mask: [b, s] bool, True for real (non-padding) encoder tokens (None without `cross`).
     first_slot: [b] int32, the slot of each row's first position: 0, or the left padding of
