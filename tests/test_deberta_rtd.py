@@ -141,3 +141,4 @@ def test_a_bad_sharing_setting_is_one_error_line(tmp_path):
         "error: DebertaRtdConfig.embedding_sharing='gdse' is not one of ['gdes', 'es', 'nes'].")
     assert "Traceback" not in result.stderr
     assert not (model_dir / "checkpoints").exists()
+
