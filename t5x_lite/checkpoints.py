@@ -319,7 +319,8 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
     The optimizer state and step of the checkpoint are not read (T5X's INITIAL_CHECKPOINT_PATH).
     A parameter missing from the checkpoint or of another shape is named in the error, except that
     with `fresh` (initialised params) one under a prefix in `model.fresh_param_prefixes` keeps its
-    fresh value (a new head, e.g. a classifier, on a pre-trained encoder).
+    fresh value (a new head, e.g. a classifier, on a pre-trained encoder), and one named in `model.param_deltas`
+    starts as its checkpoint value plus the delta the checkpoint holds (`param_deltas`).
     `hf:/path` reads a Hugging Face model directory instead (its config must match `model`'s; `fresh`
     works the same way).
     """
@@ -337,15 +338,48 @@ def restore_params(path: str, abstract_params: dict, model: BaseModel | None = N
         new_leaves = {k: v for k, v in traverse_util.flatten_dict(fresh).items()
                       if partitioning.param_name(k) not in saved_names and str(k[0]).startswith(prefixes)}
         abstract_params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new_leaves})
+    deltas = param_deltas(model, saved, abstract_params)
+    abstract_params = with_delta_leaves(abstract_params, deltas)
     check_param_shapes(saved, abstract_params, state_dir)
     target = {"params": abstract_params}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = ocp.PyTreeCheckpointer().restore(
         state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
     )
+    params = add_deltas(restored["params"], deltas)
     if not new_leaves:
-        return restored["params"]
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(restored["params"]), **new_leaves})
+        return params
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(params), **new_leaves})
+
+
+def param_deltas(model: BaseModel | None, saved: dict, abstract_params: dict) -> dict[tuple, tuple]:
+    """{param key: checkpoint key of a delta to add onto it} from `model.param_deltas` (names): those whose
+    delta the checkpoint holds and the model does not (DeBERTa-v3's E_delta onto E_G when fine-tuning)."""
+    declared = getattr(model, "param_deltas", {})
+    if not declared:
+        return {}
+    saved_names = set(partitioning.named_leaves(saved))
+    keys = {partitioning.param_name(k): k for k in traverse_util.flatten_dict(abstract_params)}
+    return {keys[target]: tuple(delta.split("/")) for target, delta in declared.items()
+            if target in keys and delta in saved_names and delta not in keys}
+
+
+def with_delta_leaves(abstract_params: dict, deltas: dict[tuple, tuple]) -> dict:
+    """`abstract_params` plus each delta, restored as its target is (shape, dtype, sharding)."""
+    if not deltas:
+        return abstract_params
+    flat = traverse_util.flatten_dict(abstract_params)
+    return traverse_util.unflatten_dict({**flat, **{delta: flat[target] for target, delta in deltas.items()}})
+
+
+def add_deltas(params: dict, deltas: dict[tuple, tuple]) -> dict:
+    """Restored params with each delta added onto its target and dropped."""
+    if not deltas:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    for target, delta in deltas.items():
+        flat[target] = flat[target] + flat.pop(delta)
+    return traverse_util.unflatten_dict(flat)
 
 
 def best_checkpoint_manager(model_dir: str, metric: str, mode: str = "max") -> ocp.CheckpointManager:

@@ -204,6 +204,7 @@ EXAMPLES = {
     **{f"examples/{name}_pretrain.gin": ["MODEL_DIR = '/tmp/x'"]
        for name in ("bart_tiny", "bert_tiny", "deberta_tiny", "electra_tiny", "gpt_tiny", "prefix_lm_tiny", "t5_denoising", "t5gemma_tiny",
                     "ul2_tiny", "xlnet_tiny")},
+    "examples/deberta_v3_tiny_rtd.gin": ["MODEL_DIR = '/tmp/x'"],
     "examples/bert_tiny_classify.gin": FINETUNE,
     "examples/finetune_bundled_qa.gin": FINETUNE,
     "examples/finetune_qa_extractive.gin": FINETUNE,

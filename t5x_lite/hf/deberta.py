@@ -17,6 +17,7 @@ from t5x_lite.hf import registry, tensor_map
 from t5x_lite.hf.bert import ACTIVATIONS, MODELS
 from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.deberta import Deberta, DebertaConfig
+from t5x_lite.networks.deberta_rtd import merge_embedding_delta
 
 ARCHITECTURES = {
     "DebertaV2ForMaskedLM": "mlm",
@@ -194,7 +195,9 @@ def params_from_hf(weights: Mapping[str, np.ndarray], hf_config: Mapping, config
 
 
 def params_to_hf(params: Mapping, config: DebertaConfig) -> dict[str, np.ndarray]:
-    """HF tensors from our unscanned parameters, named as the `DebertaV2*` class of their head expects."""
+    """HF tensors from our unscanned parameters, named as the `DebertaV2*` class of their head expects; a
+    DeBERTa-v3 RTD network's are its discriminator's (head-less, the word table E_G + E_delta merged)."""
+    params = merge_embedding_delta(params)
     head = params_head(params)
     prefix = "" if head == "none" else "deberta."
     tensors = tensor_map.params_to_hf(params, _entries(config, head))

@@ -16,11 +16,15 @@ MLM accuracy): `generator_loss`, `discriminator_loss`, `discriminator_accuracy`,
 fraction of real tokens the generator changed) and `replaced_recall` (of those, the fraction the
 discriminator found). Fine-tune the discriminator with `EncoderClassificationModel` /
 `EncoderTaggingModel` (its parameters are named as BERT's) or `ElectraClassificationModel`.
+
+The loss runs over any `ReplacedTokenNetwork`: ELECTRA's BERT bodies (`ElectraModel`) and DeBERTa-v3's
+(`DebertaRtdModel`, `t5x_lite.networks.deberta_rtd`: gradient-disentangled embedding sharing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import gin
 import jax
@@ -31,9 +35,11 @@ from flax import nnx
 from t5x_lite.decoding import GREEDY, DecodeConfig
 from t5x_lite.models.encoder import EncoderClassificationModel, EncoderOnlyMLMModel, EncoderTaggingModel
 from t5x_lite.networks.config_checks import ConfigError
+from t5x_lite.networks.deberta_rtd import DebertaRtd, DebertaRtdConfig
 from t5x_lite.networks.electra import Electra, ElectraConfig
 
 gin.external_configurable(ElectraConfig, module="t5x_lite")
+gin.external_configurable(DebertaRtdConfig, module="t5x_lite")
 
 # The fixed sampling key of evaluation (no step RNG there), so validation losses compare across steps.
 EVAL_SAMPLING_SEED = 0
@@ -76,6 +82,24 @@ def sigmoid_loss_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array) 
     }
 
 
+class ReplacedTokenNetwork(Protocol):
+    """What replaced-token detection needs of a network (`Electra`, `DebertaRtd`): the generator's hidden
+    states and vocabulary logits, the discriminator's hidden states (`encode`) and "replaced" logits."""
+
+    def generator_hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                         token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array: ...
+
+    def generator_logits(self, hidden: jax.Array) -> jax.Array: ...
+
+    def encode(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array: ...
+
+    def discriminator_logits(self, hidden: jax.Array) -> jax.Array: ...
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None) -> jax.Array: ...
+
+
 class _ElectraHead:
     """A trainer model over the ELECTRA network of the class's `head` (HF `ElectraFor*` layouts)."""
 
@@ -112,12 +136,12 @@ class ElectraModel(_ElectraHead, EncoderOnlyMLMModel):
             raise ConfigError(f"generator_weight={generator_weight} and discriminator_weight={discriminator_weight} must be >= 0.")
         self.generator_weight, self.discriminator_weight = generator_weight, discriminator_weight
 
-    def network_logits(self, network: Electra, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
+    def network_logits(self, network: ReplacedTokenNetwork, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
         """The discriminator's "replaced" logits [b, s] on the batch's inputs as they are."""
         return network(batch["encoder_input_tokens"], **_features(batch), dropout_rngs=dropout_rngs)
 
     def loss_fn(
-        self, network: Electra, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
+        self, network: ReplacedTokenNetwork, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """generator_weight x mean MLM loss + discriminator_weight x mean replaced-token loss, with the
         summed terms of both (`sum_metrics` turns them into metrics)."""
@@ -136,7 +160,7 @@ class ElectraModel(_ElectraHead, EncoderOnlyMLMModel):
         return loss_sum / chosen, sums
 
     def generator_pass(
-        self, network: Electra, hidden: jax.Array, targets: jax.Array, weights: jax.Array, key: jax.Array
+        self, network: ReplacedTokenNetwork, hidden: jax.Array, targets: jax.Array, weights: jax.Array, key: jax.Array
     ) -> tuple[dict[str, jax.Array], jax.Array]:
         """(summed MLM terms, [b, s] ids sampled from the generator at the chosen positions, 0 elsewhere)."""
         shape, positions = targets.shape, targets.size
@@ -178,11 +202,25 @@ class ElectraModel(_ElectraHead, EncoderOnlyMLMModel):
         }
 
     def predict_batch(
-        self, network: Electra, batch: Mapping[str, jax.Array], *, max_decode_length: int = 0,
+        self, network: ReplacedTokenNetwork, batch: Mapping[str, jax.Array], *, max_decode_length: int = 0,
         decode: DecodeConfig = GREEDY, rng: jax.Array | None = None,
     ) -> jax.Array:
         """[b, s] 1 where the discriminator takes the input token for a replaced one, else 0."""
         return (self.network_logits(network, batch, None) > 0).astype(jnp.int32)
+
+
+@gin.configurable(module="t5x_lite")
+class DebertaRtdModel(ElectraModel):
+    """DeBERTa-v3 pre-training: `ElectraModel`'s loss (generator MLM + discriminator_weight x replaced-token
+    detection, 1 and 50 as in the paper) over a `DebertaRtd` network (a `DebertaRtdConfig`: the discriminator's
+    sizes, the generator's depth, the embedding sharing). Fine-tune the discriminator with
+    `EncoderClassificationModel` / `EncoderTaggingModel` on its `DebertaConfig` (INITIAL_CHECKPOINT_PATH: the
+    word table starts as E_G + E_delta)."""
+
+    def build_network(self, rngs: nnx.Rngs) -> DebertaRtd:
+        if not isinstance(self.config, DebertaRtdConfig):
+            raise ConfigError(f"DebertaRtdModel.config must be a DebertaRtdConfig, not {type(self.config).__name__}.")
+        return DebertaRtd(self.config, rngs=rngs)
 
 
 @gin.configurable(module="t5x_lite")

@@ -16,6 +16,7 @@ from t5x_lite.models.base import BaseModel
 from t5x_lite.networks.bert import Bert, BertConfig
 from t5x_lite.networks.config_checks import ConfigError
 from t5x_lite.networks.deberta import Deberta, DebertaConfig
+from t5x_lite.networks.deberta_rtd import FINETUNE_DELTAS
 from t5x_lite.training import losses
 
 gin.external_configurable(BertConfig, module="t5x_lite")
@@ -60,6 +61,12 @@ class _EncoderModel(BaseModel):
 
     def build_network(self, rngs: nnx.Rngs) -> Bert:
         return network_class(self.config)(self.config, self.head, rngs=rngs)
+
+    @property
+    def param_deltas(self) -> dict[str, str]:
+        """Checkpoint deltas added onto params when this model starts from a checkpoint that holds them
+        (`checkpoints.restore_params`): a DeBERTa reads a DeBERTa-v3 RTD discriminator's word table as E_G + E_delta."""
+        return FINETUNE_DELTAS if isinstance(self.config, DebertaConfig) else {}
 
     def network_logits(self, network: Bert, batch: Mapping[str, jax.Array], dropout_rngs: nnx.Rngs | None) -> jax.Array:
         return network(batch["encoder_input_tokens"], **_sequence_features(batch), dropout_rngs=dropout_rngs)
