@@ -91,11 +91,18 @@ def supported_families() -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def registered_family(network_type: type) -> Family | None:
+    """The family of a network class or of its nearest registered base (DeBERTa-v3's RTD network is a
+    `Deberta`: its features are the discriminator's), None for an unsupported class."""
+    return next((FAMILIES[base] for base in network_type.__mro__ if base in FAMILIES), None)
+
+
 def family_of(network_type: type) -> Family:
     """The features family of a network class; any other is a TypeError naming the supported families."""
-    if network_type not in FAMILIES:
+    family = registered_family(network_type)
+    if family is None:
         raise TypeError(f"Frozen features need a {supported_families()} network, got {network_type.__name__}.")
-    return FAMILIES[network_type]
+    return family
 
 
 def hidden_states(
@@ -267,10 +274,11 @@ def save_features(
 def model_family(model: BaseModel) -> Family:
     """The features family of the network MODEL builds (abstractly: before any checkpoint is read)."""
     network_type = type(nnx.eval_shape(lambda: model.build_network(nnx.Rngs(0))))
-    if network_type not in FAMILIES:
+    family = registered_family(network_type)
+    if family is None:
         raise cli.UserError(f"Frozen features need a {supported_families()} model; MODEL builds "
                             f"{network_type.__name__}.")
-    return FAMILIES[network_type]
+    return family
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DeBERTa-v3 replaced-token detection: gradient-disentangled embedding sharing (which loss reaches which
 table, by jax.grad), the sharing settings, a fine-tuning `Deberta` starting from the merged table E_G + E_delta,
-HF export of the discriminator reloading in `transformers`, and a bad setting reported in one line."""
+HF export of the discriminator reloading in `transformers` (and its frozen features), and a bad setting reported in one line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from t5x_lite import checkpoints, hf
+from t5x_lite.features import extract_features
 from t5x_lite.models.electra import DebertaRtdModel
 from t5x_lite.models.encoder import EncoderClassificationModel
 from t5x_lite.networks.deberta_rtd import DebertaRtdConfig
@@ -129,6 +130,8 @@ def test_exported_discriminator_reloads_in_transformers_with_the_same_hidden_sta
         theirs = model.deberta(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     real = tokens > 0
     np.testing.assert_allclose(theirs[real], ours[real], atol=1e-4)
+    features = extract_features(net, jnp.asarray(tokens), layers=(-1,))  # the RTD network is a Deberta there
+    np.testing.assert_allclose(np.asarray(features[CONFIG.num_layers])[real], theirs[real], atol=1e-4)
 
 
 @pytest.mark.slow
