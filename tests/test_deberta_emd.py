@@ -149,3 +149,14 @@ def test_export_leaves_out_the_table_and_says_so(networks, tmp_path, monkeypatch
     real = np.asarray(tokens) > 0
     ours = np.asarray(network.mlm_logits(network.encode(tokens)))
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def test_emd_steps_below_one_is_one_error_line(tmp_path):
+    """A config check raised while gin builds MODEL: one `error:` line, no run folder made."""
+    from tests.test_cli import run_cli
+    from tests.test_safety import assert_one_error
+
+    result = run_cli("--gin_file=gin_configs/examples/deberta_tiny_pretrain.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                     "--gin.DebertaConfig.enhanced_mask_decoder=True", "--gin.DebertaConfig.emd_steps=0")
+    assert_one_error(result, "DebertaConfig.emd_steps=0 must be a positive integer.")
+    assert not (tmp_path / "run").exists()
