@@ -133,7 +133,7 @@ def test_mlm_training_reads_the_emd_and_classification_from_its_checkpoint_drops
     np.testing.assert_array_equal(classifier.encode(tokens), network.encode(tokens))
 
 
-def test_export_leaves_out_the_table_and_says_so(networks, tmp_path, monkeypatch):
+def test_export_leaves_out_the_table_and_an_emd_run_from_it_starts_one(networks, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     network = networks["emd"]
@@ -149,6 +149,15 @@ def test_export_leaves_out_the_table_and_says_so(networks, tmp_path, monkeypatch
     real = np.asarray(tokens) > 0
     ours = np.asarray(network.mlm_logits(network.encode(tokens)))
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    # An EMD run started from the export (`hf:`) restores the rest and starts the table fresh.
+    model = EncoderOnlyMLMModel(EMD)
+    _, abstract = train_state.network_graphdef(model)
+    fresh = nnx.to_pure_dict(nnx.state(model.build_network(nnx.Rngs(5)), nnx.Param))
+    restored = checkpoints.restore_params(f"hf:{tmp_path / 'exported'}", nnx.to_pure_dict(abstract), model, fresh)
+    np.testing.assert_array_equal(restored["emd_positions"]["embedding"], fresh["emd_positions"]["embedding"])
+    params = nnx.to_pure_dict(nnx.state(network, nnx.Param))
+    jax.tree.map(np.testing.assert_allclose, {k: v for k, v in restored.items() if k != "emd_positions"},
+                 {k: v for k, v in params.items() if k != "emd_positions"})
 
 
 def test_emd_steps_below_one_is_one_error_line(tmp_path):

@@ -102,6 +102,8 @@ class EncoderOnlyMLMModel(_EncoderModel):
     targets_key = "encoder_target_tokens"
     weights_key = "encoder_loss_weights"
     head = "mlm"
+    # DeBERTa's enhanced mask decoder table starts fresh on a checkpoint without it (e.g. `hf:`, which has none).
+    fresh_param_prefixes = ("emd_positions",)
     converter_name = "MaskedLMFeatureConverter"
 
     def __init__(
