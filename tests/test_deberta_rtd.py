@@ -86,6 +86,15 @@ def test_plain_sharing_and_no_sharing(sharing):
     assert (get(params, GENERATOR_WORD) is None) == (sharing == "es")
 
 
+def test_the_generator_reads_its_enhanced_mask_decoder():
+    config = DebertaRtdConfig(**{**CONFIG.__dict__, "enhanced_mask_decoder": True})
+    net = DebertaRtdModel(config).build_network(nnx.Rngs(0))
+    assert net.emd_positions is None and net.generator.emd_positions is not None  # the MLM side only
+    tokens = jnp.asarray(INPUTS)
+    np.testing.assert_array_equal(net.generator_hidden(tokens), net.generator.mlm_states(tokens))
+    assert not np.allclose(net.generator_hidden(tokens), net.generator.encode(tokens))
+
+
 def save_params(params: dict, model_dir) -> None:
     with ocp.CheckpointManager(model_dir / "checkpoints", item_names=("state",)) as manager:
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))

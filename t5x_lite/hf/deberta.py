@@ -4,7 +4,9 @@
 The head comes from `architectures` (else from the tensors, as for BERT). The masked-LM head is read in
 both of transformers' layouts (`cls.predictions.*`, "legacy", and `lm_predictions.lm_head.*`) and
 written in the legacy one, transformers' default. Refused: the convolution layer (`conv_kernel_size`),
-a factorised `embedding_size`, and relative attention switched off.
+a factorised `embedding_size`, and relative attention switched off. transformers has no enhanced mask decoder
+(`DebertaConfig.enhanced_mask_decoder`): export writes the encoder and MLM head without its position table (one
+log line says so), so the exported MLM reads the last layer, as fine-tuning from such a checkpoint does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from absl import logging
 
 from t5x_lite.hf import registry, tensor_map
 from t5x_lite.hf.bert import ACTIVATIONS, MODELS
@@ -199,6 +202,9 @@ def params_to_hf(params: Mapping, config: DebertaConfig) -> dict[str, np.ndarray
     DeBERTa-v3 RTD network's are its discriminator's (head-less, the word table E_G + E_delta merged)."""
     params = merge_embedding_delta(params)
     head = params_head(params)
+    if "emd_positions" in params:
+        logging.warning("DeBERTa's enhanced mask decoder has no transformers counterpart: the export leaves out its "
+                        "absolute-position table (emd_positions); the exported MLM head reads the last layer.")
     prefix = "" if head == "none" else "deberta."
     tensors = tensor_map.params_to_hf(params, _entries(config, head))
     return {(name if name.startswith(HEAD_PREFIXES) else prefix + name): value for name, value in tensors.items()}

@@ -109,6 +109,8 @@ class EncoderOnlyMLMModel(_EncoderModel):
     targets_key = "encoder_target_tokens"
     weights_key = "encoder_loss_weights"
     head = "mlm"
+    # DeBERTa's enhanced mask decoder table starts fresh on a checkpoint without it (e.g. `hf:`, which has none).
+    fresh_param_prefixes = ("emd_positions",)
     converter_name = "MaskedLMFeatureConverter"
 
     def __init__(
@@ -132,7 +134,9 @@ class EncoderOnlyMLMModel(_EncoderModel):
         enters `loss_sum` as its per-row mean times that count: after the division the two means add up.
         """
         tokens = batch["encoder_input_tokens"]
-        hidden = network.encode(tokens, **_sequence_features(batch), dropout_rngs=dropout_rngs)
+        # DeBERTa's MLM head reads `mlm_states` (its enhanced mask decoder, when configured).
+        states = network.mlm_states if isinstance(network, Deberta) else network.encode
+        hidden = states(tokens, **_sequence_features(batch), dropout_rngs=dropout_rngs)
         sums = self._mlm_sums(network, hidden, batch[self.targets_key], batch[self.weights_key])
         if "next_sentence_labels" in batch:
             columns = 1 - batch["next_sentence_labels"].reshape(tokens.shape[0], -1)[:, :1]

@@ -6,6 +6,8 @@ embeddings (+ learned absolute positions when `position_biased_input`, + token t
 position-to-content scores from one shared relative-embedding table (`t5x_lite.nn.disentangled`,
 layer-normed when `norm_rel_ebd`); heads: masked LM (dense, GELU, layer norm, tied logits + bias),
 classification (DeBERTa's context pooler: dense + GELU on [CLS], then a classifier), tagging.
+With `enhanced_mask_decoder` the masked-LM head reads the paper's enhanced mask decoder instead of the last
+layer (`Deberta.mlm_states`); the other heads always read the plain encoder output.
 Not supported: the convolution layer of some v2 checkpoints and a factorised `embedding_size`.
 
 Packed rows work as in BERT: segment ids keep segments apart and `positions` restart in each segment
@@ -46,6 +48,10 @@ class DebertaConfig:
     share_att_key: bool = True  # relative embeddings go through the content key/query projections
     pos_att_type: tuple[str, ...] = ("p2c", "c2p")
     norm_rel_ebd: bool = True  # layer norm on the relative-embedding table ("layer_norm" in HF)
+    # The paper's enhanced mask decoder for masked-LM pre-training (absolute positions added just before the MLM
+    # head, the last layer reapplied `emd_steps` times); off: transformers' DebertaV2ForMaskedLM, which has none.
+    enhanced_mask_decoder: bool = False
+    emd_steps: int = 2
     dropout_rate: float = 0.0
     layer_norm_eps: float = 1e-7
     activation: str = "gelu"  # "gelu" (erf) or "gelu_tanh"; the pooler uses it too
@@ -64,7 +70,7 @@ class DebertaConfig:
         unknown = [t for t in self.pos_att_type if t not in disentangled.POSITION_TERMS]
         if unknown:
             raise ValueError(f"DebertaConfig.pos_att_type has {unknown}; use terms of {list(disentangled.POSITION_TERMS)}.")
-        check_config(self, positive=("num_labels", "num_layers", "num_heads"))
+        check_config(self, positive=("num_labels", "num_layers", "num_heads", "emd_steps"))
 
     @property
     def relative_span(self) -> int:
@@ -124,9 +130,12 @@ class DebertaLayer(nnx.Module):
         self.dropout_rate = config.dropout_rate
 
     def __call__(self, x: jax.Array, bias: jax.Array, rel_index: jax.Array, rel_embeddings: jax.Array,
-                 dropout_rngs: nnx.Rngs | None) -> jax.Array:
-        h = self.attention(x, bias, rel_index, rel_embeddings, dropout_rngs=dropout_rngs)
-        x = self.attention_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
+                 dropout_rngs: nnx.Rngs | None, query_states: jax.Array | None = None) -> jax.Array:
+        """[b, s, d_model] -> [b, s, d_model]; with `query_states` the attention's queries and its residual come
+        from them and only its keys and values from `x` (the enhanced mask decoder)."""
+        query = x if query_states is None else query_states
+        h = self.attention(x, bias, rel_index, rel_embeddings, query_states=query_states, dropout_rngs=dropout_rngs)
+        x = self.attention_norm(query + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
         h = self.mlp(x)
         return self.mlp_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
 
@@ -152,6 +161,11 @@ class Deberta(nnx.Module):
         self.pooler = dense_of(config, config.d_model, ("embed", "mlp"), rngs) if head == "classification" else None
         self.classifier = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "classification" else None
         self.tagger = dense_of(config, config.num_labels, ("embed", "classes"), rngs) if head == "tagging" else None
+        # The enhanced mask decoder's absolute positions: MLM only, so a fine-tuned head starts without them.
+        self.emd_positions = layers.PositionEmbed(
+            config.max_position_embeddings, config.d_model, stddev=config.initializer_range, dtype=config.dtype,
+            rngs=rngs,
+        ) if head == "mlm" and config.enhanced_mask_decoder else None
 
     def relative_table(self, dropout_rngs: nnx.Rngs | None) -> jax.Array:
         """The [2 * span, d_model] relative-embedding table every layer reads (normed, dropped out)."""
@@ -173,16 +187,7 @@ class Deberta(nnx.Module):
         """[b, s] tokens -> [b, s, d_model] last hidden states (+ every layer's with `return_hidden_states`),
         as `Bert.encode`."""
         config = self.config
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(tokens)
-        real = tokens != 0 if segment_ids is None else segment_ids > 0
-        bias = layers.mask_to_bias(layers.encoder_mask(tokens, segment_ids))
-        rel_index = disentangled.relative_index(positions, config.relative_span, config.position_buckets,
-                                                config.max_relative)
-        x = self.embeddings(tokens, positions, token_type_ids, real, dropout_rngs)
-        table = self.relative_table(dropout_rngs)
+        x, _, (bias, rel_index, table) = self._embed(tokens, segment_ids, positions, token_type_ids, dropout_rngs)
         if not return_hidden_states:
             return stacks.apply_layers(self.layers, x, (bias, rel_index, table), dropout_rngs,
                                        scan=config.scan_layers, remat_policy=config.remat_policy)
@@ -193,6 +198,66 @@ class Deberta(nnx.Module):
 
         last, outputs = stacks.each_layer(self.layers, layer_output, x, scan=config.scan_layers)
         return last, [x, *stacks.per_layer(outputs)]
+
+    def _embed(
+        self, tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None,
+        token_type_ids: jax.Array | None, dropout_rngs: nnx.Rngs | None,
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+        """(embeddings [b, s, d_model], positions [b, s], the arguments every layer takes after its input:
+        mask bias, relative index, relative table)."""
+        config = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(tokens)
+        real = tokens != 0 if segment_ids is None else segment_ids > 0
+        bias = layers.mask_to_bias(layers.encoder_mask(tokens, segment_ids))
+        rel_index = disentangled.relative_index(positions, config.relative_span, config.position_buckets,
+                                                config.max_relative)
+        x = self.embeddings(tokens, positions, token_type_ids, real, dropout_rngs)
+        return x, positions, (bias, rel_index, self.relative_table(dropout_rngs))
+
+    def mlm_states(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """[b, s, d_model] states the masked-LM head reads: the enhanced mask decoder's output when the config
+        turns it on, else `encode`'s last hidden states."""
+        if self.emd_positions is None:
+            return self.encode(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
+        config = self.config
+        x, positions, args = self._embed(tokens, segment_ids, positions, token_type_ids, dropout_rngs)
+        below, last = self._split_last_layer()
+        hidden = stacks.apply_layers(below, x, args, dropout_rngs, scan=config.scan_layers,
+                                     remat_policy=config.remat_policy)
+        return self.enhanced_mask_decoder(hidden, positions, last, args, dropout_rngs)
+
+    def enhanced_mask_decoder(
+        self, hidden: jax.Array, positions: jax.Array, last_layer: DebertaLayer, layer_args: tuple,
+        dropout_rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """DeBERTa's EMD (He et al., 2021, section 3.3): the queries start as `hidden` (the last layer's input)
+        plus absolute position embeddings; `last_layer` then runs `emd_steps` times with its keys and values from
+        `hidden`, each output the next queries. The encoder sees relative positions only, so this is where the MLM
+        head learns absolute ones."""
+        query = hidden + self.emd_positions(positions)
+        for _ in range(self.config.emd_steps):
+            query = last_layer(hidden, *layer_args, dropout_rngs, query_states=query)
+        return query
+
+    def _split_last_layer(self) -> tuple[nnx.Module | list[DebertaLayer], DebertaLayer]:
+        """(the layers below the last, the last layer), sharing the stack's parameters, in its layout."""
+        if not self.config.scan_layers:
+            *below, last = self.layers
+            return below, last
+        graphdef, state = nnx.split(self.layers)
+        below = nnx.merge(graphdef, jax.tree.map(lambda p: p[:-1], state))
+        return below, nnx.merge(graphdef, jax.tree.map(lambda p: p[-1], state))
 
     def mlm_logits(self, hidden: jax.Array) -> jax.Array:
         """[b, s, d] -> float32 [b, s, vocab] masked-LM logits."""
@@ -227,10 +292,12 @@ class Deberta(nnx.Module):
         *,
         dropout_rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """The logits of the network's head (the "none" head returns the last hidden states)."""
-        hidden = self.encode(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
+        """The logits of the network's head (the "none" head returns the last hidden states); the masked-LM
+        head reads `mlm_states`."""
         if self.head == "mlm":
-            return self.mlm_logits(hidden)
+            return self.mlm_logits(
+                self.mlm_states(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs))
+        hidden = self.encode(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
         if self.head == "classification":
             return self.classification_logits(hidden, dropout_rngs)
         if self.head == "tagging":

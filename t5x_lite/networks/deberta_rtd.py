@@ -94,8 +94,9 @@ class DebertaRtd(Deberta):
         self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
         token_type_ids: jax.Array | None = None, *, dropout_rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """[b, s] tokens -> the generator's last hidden states [b, s, d_model]."""
-        return self.generator.encode(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
+        """[b, s] tokens -> the states the generator's MLM head reads [b, s, d_model] (its enhanced mask
+        decoder's output when the config turns EMD on)."""
+        return self.generator.mlm_states(tokens, segment_ids, positions, token_type_ids, dropout_rngs=dropout_rngs)
 
     def generator_logits(self, hidden: jax.Array) -> jax.Array:
         """Generator hidden states -> float32 vocabulary logits (tied to E_G)."""

@@ -101,11 +101,13 @@ class DisentangledSelfAttention(nnx.Module):
 
     def __call__(
         self, x: jax.Array, bias: jax.Array, rel_index: jax.Array, rel_embeddings: jax.Array,
-        *, dropout_rngs: nnx.Rngs | None = None,
+        *, query_states: jax.Array | None = None, dropout_rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """[b, s, d_model] -> [b, s, d_model]; `bias` is the mask's logit bias, `rel_index` [b, s, s]
-        (`relative_index`), `rel_embeddings` the (normed) [2 * span, d_model] table."""
-        q = self.attention.project_query(x)
+        (`relative_index`), `rel_embeddings` the (normed) [2 * span, d_model] table. `query_states`
+        [b, s, d_model] (default `x`) give the queries, so c2p reads their content, while `x` gives the keys and
+        values, so p2c reads the keys' content (DeBERTa's enhanced mask decoder)."""
+        q = self.attention.project_query(x if query_states is None else query_states)
         q = q * jnp.asarray(self.extra_scale, q.dtype)
         k, v = self.attention.project_key_value(x)
         bias = bias + self.position_bias(q, k, rel_index, rel_embeddings)
