@@ -123,6 +123,7 @@ def test_a_checkpoint_without_its_runs_config_and_a_second_save_are_refused(mode
         model.save(str(tmp_path / "orphan"))
 
 
+@pytest.mark.slow
 def test_readme_block_runs_and_trains_as_the_command_line(pretrained, tmp_path, monkeypatch):
     """The README's "Python API" block as written; its `train` (examples given as a list) runs the same task through
     the same gin as `python -m t5x_lite.train`: the same losses and parameters, which the object then holds."""

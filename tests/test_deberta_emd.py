@@ -160,6 +160,7 @@ def test_export_leaves_out_the_table_and_an_emd_run_from_it_starts_one(networks,
                  {k: v for k, v in params.items() if k != "emd_positions"})
 
 
+@pytest.mark.slow
 def test_emd_steps_below_one_is_one_error_line(tmp_path):
     """A config check raised while gin builds MODEL: one `error:` line, no run folder made."""
     from tests.test_cli import run_cli

@@ -159,6 +159,7 @@ def test_t5gemma_sizes_match_the_published_checkpoints(gin_file):
     assert hf_param_count(*REFERENCES[gin_file]()[:2]) == T5GEMMA_PUBLISHED[gin_file]
 
 
+@pytest.mark.slow
 def test_an_unknown_feed_forward_is_one_error_line(tmp_path):
     """The activations T5 has (UL2's gated SiLU among them) are named when gin builds MODEL; no run folder made."""
     from tests.test_cli import run_cli

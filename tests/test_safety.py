@@ -77,12 +77,14 @@ def test_a_string_without_inner_quotes(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_batch_size_zero(tmp_path):
     result = run_cli(QUICKSTART, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.BATCH_SIZE=0")
     assert_one_error(result, "BATCH_SIZE must be a whole number >= 1, got 0; e.g. --gin.BATCH_SIZE=32")
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_period_of_zero(tmp_path):
     result = run_cli(QUICKSTART, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", "--gin.train.checkpoint_period=0")
     assert_one_error(result, "train.checkpoint_period must be a whole number >= 1, got 0; "
@@ -107,6 +109,7 @@ LENGTHS_FLAG = "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 128, 'targets': 32}\""
 
 @pytest.mark.parametrize(("lengths", "bad"), [("{'inputs': 0, 'targets': 16}", "['inputs'] must be a whole number >= 1, got 0"),
                                               ("{'inputs': 64, 'targets': -3}", "['targets'] must be a whole number >= 1, got -3")])
+@pytest.mark.slow
 def test_feature_lengths_of_a_users_task(tmp_path, lengths, bad):
     """A length of 0 crashed TensorFlow (exit 139), a negative one gave a seqio trace."""
     (tmp_path / "my_tasks.py").write_text(MY_TASKS)
@@ -119,6 +122,7 @@ def test_feature_lengths_of_a_users_task(tmp_path, lengths, bad):
 
 
 @pytest.mark.parametrize("lengths", ["{'inputs': 64, 'targets': 0}", "{'inputs': -1, 'targets': 16}"])
+@pytest.mark.slow
 def test_feature_lengths_of_a_bundled_task(tmp_path, lengths):
     args = [a for a in TINY_FINETUNE if not a.startswith("--gin.TASK_FEATURE_LENGTHS")]
     result = run_cli(*args, f"--gin.TASK_FEATURE_LENGTHS={lengths}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
@@ -268,6 +272,7 @@ def test_only_macros_the_user_set_must_be_read(clean_gin, tmp_path):
 # ------------------------------------------------------------------ one error, nothing left behind
 
 
+@pytest.mark.slow
 def test_a_wrong_initial_checkpoint_is_one_line_every_time(tmp_path):
     """It used to be followed, in 2 or 3 runs of 5, by Orbax's "cannot schedule new futures after interpreter
     shutdown" trace (its temporary-folder cleanup thread outlived the error); and it left an empty MODEL_DIR."""
@@ -285,6 +290,7 @@ UNKNOWN_TASK = ("--gin.MIXTURE_OR_TASK_NAME='no_such_task'",)
 UNKNOWN_TASK_ERROR = "Unknown task or mixture 'no_such_task'"
 
 
+@pytest.mark.slow
 def test_a_failed_start_keeps_a_folder_that_existed(tmp_path):
     """Only a folder the failed run created is removed, and only when it holds no file."""
     held_a_file, was_empty = tmp_path / "held_a_file", tmp_path / "was_empty"
@@ -314,6 +320,7 @@ def dead_pid() -> int:
     return process.pid
 
 
+@pytest.mark.slow
 def test_a_live_lease_refuses_the_run(tmp_path):
     model_dir = tmp_path / "run"
     write_lease(model_dir, "other-host", 4242, age_s=5)
@@ -330,6 +337,7 @@ def test_a_live_lease_refuses_the_run(tmp_path):
     (socket.gethostname(), 1, r"its process \d+ is gone"),
     ("other-host", 30, r"not refreshed for \d+ s"),
 ])
+@pytest.mark.slow
 def test_a_stale_lease_is_taken_over(tmp_path, host, age_s, reason):
     """Stale: on this host its process is gone; anywhere, not refreshed for run_lease.stale_after_s."""
     model_dir = tmp_path / "run"

@@ -219,6 +219,7 @@ def test_a_small_validation_split_says_what_packing_did(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_show_task_finds_a_module_in_the_working_folder(tmp_path):
     (tmp_path / "forty_examples.py").write_text(FORTY_EXAMPLES)
     result = run_as_user(str(REPO / "tools" / "show_task.py"), "forty_examples", "--module", "forty_examples",
@@ -234,6 +235,7 @@ def test_show_task_finds_a_module_in_the_working_folder(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
+@pytest.mark.slow
 def test_list_checkpoints_is_quiet(tmp_path):
     result = run_as_user(str(REPO / "tools" / "list_checkpoints.py"), str(tmp_path), module="")
     assert result.returncode == 2

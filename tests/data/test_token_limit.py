@@ -139,6 +139,7 @@ def test_bad_arguments(task, limit, match):
          "token_limited_task.task 'bundled_qa_mixture' is a mixture; name one of its tasks."),
     ],
 )
+@pytest.mark.slow
 def test_cli_reports_a_bad_token_limit_in_one_line(tmp_path, bindings, message):
     from tests.test_cli import run_cli
     from tests.test_safety import assert_one_error

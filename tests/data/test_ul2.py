@@ -261,6 +261,7 @@ def test_data_iterator_is_checkpointable(tmp_path):
          "ul2_mixture.rates [1.0, 2.0] must be 7 non-negative numbers, not all 0 (one per denoiser)."),
     ],
 )
+@pytest.mark.slow
 def test_cli_reports_a_bad_ul2_setting_in_one_line(tmp_path, bindings, message):
     from tests.test_cli import run_cli
     from tests.test_safety import assert_one_error

@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import data_repeats
 
 
+@pytest.mark.slow
 def test_data_repeats_tiny(tmp_path, capsys):
     argv = ["--out_dir", str(tmp_path / "demo"), "--log2_tokens", "10,8", "--steps", "2", "--batch_size", "8",
             "--eval_steps", "1", "--no_progress_bar"]

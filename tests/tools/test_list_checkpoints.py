@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import pytest
 import tensorflow as tf
 
 from t5x_lite import checkpoints, partitioning
@@ -75,6 +76,7 @@ def test_prints_a_table(tmp_path, capsys):
     assert lines[4].startswith("3 checkpoint(s), ")
 
 
+@pytest.mark.slow
 def test_lists_the_best_checkpoint_with_its_metric(tmp_path, capsys):
     make_run(tmp_path)
     metric = "eval/qa/f1"
