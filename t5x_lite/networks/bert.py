@@ -150,7 +150,23 @@ class MlmHead(nnx.Module):
         return word_embeddings.attend(self.layer_norm(h)) + self.bias[...]
 
 
-class Bert(nnx.Module):
+class EncoderHeadLogits:
+    """The classification and tagging logits of a BERT-shaped encoder (BERT, DeBERTa): the network has
+    `pooled`, `classifier`, `tagger`, `kernels` and `config.dropout_rate`."""
+
+    def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
+        """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier, as BERT)."""
+        pooled = self.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
+        logits = self.classifier(pooled, out_dtype=jnp.float32)
+        return partitioning.constrain(logits, "classification/logits", CLASS_LOGITS_AXES)
+
+    def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
+        """float32 [b, s, num_labels] per-token logits."""
+        hidden = self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
+        return partitioning.constrain(self.tagger(hidden, out_dtype=jnp.float32), "tagging/logits", TAG_LOGITS_AXES)
+
+
+class Bert(EncoderHeadLogits, nnx.Module):
     """The BERT network. `head` picks the output layers it owns:
 
     * "mlm": the masked-LM head (+ pooler and NSP head when `config.next_sentence_prediction`);
@@ -237,17 +253,6 @@ class Bert(nnx.Module):
             )
         return partitioning.constrain(self.nsp(self.pooled(hidden), out_dtype=jnp.float32), "nsp/logits",
                                       CLASS_LOGITS_AXES)
-
-    def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
-        """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier, as BERT)."""
-        pooled = self.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
-        logits = self.classifier(pooled, out_dtype=jnp.float32)
-        return partitioning.constrain(logits, "classification/logits", CLASS_LOGITS_AXES)
-
-    def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
-        """float32 [b, s, num_labels] per-token logits."""
-        hidden = self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
-        return partitioning.constrain(self.tagger(hidden, out_dtype=jnp.float32), "tagging/logits", TAG_LOGITS_AXES)
 
     def __call__(
         self,

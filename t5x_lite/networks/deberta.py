@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from t5x_lite import partitioning
-from t5x_lite.networks.bert import CLASS_LOGITS_AXES, POOLED_AXES, TAG_LOGITS_AXES, MlmHead, dense_of, layer_norm_of
+from t5x_lite.networks.bert import POOLED_AXES, EncoderHeadLogits, MlmHead, dense_of, layer_norm_of
 from t5x_lite.networks.config_checks import check_config
 from t5x_lite.nn import disentangled, kernels, layers, stacks
 
@@ -140,7 +140,7 @@ class DebertaLayer(nnx.Module):
         return self.mlp_norm(x + self.kernels.dropout(h, self.dropout_rate, dropout_rngs))
 
 
-class Deberta(nnx.Module):
+class Deberta(EncoderHeadLogits, nnx.Module):
     """The DeBERTa network; `head` as `Bert`'s: "mlm", "classification", "tagging" or "none"."""
 
     def __init__(self, config: DebertaConfig, head: str = "mlm", *, rngs: nnx.Rngs):
@@ -271,17 +271,6 @@ class Deberta(nnx.Module):
             raise ValueError(f"This DeBERTa network ({self.head!r} head) has no pooler.")
         h = partitioning.constrain(self.pooler(hidden[:, 0]), "pooled", POOLED_AXES)
         return jax.nn.gelu(h, approximate=self.config.activation == "gelu_tanh")
-
-    def classification_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
-        """float32 [b, num_labels] from the pooled [CLS] (dropout before the classifier)."""
-        pooled = self.kernels.dropout(self.pooled(hidden), self.config.dropout_rate, dropout_rngs)
-        logits = self.classifier(pooled, out_dtype=jnp.float32)
-        return partitioning.constrain(logits, "classification/logits", CLASS_LOGITS_AXES)
-
-    def tagging_logits(self, hidden: jax.Array, dropout_rngs: nnx.Rngs | None = None) -> jax.Array:
-        """float32 [b, s, num_labels] per-token logits."""
-        hidden = self.kernels.dropout(hidden, self.config.dropout_rate, dropout_rngs)
-        return partitioning.constrain(self.tagger(hidden, out_dtype=jnp.float32), "tagging/logits", TAG_LOGITS_AXES)
 
     def __call__(
         self,
